@@ -1,0 +1,46 @@
+"""Atomic output: every artifact is written under a temporary name and renamed only when complete."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+from .errors import ImpqError
+
+
+def ensure_writable_dir(path: Path) -> Path:
+    """Create `path` if needed and prove it is writable, before any long work starts."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".impq-probe-"):
+            pass
+    except OSError as err:
+        raise ImpqError(path, f"output folder is not writable ({err.strerror or err})") from None
+    return path
+
+
+@contextlib.contextmanager
+def atomic_output(final: Path) -> Iterator[Path]:
+    """Yield a temporary sibling path; rename it to `final` on success, delete it on any failure or interrupt."""
+    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    try:
+        yield tmp
+        os.replace(tmp, final)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+
+
+def sha256_files(paths: list[Path], chunk: int = 1 << 20) -> str:
+    """Digest of several files' bytes, in the given order (the checkpoint's provenance id)."""
+    digest = hashlib.sha256()
+    for path in paths:
+        digest.update(path.name.encode())
+        with open(path, "rb") as handle:
+            while block := handle.read(chunk):
+                digest.update(block)
+    return digest.hexdigest()

@@ -1,0 +1,1 @@
+"""What a checkpoint is: its layout, its tensors, and the PyTorch reference model built from it."""

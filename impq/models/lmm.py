@@ -1,0 +1,105 @@
+"""The PyTorch reference: vision tower + projector + language model from transformers' own modules.
+Image features are spliced in at `<image>`; this forward is the ground truth that every export is checked against."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from PIL import Image
+from torch import nn
+from transformers import AutoModelForCausalLM, CLIPVisionModel, SiglipVisionModel
+
+from .layouts import ModelSpec, VisionSpec, read_spec
+from .preprocess import pixel_values, to_model_square
+from .tokenizer import TextTokenizer
+
+
+def build_vision_model(vision: VisionSpec) -> nn.Module:
+    """The vision transformer itself (embeddings, encoder, layernorms), whose tensors are `vision.vision_model.*`."""
+    if vision.kind == "siglip":
+        vision.config.vision_use_head = False
+        tower = SiglipVisionModel(vision.config)
+    else:
+        tower = CLIPVisionModel(vision.config)
+    # older transformers wrap the transformer in `.vision_model`; 5.x does not
+    return getattr(tower, "vision_model", tower)
+
+
+@dataclass
+class Generation:
+    tokens: list[int]
+    logits: torch.Tensor          # [steps, vocab]: the distribution each generated token was taken from
+
+
+class LMM(nn.Module):
+    def __init__(self, spec: ModelSpec, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.spec = spec
+        self.tokenizer = TextTokenizer.from_folder(spec.folder, spec.family)
+        # Built on the CPU (not the meta device) so that non-persistent buffers such as rotary frequencies and
+        # position ids are real; the random initial weights are then overwritten.
+        self.llm = AutoModelForCausalLM.from_config(spec.text_config, attn_implementation="eager", dtype=dtype)
+        self.vision = build_vision_model(spec.vision).to(dtype)
+        hidden = spec.text_config.hidden_size
+        self.projector = nn.Sequential(nn.Linear(spec.vision.config.hidden_size, hidden), nn.GELU(),
+                                       nn.Linear(hidden, hidden)).to(dtype)
+        for prefix, module in (("llm.", self.llm), ("vision.vision_model.", self.vision),
+                               ("projector.", self.projector)):
+            state = {name[len(prefix):]: spec.load(name) for name in spec.tensors if name.startswith(prefix)}
+            # read_spec checked every tensor that runs; what is left out here (post-layernorm) is never used
+            module.load_state_dict(state, strict=False)
+        if getattr(spec.text_config, "tie_word_embeddings", False) and "llm.lm_head.weight" not in spec.tensors:
+            self.llm.lm_head.weight = self.llm.model.embed_tokens.weight
+        self.eval()
+
+    @classmethod
+    def from_folder(cls, folder) -> "LMM":
+        return cls(read_spec(folder))
+
+    @torch.no_grad()
+    def encode_image(self, image: Image.Image) -> torch.Tensor:
+        """[n_tokens, llm_hidden]: projected features of the selected vision layer (no post-layernorm)."""
+        square = to_model_square(image, self.spec.vision)
+        pixels = pixel_values(square, self.spec.vision).to(self.dtype)
+        model = self.vision
+        hidden = model.embeddings(pixels)
+        if self.spec.vision.kind == "clip":
+            hidden = model.pre_layrnorm(hidden)
+        hidden = model.encoder(inputs_embeds=hidden).last_hidden_state[0]
+        if self.spec.vision.has_class_token:
+            hidden = hidden[1:]
+        return self.projector(hidden)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.llm.model.embed_tokens.weight.dtype
+
+    @torch.no_grad()
+    def prompt_embeddings(self, image: Image.Image | None, question: str) -> torch.Tensor:
+        """[1, seq, hidden] input embeddings with the image's projected features at `<image>`."""
+        pieces = self.tokenizer.encode_prompt(self.spec.prompt(question), self.spec.image_token)
+        embed = self.llm.get_input_embeddings()
+        parts: list[torch.Tensor] = []
+        for i, ids in enumerate(pieces):
+            if i > 0 and image is not None:
+                parts.append(self.encode_image(image))
+            if ids:
+                parts.append(embed(torch.tensor(ids)))
+        return torch.cat(parts).unsqueeze(0)
+
+    @torch.no_grad()
+    def generate(self, image: Image.Image | None, question: str, max_new_tokens: int = 16) -> Generation:
+        """Greedy decoding; stops early at the end-of-sequence token."""
+        embeds = self.prompt_embeddings(image, question)
+        out = self.llm(inputs_embeds=embeds, use_cache=True)
+        cache, step_logits, tokens = out.cache, [out.logits[0, -1].float()], []
+        for _ in range(max_new_tokens):
+            token = int(step_logits[-1].argmax())
+            tokens.append(token)
+            if token == self.tokenizer.eos_id or len(tokens) == max_new_tokens:
+                break
+            out = self.llm(input_ids=torch.tensor([[token]]), cache=cache, use_cache=True)
+            cache = out.cache
+            step_logits.append(out.logits[0, -1].float())
+        return Generation(tokens, torch.stack(step_logits))

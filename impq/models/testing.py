@@ -1,0 +1,315 @@
+"""Checkpoints with random weights in each real layout: real config.json schema, real tensor names, a real
+byte-level BPE tokenizer. Small ones drive the tests; `full_size=True` writes imp-v1-3b's real dimensions
+(SigLIP so400m + Phi-2 2.7B) for speed and memory benchmarks, streamed to disk one tensor at a time.
+
+Weights have realistic scales (std 1/sqrt(fan_in)): with tiny random weights many conversion bugs keep the
+top-1 token and only show in the logits (see shared/reference/gguf-llamacpp.md).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import (AutoModelForCausalLM, CLIPVisionConfig, LlamaConfig, Phi3Config, PhiConfig, Qwen2Config,
+                          SiglipVisionConfig)
+
+from ..fileio import atomic_output, ensure_writable_dir
+from .layouts import CHAT_TEMPLATES
+from .lmm import build_vision_model
+
+
+@dataclass(frozen=True)
+class VisionKind:
+    """The two fields of layouts.VisionSpec that build_vision_model reads."""
+    kind: str
+    config: object
+
+TEST_LAYOUTS = ("imp-phi2", "imp-llava-phi2", "imp-qwen2", "imp-phi3", "llava-clip", "llava-siglip")
+
+_CORPUS = """\
+A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, detailed,
+and polite answers to the user's questions. What is in the image? Describe the picture in one word.
+What color is the circle? The circle is red. The square is blue. The triangle is green. How many shapes are there?
+There are three shapes. Is there a star in the image? Yes. No. Where is the small square? It is left of the circle.
+The quick brown fox jumps over the lazy dog. Numbers like 12, 345 and 6789 split into digits; letters A, B, C.
+A photo of a cat sitting on a mat next to a cup of coffee, taken on a sunny morning in the garden.
+User questions ask about objects, colors, counts, positions, text and small details inside the picture.
+"""
+
+_SPECIALS = {
+    "phi2": (["<|endoftext|>", "</s>", "<image>"], "<|endoftext|>", "</s>", False),
+    "qwen2": (["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>"], None, "<|im_end|>", False),
+    "phi3": (["<s>", "</s>", "<|endoftext|>", "<|system|>", "<|end|>", "<|user|>", "<|assistant|>", "<image>"],
+             "<s>", "<|end|>", True),
+    "llama": (["<s>", "</s>", "<image>"], "<s>", "</s>", True),
+}
+
+
+def build_tokenizer(family: str, vocab_size: int = 320) -> Tokenizer:
+    """A GPT-2-style byte-level BPE trained (deterministically) on a small built-in text; specials appended last."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False, special_tokens=[])
+    tok.train_from_iterator(_CORPUS.splitlines(), trainer)
+    tok.add_special_tokens(_SPECIALS[family][0])
+    return tok
+
+
+@dataclass(frozen=True)
+class Dims:
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    intermediate: int
+    v_hidden: int
+    v_intermediate: int
+    v_heads: int
+    v_layers_stored: int
+    image_size: int
+    patch: int
+    vocab_rows: int | None = None   # None: the tokenizer's size rounded up to a multiple of 32
+
+
+SMALL = Dims(hidden=64, layers=2, heads=4, kv_heads=4, intermediate=160, v_hidden=64, v_intermediate=120,
+             v_heads=2, v_layers_stored=3, image_size=84, patch=14)
+IMP_V1_3B = Dims(hidden=2560, layers=32, heads=32, kv_heads=32, intermediate=10240, v_hidden=1152,
+                 v_intermediate=4304, v_heads=16, v_layers_stored=26, image_size=384, patch=14, vocab_rows=51200)
+
+# layout -> (family, checkpoint naming, vision kind, Imp-style truncated tower?)
+_LAYOUT_KINDS = {
+    "imp-phi2": ("phi2", "imp-phi2-msft", "siglip", True),
+    "imp-llava-phi2": ("phi2", "imp-llava", "siglip", False),
+    "imp-qwen2": ("qwen2", "imp-llava", "siglip", False),
+    "imp-phi3": ("phi3", "imp-llava", "siglip", False),
+    "llava-clip": ("llama", "llava-hf", "clip", False),
+    "llava-siglip": ("llama", "llava-hf", "siglip", False),
+}
+
+# canonical name -> checkpoint name, per naming (the inverse of layouts._RULES)
+_WRITE_NAMES = {
+    "imp-phi2-msft": [
+        (r"llm\.model\.embed_tokens\.weight", "transformer.embd.wte.weight"),
+        (r"llm\.model\.layers\.(\d+)\.input_layernorm\.(\w+)", r"transformer.h.\1.ln.\2"),
+        (r"llm\.model\.layers\.(\d+)\.self_attn\.dense\.(\w+)", r"transformer.h.\1.mixer.out_proj.\2"),
+        (r"llm\.model\.layers\.(\d+)\.mlp\.(fc\d)\.(\w+)", r"transformer.h.\1.mlp.\2.\3"),
+        (r"llm\.model\.final_layernorm\.(\w+)", r"lm_head.ln.\1"),
+        (r"llm\.lm_head\.(\w+)", r"lm_head.linear.\1"),
+        (r"projector\.(.*)", r"transformer.mm_projector.\1"),
+        (r"vision\.(.*)", r"transformer.vision_tower.vision_tower.\1"),
+    ],
+    "imp-llava": [
+        (r"llm\.model\.(.*)", r"model.\1"),
+        (r"llm\.lm_head\.(.*)", r"lm_head.\1"),
+        (r"projector\.(.*)", r"model.mm_projector.\1"),
+        (r"vision\.(.*)", r"model.vision_tower.vision_tower.\1"),
+    ],
+    "llava-hf": [
+        (r"llm\.model\.(.*)", r"model.language_model.\1"),
+        (r"llm\.lm_head\.(.*)", r"lm_head.\1"),
+        (r"projector\.0\.(.*)", r"model.multi_modal_projector.linear_1.\1"),
+        (r"projector\.2\.(.*)", r"model.multi_modal_projector.linear_2.\1"),
+        (r"vision\.(.*)", r"model.vision_tower.\1"),
+    ],
+}
+
+
+def _text_config(family: str, d: Dims, vocab_rows: int, special_ids: dict):
+    common = dict(hidden_size=d.hidden, num_hidden_layers=d.layers, num_attention_heads=d.heads,
+                  intermediate_size=d.intermediate, vocab_size=vocab_rows, max_position_embeddings=2048,
+                  bos_token_id=special_ids.get("bos"), eos_token_id=special_ids.get("eos"), pad_token_id=None,
+                  tie_word_embeddings=False)
+    if family == "phi2":
+        return PhiConfig(**common, partial_rotary_factor=0.5, layer_norm_eps=1e-5, hidden_act="gelu_new")
+    if family == "qwen2":
+        return Qwen2Config(**common, num_key_value_heads=d.kv_heads, rope_theta=1e6, rms_norm_eps=1e-6)
+    if family == "phi3":
+        return Phi3Config(**common, num_key_value_heads=d.kv_heads, rms_norm_eps=1e-5, sliding_window=None)
+    return LlamaConfig(**common, num_key_value_heads=max(1, d.kv_heads // 2), rms_norm_eps=1e-5)
+
+
+def _vision_config(kind: str, d: Dims):
+    common = dict(hidden_size=d.v_hidden, intermediate_size=d.v_intermediate, num_attention_heads=d.v_heads,
+                  num_hidden_layers=d.v_layers_stored, image_size=d.image_size, patch_size=d.patch)
+    if kind == "siglip":
+        return SiglipVisionConfig(**common, layer_norm_eps=1e-6, hidden_act="gelu_pytorch_tanh", vision_use_head=False)
+    return CLIPVisionConfig(**common, layer_norm_eps=1e-5, hidden_act="quick_gelu", projection_dim=d.v_hidden)
+
+
+def _init_std(name: str, shape: tuple[int, ...]) -> tuple[float, float]:
+    """(mean, std) of a realistic random init for a tensor of this name and shape."""
+    if name.endswith("bias"):
+        return 0.0, 0.05
+    if len(shape) == 1 and "class_embedding" not in name:
+        return 1.0, 0.1                                   # norm weights
+    if "embed_tokens" in name or "position_embedding" in name or "class_embedding" in name:
+        return 0.0, 0.5
+    fan_in = math.prod(shape[1:])
+    scale = 4.0 if "lm_head" in name else 1.0             # spread the logits so that top-1 is rarely a near-tie
+    return 0.0, scale / math.sqrt(fan_in)
+
+
+class _StreamingSafetensors:
+    """Writes one safetensors shard tensor by tensor. The safetensors library needs every tensor in memory at
+    once; a 2.7B-parameter checkpoint must not, so the (simple, documented) format is written here directly."""
+
+    def __init__(self, path: Path, entries: list[tuple[str, tuple[int, ...]]]):
+        offsets, header = 0, {}
+        for key, shape in entries:
+            size = math.prod(shape) * 2
+            header[key] = {"dtype": "F16", "shape": list(shape), "data_offsets": [offsets, offsets + size]}
+            offsets += size
+        header["__metadata__"] = {"format": "pt"}
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)
+        self.handle = open(path, "wb")
+        self.handle.write(struct.pack("<Q", len(raw)) + raw)
+
+    def write(self, tensor: torch.Tensor) -> None:
+        self.handle.write(tensor.to(torch.float16).contiguous().numpy().tobytes())
+
+    def close(self) -> None:
+        self.handle.close()
+
+
+def _plan(naming: str, family: str, text_cfg, vision_cfg, kind: str) -> list[tuple[str, tuple[int, ...], list]]:
+    """[(checkpoint key, shape, [canonical parts])]; q/k/v are fused into one Wqkv for phi-msft."""
+    with torch.device("meta"):
+        llm = AutoModelForCausalLM.from_config(text_cfg)
+        tower = build_vision_model(VisionKind(kind, vision_cfg))
+    canonical = [(f"llm.{k}", tuple(v.shape)) for k, v in llm.state_dict().items()]
+    canonical += [(f"vision.vision_model.{k}", tuple(v.shape)) for k, v in tower.state_dict().items()]
+    h, vh = text_cfg.hidden_size, vision_cfg.hidden_size
+    canonical += [("projector.0.weight", (h, vh)), ("projector.0.bias", (h,)),
+                  ("projector.2.weight", (h, h)), ("projector.2.bias", (h,))]
+    rules = [(re.compile(p), t) for p, t in _WRITE_NAMES[naming]]
+    plan: list[tuple[str, tuple[int, ...], list]] = []
+    fused: dict[str, int] = {}
+    for name, shape in canonical:
+        if naming == "imp-phi2-msft" and (m := re.fullmatch(r"llm\.model\.layers\.(\d+)\.self_attn\.[qkv]_proj\.(\w+)", name)):
+            key = f"transformer.h.{m.group(1)}.mixer.Wqkv.{m.group(2)}"
+            if key in fused:
+                entry = plan[fused[key]]
+                plan[fused[key]] = (key, (entry[1][0] + shape[0], *shape[1:]), entry[2] + [(name, shape)])
+            else:
+                fused[key] = len(plan)
+                plan.append((key, shape, [(name, shape)]))
+            continue
+        for pattern, template in rules:
+            if m := pattern.fullmatch(name):
+                plan.append((m.expand(template), shape, [(name, shape)]))
+                break
+        else:
+            raise AssertionError(f"no checkpoint name for {name}")
+    return plan
+
+
+def make_model(layout: str, out: str | Path, *, full_size: bool = False, seed: int = 0,
+               shard_bytes: int = 2 << 30, progress=None) -> Path:
+    """Write a random-weight checkpoint folder of `layout` (one of TEST_LAYOUTS) to `out`."""
+    family, naming, kind, truncated_tower = _LAYOUT_KINDS[layout]
+    dims = IMP_V1_3B if full_size else SMALL
+    out = ensure_writable_dir(Path(out))
+    tokenizer = build_tokenizer(family)
+    specials, bos, eos, add_bos = _SPECIALS[family]
+    n_tokens = tokenizer.get_vocab_size()
+    vocab_rows = dims.vocab_rows or -(-n_tokens // 32) * 32
+    ids = {"bos": tokenizer.token_to_id(bos) if bos else None, "eos": tokenizer.token_to_id(eos)}
+    image_id = tokenizer.token_to_id("<image>")
+
+    text_cfg = _text_config(family, dims, vocab_rows, ids)
+    vision_cfg = _vision_config(kind, dims)
+    plan = _plan(naming, family, text_cfg, vision_cfg, kind)
+
+    if naming == "llava-hf":
+        config = {"model_type": "llava", "architectures": ["LlavaForConditionalGeneration"],
+                  "text_config": text_cfg.to_dict(), "vision_config": vision_cfg.to_dict(),
+                  "image_token_index": image_id, "vision_feature_layer": -2,
+                  "vision_feature_select_strategy": "default", "projector_hidden_act": "gelu"}
+    else:
+        config = text_cfg.to_dict()
+        config["model_type"] = {"phi2": "imp", "qwen2": "imp_qwen2", "phi3": "imp_phi3"}[family]
+        config["architectures"] = [{"phi2": "ImpForCausalLM", "qwen2": "ImpQwen2ForCausalLM",
+                                    "phi3": "ImpPhi3ForCausalLM"}[family]]
+        config.update(mm_projector_type="mlp2x_gelu", mm_hidden_size=dims.v_hidden, mm_vision_select_layer=-2,
+                      mm_vision_select_feature="patch", image_aspect_ratio="square", image_token_index=image_id,
+                      tokenizer_model_max_length=2048)
+        if full_size:
+            config["mm_vision_tower"] = "google/siglip-so400m-patch14-384"   # depth and heads from impq's table
+        else:
+            config["mm_vision_tower"] = "impq-testing/siglip-tiny"
+            # truncated: Imp saved only the layers that run; otherwise the full tower is stored
+            config["vision_config"] = {"num_attention_heads": dims.v_heads}
+            if not truncated_tower:
+                config["vision_config"]["num_hidden_layers"] = dims.v_layers_stored
+        if naming == "imp-phi2-msft":
+            config = _to_msft_keys(config, text_cfg)
+    (out / "config.json").write_text(json.dumps(config, indent=2, default=str))
+    tokenizer.save(str(out / "tokenizer.json"))
+    (out / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": bos, "eos_token": eos,
+        "add_bos_token": add_bos, "model_max_length": 2048, "chat_template": CHAT_TEMPLATES[family]}, indent=2))
+    if naming == "llava-hf" or kind == "clip":
+        vc = _vision_config(kind, dims)
+        mean = [0.5] * 3 if kind == "siglip" else [0.48145466, 0.4578275, 0.40821073]
+        std = [0.5] * 3 if kind == "siglip" else [0.26862954, 0.26130258, 0.27577711]
+        (out / "preprocessor_config.json").write_text(json.dumps(
+            {"image_mean": mean, "image_std": std, "size": {"shortest_edge": vc.image_size},
+             "crop_size": {"height": vc.image_size, "width": vc.image_size}}, indent=2))
+    _write_weights(out, plan, seed, shard_bytes, progress)
+    return out
+
+
+def _to_msft_keys(config: dict, text_cfg) -> dict:
+    """The phi-msft config schema that imp-v1-3b's remote code reads."""
+    keep = {k: v for k, v in config.items()
+            if k.startswith("mm_") or k in ("model_type", "architectures", "image_token_index", "image_aspect_ratio",
+                                            "tokenizer_model_max_length", "vision_config", "bos_token_id",
+                                            "eos_token_id", "vocab_size", "tie_word_embeddings")}
+    head_dim = text_cfg.hidden_size // text_cfg.num_attention_heads
+    keep.update(n_embd=text_cfg.hidden_size, n_layer=text_cfg.num_hidden_layers, n_head=text_cfg.num_attention_heads,
+                n_inner=text_cfg.intermediate_size, n_positions=text_cfg.max_position_embeddings,
+                rotary_dim=int(text_cfg.rope_parameters["partial_rotary_factor"] * head_dim),
+                layer_norm_epsilon=text_cfg.layer_norm_eps, activation_function="gelu_new")
+    return keep
+
+
+def _write_weights(out: Path, plan, seed: int, shard_bytes: int, progress) -> None:
+    shards: list[list] = [[]]
+    size = 0
+    for entry in plan:
+        nbytes = math.prod(entry[1]) * 2
+        if shards[-1] and size + nbytes > shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(entry)
+        size += nbytes
+    names = ["model.safetensors"] if len(shards) == 1 else [
+        f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    gen = torch.Generator().manual_seed(seed)
+    for name, shard in zip(names, shards):
+        with atomic_output(out / name) as tmp:
+            writer = _StreamingSafetensors(tmp, [(key, shape) for key, shape, _ in shard])
+            try:
+                for key, shape, parts in shard:
+                    tensors = []
+                    for part_name, part_shape in parts:
+                        mean, std = _init_std(part_name, part_shape)
+                        tensors.append(torch.randn(part_shape, generator=gen) * std + mean)
+                    writer.write(torch.cat(tensors) if len(tensors) > 1 else tensors[0])
+                    if progress:
+                        progress(key)
+            finally:
+                writer.close()
+    if len(shards) > 1:
+        index = {"metadata": {}, "weight_map": {key: name for name, shard in zip(names, shards) for key, _, _ in shard}}
+        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
