@@ -19,6 +19,7 @@ from transformers import (AutoModelForCausalLM, CLIPVisionConfig, LlamaConfig, P
 
 from ..errors import ImpqError
 from .checkpoint import SafetensorsCheckpoint, read_json
+from .tokenizer import TextTokenizer
 
 SUPPORTED_LAYOUTS = (
     "imp-phi2-msft (Imp Phi-2, phi-msft names: transformer.h.N.mixer.Wqkv, transformer.mm_projector)",
@@ -50,18 +51,22 @@ _SYSTEM = ("A chat between a curious user and an artificial intelligence assista
            "detailed, and polite answers to the user's questions.")
 # Jinja chat templates embedded in the GGUF (stock llama-mtmd-cli refuses to run without one). They render
 # the same text as PROMPT_TEMPLATES for one user turn.
+_SYSTEM_JINJA = '{% set default_system = "' + _SYSTEM + '" %}'
 CHAT_TEMPLATES = {
-    "phi2": ("{% if messages[0]['role'] == 'system' %}{{ messages[0]['content'] }}{% set rest = messages[1:] %}"
-             "{% else %}{{ '" + _SYSTEM + "' }}{% set rest = messages %}{% endif %}"
-             "{% for m in rest %}{% if m['role'] == 'user' %}{{ ' USER: ' + m['content'] }}"
-             "{% else %}{{ ' ASSISTANT: ' + m['content'] + '</s>' }}{% endif %}{% endfor %}"
-             "{% if add_generation_prompt %}{{ ' ASSISTANT:' }}{% endif %}"),
-    "qwen2": ("{% if messages[0]['role'] != 'system' %}{{ '<|im_start|>system\\n" + _SYSTEM + "<|im_end|>\\n' }}"
-              "{% endif %}{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + "
-              "'<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"),
-    "phi3": ("{% if messages[0]['role'] != 'system' %}{{ '<|system|>\\n" + _SYSTEM + "<|end|>\\n' }}{% endif %}"
-             "{% for m in messages %}{{ '<|' + m['role'] + '|>\\n' + m['content'] + '<|end|>\\n' }}{% endfor %}"
-             "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}"),
+    "phi2": _SYSTEM_JINJA + (
+        "{% if messages[0]['role'] == 'system' %}{{ messages[0]['content'] }}{% set rest = messages[1:] %}"
+        "{% else %}{{ default_system }}{% set rest = messages %}{% endif %}"
+        "{% for m in rest %}{% if m['role'] == 'user' %}{{ ' USER: ' + m['content'] }}"
+        "{% else %}{{ ' ASSISTANT: ' + m['content'] + '</s>' }}{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}{{ ' ASSISTANT:' }}{% endif %}"),
+    "qwen2": _SYSTEM_JINJA + (
+        "{% if messages[0]['role'] != 'system' %}{{ '<|im_start|>system\\n' + default_system + '<|im_end|>\\n' }}"
+        "{% endif %}{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + "
+        "'<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"),
+    "phi3": _SYSTEM_JINJA + (
+        "{% if messages[0]['role'] != 'system' %}{{ '<|system|>\\n' + default_system + '<|end|>\\n' }}{% endif %}"
+        "{% for m in messages %}{{ '<|' + m['role'] + '|>\\n' + m['content'] + '<|end|>\\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}"),
     "llama": ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}{{ 'USER: ' + m['content'] + ' ' }}"
               "{% elif m['role'] == 'assistant' %}{{ 'ASSISTANT: ' + m['content'] + eos_token }}{% endif %}"
               "{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"),
@@ -105,6 +110,7 @@ class ModelSpec:
     image_token_index: int
     tensors: dict[str, Source]
     checkpoint: SafetensorsCheckpoint
+    tokenizer: TextTokenizer = field(repr=False, default=None)
     raw_config: dict = field(repr=False, default_factory=dict)
 
     @property
@@ -353,5 +359,9 @@ def read_spec(folder: str | Path) -> ModelSpec:
     index = config.get("image_token_index", config.get("image_token_id"))
     if index is None:
         raise ImpqError(config_path, "config.json names no image_token_index: the model has no image token")
+    tokenizer = TextTokenizer.from_folder(folder, family)
+    if tokenizer.tokenizer.token_to_id(image_token) not in (None, int(index)):
+        raise ImpqError(tokenizer.path, f"tokenizer's {image_token} is id {tokenizer.tokenizer.token_to_id(image_token)} "
+                                        f"but config.json says image_token_index={index}")
     return ModelSpec(folder, folder.resolve().name, layout, family, text_config, vision, image_token, int(index),
-                     tensors, ckpt, config)
+                     tensors, ckpt, tokenizer, config)

@@ -12,7 +12,6 @@ from transformers import AutoModelForCausalLM, CLIPVisionModel, SiglipVisionMode
 
 from .layouts import ModelSpec, VisionSpec, read_spec
 from .preprocess import pixel_values, to_model_square
-from .tokenizer import TextTokenizer
 
 
 def build_vision_model(vision: VisionSpec) -> nn.Module:
@@ -36,7 +35,7 @@ class LMM(nn.Module):
     def __init__(self, spec: ModelSpec, dtype: torch.dtype = torch.float32):
         super().__init__()
         self.spec = spec
-        self.tokenizer = TextTokenizer.from_folder(spec.folder, spec.family)
+        self.tokenizer = spec.tokenizer
         # Built on the CPU (not the meta device) so that non-persistent buffers such as rotary frequencies and
         # position ids are real; the random initial weights are then overwritten.
         self.llm = AutoModelForCausalLM.from_config(spec.text_config, attn_implementation="eager", dtype=dtype)
@@ -60,7 +59,7 @@ class LMM(nn.Module):
     @torch.no_grad()
     def encode_image(self, image: Image.Image) -> torch.Tensor:
         """[n_tokens, llm_hidden]: projected features of the selected vision layer (no post-layernorm)."""
-        square = to_model_square(image, self.spec.vision)
+        square = to_model_square(image, self.spec.vision.image_size, self.spec.vision.resize)
         pixels = pixel_values(square, self.spec.vision).to(self.dtype)
         model = self.vision
         hidden = model.embeddings(pixels)

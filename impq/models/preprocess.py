@@ -22,9 +22,9 @@ def load_image(path: str | Path) -> Image.Image:
         raise ImpqError(path, f"unreadable image ({err.__class__.__name__}: {err})") from None
 
 
-def to_model_square(image: Image.Image, vision: VisionSpec, size: int | None = None) -> Image.Image:
-    size = size or vision.image_size
-    if vision.resize == "squash":
+def to_model_square(image: Image.Image, size: int, resize: str) -> Image.Image:
+    """The model's square input: "squash" (Imp, bicubic, no crop or padding) or "shortest_crop" (CLIP)."""
+    if resize == "squash":
         return image.resize((size, size), Image.Resampling.BICUBIC)
     # CLIP processors: shortest side to `size`, then a centre crop
     scale = size / min(image.size)

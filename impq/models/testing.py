@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (AutoModelForCausalLM, CLIPVisionConfig, LlamaConfig, Phi3Config, PhiConfig, Qwen2Config,
                           SiglipVisionConfig)
 
@@ -46,8 +46,8 @@ User questions ask about objects, colors, counts, positions, text and small deta
 _SPECIALS = {
     "phi2": (["<|endoftext|>", "</s>", "<image>"], "<|endoftext|>", "</s>", False),
     "qwen2": (["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>"], None, "<|im_end|>", False),
-    "phi3": (["<s>", "</s>", "<|endoftext|>", "<|system|>", "<|end|>", "<|user|>", "<|assistant|>", "<image>"],
-             "<s>", "<|end|>", True),
+    "phi3": (["<unk>", "<s>", "</s>", "<|endoftext|>", "<|system|>", "<|end|>", "<|user|>", "<|assistant|>",
+              "<image>"], "<s>", "<|end|>", True),
     "llama": (["<s>", "</s>", "<image>"], "<s>", "</s>", True),
 }
 
@@ -60,7 +60,10 @@ def build_tokenizer(family: str, vocab_size: int = 320) -> Tokenizer:
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                   show_progress=False, special_tokens=[])
     tok.train_from_iterator(_CORPUS.splitlines(), trainer)
-    tok.add_special_tokens(_SPECIALS[family][0])
+    # Phi-3's chat tokens strip the whitespace after them (llama.cpp applies the same rule to Phi-3 vocabularies)
+    rstrip = {"<unk>", "<s>", "<|endoftext|>"} if family == "phi3" else None
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False, rstrip=rstrip is not None and t not in rstrip)
+                            for t in _SPECIALS[family][0]])
     return tok
 
 

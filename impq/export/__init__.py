@@ -1,0 +1,1 @@
+"""Writing artifacts: the GGUF text model and the GGUF vision projector (mmproj) that llama.cpp loads."""

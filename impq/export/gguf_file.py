@@ -1,0 +1,88 @@
+"""What the two GGUF exporters share: tensor type choice, encoding, provenance, and a streaming writer that
+holds one tensor in memory at a time and renames the file into place only when it is complete."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import gguf
+import numpy as np
+import torch
+
+from .. import __version__
+from ..fileio import atomic_output
+
+QType = gguf.GGMLQuantizationType
+EXPORT_TYPES = {"f32": QType.F32, "f16": QType.F16, "q8_0": QType.Q8_0, "q4_0": QType.Q4_0}
+FILE_TYPES = {QType.F32: gguf.LlamaFileType.ALL_F32, QType.F16: gguf.LlamaFileType.MOSTLY_F16,
+              QType.Q8_0: gguf.LlamaFileType.MOSTLY_Q8_0, QType.Q4_0: gguf.LlamaFileType.MOSTLY_Q4_0}
+
+
+@dataclass
+class PlannedTensor:
+    name: str                                 # GGUF tensor name
+    shape: tuple[int, ...]                    # PyTorch (row-major) shape of the values
+    qtype: QType
+    produce: Callable[[], torch.Tensor]       # loads and transforms the values when it is this tensor's turn
+
+
+def fits_blocks(shape: tuple[int, ...], qtype: QType) -> bool:
+    block, _ = gguf.GGML_QUANT_SIZES[qtype]
+    return shape[-1] % block == 0
+
+
+def matrix_type(shape: tuple[int, ...], requested: QType) -> QType:
+    """The requested type where the row length fits its blocks; F16 otherwise (e.g. SigLIP's 4304-wide MLP)."""
+    if requested in (QType.F32, QType.F16) or fits_blocks(shape, requested):
+        return requested
+    return QType.F16
+
+
+def encode(values: torch.Tensor, qtype: QType) -> np.ndarray:
+    array = values.detach().to(torch.float32).cpu().numpy()
+    if qtype == QType.F32:
+        return array
+    if qtype == QType.F16:
+        return array.astype(np.float16)
+    return gguf.quants.quantize(array, qtype)
+
+
+def nbytes(shape: tuple[int, ...], qtype: QType) -> int:
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    return int(np.prod(shape)) // block * size
+
+
+def add_provenance(writer: gguf.GGUFWriter, source_digest: str, settings: dict) -> None:
+    writer.add_string("impq.version", __version__)
+    writer.add_string("impq.source_digest", source_digest)
+    writer.add_string("impq.settings", json.dumps(settings, sort_keys=True))
+
+
+def write_gguf(path: Path, arch: str, add_metadata: Callable[[gguf.GGUFWriter], None],
+               tensors: list[PlannedTensor], on_tensor: Callable[[str], None] | None = None) -> Path:
+    """Stream a GGUF file: header and tensor index first, then each tensor's data as it is produced."""
+    with atomic_output(path) as tmp:
+        writer = gguf.GGUFWriter(tmp, arch)
+        add_metadata(writer)
+        for t in tensors:
+            if t.qtype in (QType.F32, QType.F16):
+                dtype = np.float32 if t.qtype == QType.F32 else np.float16
+                writer.add_tensor_info(t.name, t.shape, np.dtype(dtype), nbytes(t.shape, t.qtype))
+            else:
+                byte_shape = (*t.shape[:-1], nbytes((t.shape[-1],), t.qtype))
+                writer.add_tensor_info(t.name, byte_shape, np.dtype(np.uint8), nbytes(t.shape, t.qtype), t.qtype)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        for t in tensors:
+            values = t.produce()
+            if tuple(values.shape) != tuple(t.shape):
+                raise AssertionError(f"{t.name}: produced {tuple(values.shape)}, planned {t.shape}")
+            writer.write_tensor_data(encode(values, t.qtype))
+            if on_tensor:
+                on_tensor(t.name)
+        writer.close()
+    return path

@@ -1,0 +1,84 @@
+"""The mmproj GGUF (`general.architecture = clip`, projector `mlp`): vision tower + mlp2x_gelu projector.
+
+Depth: the file stores exactly the tower layers that run and names the last with `clip.vision.feature_layer`
+(llama.cpp's default without it would run `block_count - 1` layers). This covers both checkpoint conventions:
+a full tower with select layer -2, and Imp's tower saved without its last layer.
+No `v.post_ln` is written: Imp and LLaVA take features before SigLIP's/CLIP's post-layernorm.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import gguf
+
+from ..errors import ImpqError
+from ..models.layouts import ModelSpec
+from .gguf_file import FILE_TYPES, PlannedTensor, QType, add_provenance, matrix_type, write_gguf
+
+PROJECTOR_NAMES = {"projector.0.weight": "mm.0.weight", "projector.0.bias": "mm.0.bias",
+                   "projector.2.weight": "mm.2.weight", "projector.2.bias": "mm.2.bias"}
+
+
+def mmproj_tensors(spec: ModelSpec, qtype: QType) -> list[PlannedTensor]:
+    vision = spec.vision
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.MMPROJ, vision.config.num_hidden_layers)
+    planned = []
+    for canonical, src in spec.tensors.items():
+        if canonical.startswith("projector."):
+            name = PROJECTOR_NAMES[canonical]
+        elif canonical.startswith("vision."):
+            # gguf's map knows the LLaVA-style "vision_tower.vision_model.*" names
+            name = names.get_name("vision_tower." + canonical[len("vision."):], try_suffixes=(".weight", ".bias"))
+            if name is None and canonical.endswith("class_embedding"):
+                name = "v.class_embd"
+            if name is None:
+                raise ImpqError(spec.folder, f"no mmproj name for vision tensor '{canonical}'")
+        else:
+            continue
+        shape = spec.checkpoint.shape(src.key)
+        if name.startswith("v.position_embd") or len(shape) == 1:
+            tensor_type = QType.F32
+        elif name.startswith("v.patch_embd"):
+            tensor_type = QType.F32 if qtype == QType.F32 else QType.F16   # convolution kernel: F16/F32 only
+        else:
+            tensor_type = matrix_type(shape, qtype)
+        planned.append(PlannedTensor(name, tuple(shape), tensor_type, lambda c=canonical: spec.load(c)))
+    return planned
+
+
+def write_mmproj_gguf(spec: ModelSpec, path: Path, qtype: QType, source_digest: str, settings: dict,
+                      on_tensor=None) -> Path:
+    vision = spec.vision
+    cfg = vision.config
+    layers = cfg.num_hidden_layers
+    act = cfg.hidden_act
+
+    def metadata(writer: gguf.GGUFWriter) -> None:
+        writer.add_type(gguf.GGUFType.MMPROJ)
+        writer.add_name(f"mmproj-{spec.name}")
+        writer.add_file_type(FILE_TYPES[qtype])
+        if qtype not in (QType.F32, QType.F16):
+            writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        writer.add_clip_projector_type("mlp")
+        writer.add_clip_has_vision_encoder(True)
+        writer.add_bool("clip.has_text_encoder", False)        # read by older llama.cpp
+        writer.add_bool(gguf.Keys.Clip.HAS_LLAVA_PROJECTOR, True)
+        # tanh GELU (SigLIP); neither flag means quick-GELU (CLIP)
+        writer.add_vision_use_gelu(act in ("gelu_pytorch_tanh", "gelu_new", "gelu"))
+        writer.add_vision_embedding_length(cfg.hidden_size)
+        writer.add_vision_feed_forward_length(cfg.intermediate_size)
+        writer.add_vision_block_count(layers)
+        writer.add_vision_head_count(cfg.num_attention_heads)
+        writer.add_vision_projection_dim(spec.text_config.hidden_size)
+        writer.add_vision_image_size(vision.image_size)
+        writer.add_vision_patch_size(vision.patch_size)
+        writer.add_vision_attention_layernorm_eps(cfg.layer_norm_eps)
+        writer.add_vision_image_mean(list(vision.image_mean))
+        writer.add_vision_image_std(list(vision.image_std))
+        writer.add_array("clip.vision.feature_layer", [layers])
+        # llama.cpp letterboxes non-square images; the model was trained on this geometry instead
+        writer.add_string("impq.image_resize", vision.resize)
+        add_provenance(writer, source_digest, settings)
+
+    return write_gguf(path, "clip", metadata, mmproj_tensors(spec, qtype), on_tensor)

@@ -1,0 +1,167 @@
+"""The text-model GGUF: llama.cpp architecture metadata, the tokenizer, the chat template and the LLM's tensors
+(named through gguf's own TensorNameMap)."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import gguf
+import torch
+
+from ..errors import ImpqError
+from ..models.layouts import ModelSpec
+from ..models.tokenizer import TextTokenizer
+from .gguf_file import FILE_TYPES, PlannedTensor, QType, add_provenance, matrix_type, write_gguf
+
+ARCHS = {"phi2": gguf.MODEL_ARCH.PHI2, "qwen2": gguf.MODEL_ARCH.QWEN2, "phi3": gguf.MODEL_ARCH.PHI3,
+         "llama": gguf.MODEL_ARCH.LLAMA}
+
+
+def _llama_permute(weights: torch.Tensor, n_head: int) -> torch.Tensor:
+    # llama.cpp's LLAMA graph uses interleaved rotary pairs; HF stores q/k for rotate_half (convert_hf_to_gguf does the same)
+    return weights.reshape(n_head, 2, weights.shape[0] // n_head // 2, *weights.shape[1:]).swapaxes(1, 2).reshape(weights.shape)
+
+
+def _pre_tokenizer(raw: dict, path: Path) -> str:
+    """llama.cpp's name for the tokenizer's pre-tokenization regex (it decides how digits and spaces split)."""
+    pre = raw.get("pre_tokenizer") or {}
+    parts = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
+    for part in parts:
+        if part.get("type") == "ByteLevel" and part.get("use_regex", True):
+            return "gpt-2"
+        if part.get("type") == "Split":
+            regex = part.get("pattern", {}).get("Regex", "")
+            if r"\p{N}{1,3}" in regex:
+                return "llama-bpe"
+            if r"\p{N}" in regex:
+                return "qwen2"
+    raise ImpqError(path, "unsupported pre-tokenizer: impq exports GPT-2-style byte-level BPE tokenizers "
+                          "(Phi-2, Qwen, Llama-3 style); SentencePiece vocabularies are not supported yet")
+
+
+@dataclass
+class GGUFVocab:
+    pre: str
+    tokens: list[str]
+    types: list[int]
+    merges: list[str]
+
+
+def gguf_vocab(tok: TextTokenizer, n_rows: int) -> GGUFVocab:
+    """The tokenizer as llama.cpp's "gpt2" vocabulary, padded to the embedding's row count."""
+    raw = tok.tokenizer_json
+    if raw.get("model", {}).get("type") != "BPE" or raw["model"].get("byte_fallback"):
+        raise ImpqError(tok.path, "unsupported tokenizer model: impq exports byte-level BPE tokenizers only")
+    pre = _pre_tokenizer(raw, tok.path)
+    vocab = tok.tokenizer.get_vocab(with_added_tokens=True)
+    if max(vocab.values()) >= n_rows:
+        raise ImpqError(tok.path, f"tokenizer has ids up to {max(vocab.values())} but the embedding has {n_rows} rows")
+    special = {t["id"] for t in raw.get("added_tokens", []) if t.get("special")}
+    added = {t["id"] for t in raw.get("added_tokens", [])}
+    # the token list must have exactly the embedding's row count: pad with unused entries
+    tokens = [f"[PAD{i}]" for i in range(n_rows)]
+    types = [gguf.TokenType.UNUSED] * n_rows
+    for text, idx in vocab.items():
+        tokens[idx] = text
+        types[idx] = (gguf.TokenType.CONTROL if idx in special else
+                      gguf.TokenType.USER_DEFINED if idx in added else gguf.TokenType.NORMAL)
+    merges = [m if isinstance(m, str) else " ".join(m) for m in raw["model"].get("merges", [])]
+    return GGUFVocab(pre, tokens, types, merges)
+
+
+def add_tokenizer(writer: gguf.GGUFWriter, tok: TextTokenizer, vocab: GGUFVocab) -> None:
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(vocab.pre)
+    writer.add_token_list(vocab.tokens)
+    writer.add_token_types(vocab.types)
+    writer.add_token_merges(vocab.merges)
+    if tok.bos_id is not None:
+        writer.add_bos_token_id(tok.bos_id)
+    if tok.eos_id is not None:
+        writer.add_eos_token_id(tok.eos_id)
+    writer.add_add_bos_token(tok.add_bos)
+    writer.add_add_eos_token(False)
+
+
+def _add_hparams(writer: gguf.GGUFWriter, spec: ModelSpec) -> None:
+    cfg = spec.text_config
+    hidden, heads = cfg.hidden_size, cfg.num_attention_heads
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    rope = cfg.rope_parameters or {}
+    writer.add_context_length(cfg.max_position_embeddings)
+    writer.add_embedding_length(hidden)
+    writer.add_feed_forward_length(cfg.intermediate_size)
+    writer.add_block_count(cfg.num_hidden_layers)
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(kv_heads)
+    head_dim = getattr(cfg, "head_dim", None) or hidden // heads
+    # phi2: the rotary dimension per head (32 for Phi-2), not the head size
+    writer.add_rope_dimension_count(int(rope.get("partial_rotary_factor", 1.0) * head_dim))
+    writer.add_rope_freq_base(float(rope.get("rope_theta", 10000.0)))
+    if spec.family == "phi2":
+        writer.add_layer_norm_eps(cfg.layer_norm_eps)
+    else:
+        writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    if spec.family == "phi3":
+        writer.add_sliding_window(cfg.sliding_window or 0)
+    if spec.family == "llama":
+        writer.add_vocab_size(cfg.vocab_size)
+
+
+def text_tensors(spec: ModelSpec, qtype: QType) -> list[PlannedTensor]:
+    cfg = spec.text_config
+    names = gguf.get_tensor_name_map(ARCHS[spec.family], cfg.num_hidden_layers)
+    heads = cfg.num_attention_heads
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    planned = []
+    for canonical in spec.tensors:
+        if not canonical.startswith("llm."):
+            continue
+        hf_name = canonical[len("llm."):]
+        name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if name is None:
+            raise ImpqError(spec.folder, f"no GGUF name for tensor '{hf_name}' in llama.cpp's {spec.family} architecture")
+        shape = spec.checkpoint.shape(spec.tensors[canonical].key)
+        src = spec.tensors[canonical]
+        if src.rows is not None:
+            shape = (src.rows[1] - src.rows[0], *shape[1:])
+        if len(shape) == 1:
+            tensor_type = QType.F32
+        elif qtype == QType.Q4_0 and name in ("token_embd.weight", "output.weight"):
+            tensor_type = QType.Q8_0     # documented default: 8-bit embeddings and output head in 4-bit exports
+        else:
+            tensor_type = matrix_type(shape, qtype)
+        produce: Callable[[], torch.Tensor] = lambda c=canonical: spec.load(c)
+        if spec.family == "llama" and re.search(r"self_attn\.[qk]_proj\.", hf_name):
+            n = heads if ".q_proj." in hf_name else kv_heads
+            produce = lambda c=canonical, n=n: _llama_permute(spec.load(c), n)
+        planned.append(PlannedTensor(name, tuple(shape), tensor_type, produce))
+    return planned
+
+
+def write_text_gguf(spec: ModelSpec, path: Path, qtype: QType, source_digest: str, settings: dict,
+                    on_tensor=None) -> Path:
+    tensors = text_tensors(spec, qtype)
+    vocab = gguf_vocab(spec.tokenizer, spec.text_config.vocab_size)
+    arch = gguf.MODEL_ARCH_NAMES[ARCHS[spec.family]]
+
+    def metadata(writer: gguf.GGUFWriter) -> None:
+        writer.add_type(gguf.GGUFType.MODEL)
+        # llama.cpp applies Phi-3's special-token whitespace rules only when the model's name says phi3
+        phi3_marked = spec.family != "phi3" or re.search(r"phi-?3", spec.name, re.I)
+        writer.add_name(spec.name if phi3_marked else f"{spec.name}-phi3")
+        writer.add_file_type(FILE_TYPES[qtype])
+        if qtype not in (QType.F32, QType.F16):
+            writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        _add_hparams(writer, spec)
+        add_tokenizer(writer, spec.tokenizer, vocab)
+        writer.add_chat_template(spec.chat_template)
+        # the exact single-turn prompt, so that impq's runner feeds llama.cpp what the PyTorch reference sees
+        writer.add_string("impq.prompt_template", spec.prompt_template)
+        writer.add_string("impq.image_token", spec.image_token)
+        add_provenance(writer, source_digest, settings)
+
+    return write_gguf(path, arch, metadata, tensors, on_tensor)

@@ -1,0 +1,166 @@
+"""Load a GGUF text model + mmproj pair in llama.cpp and run an image + question through it: next-token
+logits, greedy generation and timings. Images are squashed/cropped to the model's square size here, as the
+PyTorch reference does, so that mtmd only normalises them."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import gguf
+import llama_cpp
+import llama_cpp._logger as llama_logger
+import numpy as np
+from llama_cpp import mtmd_cpp
+from PIL import Image
+
+from ..errors import ImpqError
+from ..models.preprocess import to_model_square
+
+llama_logger.set_verbose(False)
+mtmd_cpp.mtmd_log_set(llama_logger.llama_log_callback, ctypes.c_void_p(0))
+mtmd_cpp.mtmd_helper_log_set(llama_logger.llama_log_callback, ctypes.c_void_p(0))
+
+
+def _gguf_string(reader: gguf.GGUFReader, key: str, path: Path) -> str | None:
+    entry = reader.fields.get(key)
+    return None if entry is None else entry.contents()
+
+
+@dataclass
+class RunResult:
+    prompt_logits: np.ndarray                     # [vocab] after the whole prompt
+    tokens: list[int] = field(default_factory=list)
+    step_logits: list[np.ndarray] = field(default_factory=list)   # the distribution each token was taken from
+    n_prompt_tokens: int = 0
+    image_encode_s: float = 0.0
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+
+
+class PairRunner:
+    def __init__(self, text_path: str | Path, mmproj_path: str | Path, *, n_ctx: int = 0,
+                 n_threads: int | None = None, use_gpu: bool = False):
+        self.text_path, self.mmproj_path = Path(text_path), Path(mmproj_path)
+        for path in (self.text_path, self.mmproj_path):
+            if not path.is_file():
+                raise ImpqError(path, "GGUF file not found")
+        try:
+            mmproj_meta = gguf.GGUFReader(self.mmproj_path)
+        except Exception as err:  # GGUFReader raises ValueError/struct errors for bad files
+            raise ImpqError(self.mmproj_path, f"not a readable GGUF file ({err})") from None
+        self.image_size = int(mmproj_meta.fields["clip.vision.image_size"].contents())
+        self.image_resize = _gguf_string(mmproj_meta, "impq.image_resize", self.mmproj_path) or "squash"
+        del mmproj_meta
+        threads = n_threads or os.cpu_count() or 1
+        try:
+            self.llama = llama_cpp.Llama(str(self.text_path), n_ctx=n_ctx, n_batch=2048, n_ubatch=512,
+                                         n_threads=threads, n_threads_batch=threads,
+                                         n_gpu_layers=-1 if use_gpu else 0, verbose=False)
+        except ValueError as err:
+            raise ImpqError(self.text_path, f"llama.cpp cannot load this model ({err})") from None
+        meta = self.llama.metadata
+        self.prompt_template = meta.get("impq.prompt_template")
+        self.image_token = meta.get("impq.image_token", "<image>")
+        if not self.prompt_template:
+            raise ImpqError(self.text_path, "GGUF has no impq.prompt_template (not written by impq export)")
+        params = mtmd_cpp.mtmd_context_params_default()
+        params.use_gpu = use_gpu
+        params.print_timings = False
+        params.n_threads = threads
+        params.warmup = False
+        self.mtmd = mtmd_cpp.mtmd_init_from_file(str(self.mmproj_path).encode(), self.llama.model, params)
+        if not self.mtmd:
+            raise ImpqError(self.mmproj_path, "llama.cpp's mtmd cannot load this mmproj")
+        self.marker = mtmd_cpp.mtmd_default_marker().decode()
+        self.eos_id = self.llama.token_eos()
+        self.n_vocab = self.llama.n_vocab()
+
+    def close(self) -> None:
+        if getattr(self, "mtmd", None):
+            mtmd_cpp.mtmd_free(self.mtmd)
+            self.mtmd = None
+        if getattr(self, "llama", None):
+            self.llama.close()
+            self.llama = None
+
+    def __enter__(self) -> "PairRunner":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _bitmap(self, image: Image.Image):
+        square = to_model_square(image.convert("RGB"), self.image_size, self.image_resize)
+        data = np.ascontiguousarray(np.asarray(square, dtype=np.uint8))
+        buffer = (ctypes.c_uint8 * data.size).from_buffer_copy(data.tobytes())
+        return mtmd_cpp.mtmd_bitmap_init(square.width, square.height, buffer)
+
+    def _last_logits(self) -> np.ndarray:
+        ptr = llama_cpp.llama_get_logits_ith(self.llama._ctx.ctx, -1)
+        return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()
+
+    def prefill(self, image: Image.Image | None, question: str, result: RunResult) -> None:
+        prompt = self.prompt_template.replace("{question}", question)
+        prompt = prompt.replace(self.image_token, self.marker if image is not None else "")
+        bitmaps = [self._bitmap(image)] if image is not None else []
+        text = mtmd_cpp.mtmd_input_text()
+        raw = prompt.encode("utf-8")
+        text.text, text.text_len, text.add_special, text.parse_special = raw, len(raw), True, True
+        chunks = mtmd_cpp.mtmd_input_chunks_init()
+        llama = self.llama
+        try:
+            array = (mtmd_cpp.mtmd_bitmap_p_ctypes * max(1, len(bitmaps)))(*bitmaps)
+            if mtmd_cpp.mtmd_tokenize(self.mtmd, chunks, ctypes.byref(text), array, len(bitmaps)) != 0:
+                raise ImpqError(self.mmproj_path, "mtmd could not tokenize the prompt and image")
+            llama.reset()
+            llama._ctx.kv_cache_clear()
+            start = time.perf_counter()
+            n_chunks = mtmd_cpp.mtmd_input_chunks_size(chunks)
+            for i in range(n_chunks):
+                chunk = mtmd_cpp.mtmd_input_chunks_get(chunks, i)
+                last = i == n_chunks - 1
+                if mtmd_cpp.mtmd_input_chunk_get_type(chunk) == mtmd_cpp.MTMD_INPUT_CHUNK_TYPE_TEXT:
+                    count = ctypes.c_size_t()
+                    ptr = mtmd_cpp.mtmd_input_chunk_get_tokens_text(chunk, ctypes.byref(count))
+                    llama.eval([ptr[j] for j in range(count.value)])
+                else:
+                    encode_start = time.perf_counter()
+                    new_past = llama_cpp.llama_pos(0)
+                    status = mtmd_cpp.mtmd_helper_eval_chunk_single(
+                        self.mtmd, llama._ctx.ctx, chunk, llama_cpp.llama_pos(llama.n_tokens),
+                        llama_cpp.llama_seq_id(0), llama.n_batch, last, ctypes.byref(new_past))
+                    if status != 0:
+                        raise ImpqError(self.mmproj_path, f"llama.cpp failed to encode the image (status {status})")
+                    llama.n_tokens = new_past.value
+                    result.image_encode_s += time.perf_counter() - encode_start
+            result.prefill_s = time.perf_counter() - start
+            result.n_prompt_tokens = llama.n_tokens
+            result.prompt_logits = self._last_logits()
+        finally:
+            mtmd_cpp.mtmd_input_chunks_free(chunks)
+            for bitmap in bitmaps:
+                mtmd_cpp.mtmd_bitmap_free(bitmap)
+
+    def run(self, image: Image.Image | None, question: str, max_new_tokens: int = 16,
+            follow: list[int] | None = None) -> RunResult:
+        """Greedy decoding, stopping at end-of-sequence. With `follow`, those tokens are fed instead (teacher
+        forcing) while `tokens` still records llama.cpp's own greedy choice at each step."""
+        result = RunResult(prompt_logits=np.empty(0))
+        self.prefill(image, question, result)
+        logits = result.prompt_logits
+        steps = len(follow) if follow is not None else max_new_tokens
+        start = time.perf_counter()
+        for i in range(steps):
+            result.step_logits.append(logits)
+            result.tokens.append(int(np.argmax(logits)))
+            token = follow[i] if follow is not None else result.tokens[-1]
+            if i == steps - 1 or (follow is None and token == self.eos_id):
+                break
+            self.llama.eval([token])
+            logits = self._last_logits()
+        result.decode_s = time.perf_counter() - start
+        return result

@@ -1,0 +1,117 @@
+"""Prove that an emitted GGUF pair computes what the PyTorch reference computes: the same images and prompts
+through both, compared on next-token logits along the reference's 16-token greedy path."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import gguf
+
+from .errors import ImpqError
+from .measure.divergence import Divergence
+from .models.lmm import LMM
+from .models.preprocess import load_image
+from .runtime.llamacpp import PairRunner
+
+DEFAULT_PROMPTS = ("What is in the image?", "What color is the largest shape? Answer in one word.")
+
+# Pass criteria per weight type of the text GGUF. F16/F32 differ from PyTorch only by llama.cpp's arithmetic
+# (F16 KV cache, kernel order): about 1e-2 in logits on the small test models, so every greedy token must
+# match. Q8_0 also rounds the weights (8-bit, both files): on small random models about 0.3-0.6 in logits and
+# a KLD of 1-3e-3, enough to flip near-ties, so agreement is bounded instead of required everywhere.
+TOLERANCES = {
+    "F32": {"max_abs_logit_diff": 0.05, "mean_kld": 1e-4, "min_top1_agreement": 1.0, "generation_match": True},
+    "F16": {"max_abs_logit_diff": 0.05, "mean_kld": 1e-4, "min_top1_agreement": 1.0, "generation_match": True},
+    "Q8_0": {"max_abs_logit_diff": 1.0, "mean_kld": 5e-3, "min_top1_agreement": 0.85, "generation_match": False},
+}
+
+
+def default_images() -> list[Path]:
+    folder = resources.files("impq") / "assets" / "images"
+    return sorted(Path(str(p)) for p in folder.iterdir() if p.name.endswith(".png"))
+
+
+@dataclass
+class CaseResult:
+    image: str
+    prompt: str
+    reference_tokens: list[int]
+    llamacpp_tokens: list[int]
+    generation_match: bool
+    prompt_top1_match: bool
+
+
+@dataclass
+class VerifyReport:
+    text_gguf: str
+    mmproj_gguf: str
+    reference: str
+    weight_type: str
+    top1_agreement: float
+    max_abs_logit_diff: float
+    mean_kld: float
+    generation_match: bool
+    generations_matched: str
+    tolerance: dict | None
+    passed: bool | None
+    cases: list[CaseResult] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def find_pair(folder: Path) -> tuple[Path, Path]:
+    """The one `<name>-<TYPE>.gguf` + `mmproj-<name>-<TYPE>.gguf` pair in an export folder."""
+    if not folder.is_dir():
+        raise ImpqError(folder, "export folder does not exist")
+    mmprojs = sorted(folder.glob("mmproj-*.gguf"))
+    pairs = [(folder / m.name[len("mmproj-"):], m) for m in mmprojs if (folder / m.name[len("mmproj-"):]).is_file()]
+    if len(pairs) != 1:
+        raise ImpqError(folder, f"expected one GGUF pair (<name>.gguf + mmproj-<name>.gguf), found {len(pairs)}")
+    return pairs[0]
+
+
+def weight_type(path: Path) -> str:
+    try:
+        reader = gguf.GGUFReader(path)
+    except Exception as err:  # GGUFReader raises ValueError/struct errors for damaged files
+        raise ImpqError(path, f"not a readable GGUF file ({err})") from None
+    file_type = int(reader.fields["general.file_type"].contents())
+    return gguf.LlamaFileType(file_type).name.replace("MOSTLY_", "").replace("ALL_", "")
+
+
+def verify_pair(export_dir: str | Path, reference_dir: str | Path, images: list[Path] | None = None,
+                prompts: list[str] | None = None, max_new_tokens: int = 16, n_threads: int | None = None,
+                on_case=None) -> VerifyReport:
+    text_path, mmproj_path = find_pair(Path(export_dir))
+    image_paths = images or default_images()
+    loaded = [(p, load_image(p)) for p in image_paths]      # unreadable images fail before any model loads
+    prompts = prompts or list(DEFAULT_PROMPTS)
+    wtype = weight_type(text_path)
+    reference = LMM.from_folder(reference_dir)
+    divergence = Divergence()
+    cases: list[CaseResult] = []
+    with PairRunner(text_path, mmproj_path, n_threads=n_threads) as runner:
+        for path, image in loaded:
+            for prompt in prompts:
+                ref = reference.generate(image, prompt, max_new_tokens)
+                # Teacher forcing along the reference's greedy tokens: llama.cpp's free-running greedy output is
+                # identical exactly when its argmax agrees with the reference at every one of these steps.
+                run = runner.run(image, prompt, follow=ref.tokens)
+                agree = [divergence.add(r.numpy(), t) for r, t in zip(ref.logits, run.step_logits)]
+                cases.append(CaseResult(path.name, prompt, ref.tokens, run.tokens, all(agree), agree[0]))
+                if on_case:
+                    on_case(cases[-1])
+    matched = sum(c.generation_match for c in cases)
+    tolerance = TOLERANCES.get(wtype)
+    passed = None
+    if tolerance:
+        passed = ((matched == len(cases) or not tolerance["generation_match"])
+                  and divergence.top1_agreement >= tolerance["min_top1_agreement"]
+                  and divergence.max_abs_diff <= tolerance["max_abs_logit_diff"]
+                  and divergence.mean_kld <= tolerance["mean_kld"])
+    return VerifyReport(str(text_path), str(mmproj_path), str(reference_dir), wtype, divergence.top1_agreement,
+                        divergence.max_abs_diff, divergence.mean_kld, matched == len(cases),
+                        f"{matched}/{len(cases)}", tolerance, passed, cases)
