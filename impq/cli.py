@@ -119,7 +119,8 @@ def verify_cmd(
         report = verify_pair(export_dir, reference, image, prompt, max_new_tokens, threads,
                              on_case=lambda _: progress.advance(task))
     table = Table("metric", "value", title=f"{Path(report.text_gguf).name} vs PyTorch ({report.weight_type})")
-    for key in ("top1_agreement", "max_abs_logit_diff", "mean_kld", "generations_matched", "passed"):
+    for key in ("top1_agreement", "max_abs_logit_diff", "max_abs_image_embedding_diff", "mean_kld",
+                "generations_matched", "passed"):
         value = getattr(report, key)
         table.add_row(key, f"{value:.6g}" if isinstance(value, float) else str(value))
     _emit(as_json, report.to_dict(), table)

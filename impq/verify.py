@@ -8,6 +8,7 @@ from importlib import resources
 from pathlib import Path
 
 import gguf
+import numpy as np
 
 from .errors import ImpqError
 from .measure.divergence import Divergence
@@ -51,6 +52,7 @@ class VerifyReport:
     weight_type: str
     top1_agreement: float
     max_abs_logit_diff: float
+    max_abs_image_embedding_diff: float          # projector output: tells vision-side errors from text-side ones
     mean_kld: float
     generation_match: bool
     generations_matched: str
@@ -93,14 +95,17 @@ def verify_pair(export_dir: str | Path, reference_dir: str | Path, images: list[
     reference = LMM.from_folder(reference_dir)
     divergence = Divergence()
     cases: list[CaseResult] = []
+    embedding_diff = 0.0
     with PairRunner(text_path, mmproj_path, n_threads=n_threads) as runner:
         for path, image in loaded:
+            ref_embeddings = reference.encode_image(image).float().numpy()
             for prompt in prompts:
                 ref = reference.generate(image, prompt, max_new_tokens)
                 # Teacher forcing along the reference's greedy tokens: llama.cpp's free-running greedy output is
                 # identical exactly when its argmax agrees with the reference at every one of these steps.
                 run = runner.run(image, prompt, follow=ref.tokens)
                 agree = [divergence.add(r.numpy(), t) for r, t in zip(ref.logits, run.step_logits)]
+                embedding_diff = max(embedding_diff, float(np.abs(run.image_embeddings - ref_embeddings).max()))
                 cases.append(CaseResult(path.name, prompt, ref.tokens, run.tokens, all(agree), agree[0]))
                 if on_case:
                     on_case(cases[-1])
@@ -113,5 +118,5 @@ def verify_pair(export_dir: str | Path, reference_dir: str | Path, images: list[
                   and divergence.max_abs_diff <= tolerance["max_abs_logit_diff"]
                   and divergence.mean_kld <= tolerance["mean_kld"])
     return VerifyReport(str(text_path), str(mmproj_path), str(reference_dir), wtype, divergence.top1_agreement,
-                        divergence.max_abs_diff, divergence.mean_kld, matched == len(cases),
+                        divergence.max_abs_diff, embedding_diff, divergence.mean_kld, matched == len(cases),
                         f"{matched}/{len(cases)}", tolerance, passed, cases)

@@ -29,6 +29,7 @@ def test_f16_pair_matches_pytorch(models_dir, tmp_path, layout, type_name):
     assert all(len(c.reference_tokens) == 16 or c.reference_tokens[-1] == read_spec(models_dir / layout).tokenizer.eos_id
                for c in report.cases)
     assert report.max_abs_logit_diff <= TOLERANCES["F16"]["max_abs_logit_diff"]
+    assert report.max_abs_image_embedding_diff <= 0.05
     assert report.mean_kld <= TOLERANCES["F16"]["mean_kld"]
     assert report.passed is True
 

@@ -36,7 +36,8 @@ class RunResult:
     tokens: list[int] = field(default_factory=list)
     step_logits: list[np.ndarray] = field(default_factory=list)   # the distribution each token was taken from
     n_prompt_tokens: int = 0
-    image_encode_s: float = 0.0
+    image_embeddings: np.ndarray | None = None    # [vision tokens, LLM hidden]: the projector's output
+    image_encode_s: float = 0.0                   # vision tower + projector only
     prefill_s: float = 0.0
     decode_s: float = 0.0
 
@@ -128,15 +129,9 @@ class PairRunner:
                     ptr = mtmd_cpp.mtmd_input_chunk_get_tokens_text(chunk, ctypes.byref(count))
                     llama.eval([ptr[j] for j in range(count.value)])
                 else:
-                    encode_start = time.perf_counter()
-                    new_past = llama_cpp.llama_pos(0)
-                    status = mtmd_cpp.mtmd_helper_eval_chunk_single(
-                        self.mtmd, llama._ctx.ctx, chunk, llama_cpp.llama_pos(llama.n_tokens),
-                        llama_cpp.llama_seq_id(0), llama.n_batch, last, ctypes.byref(new_past))
-                    if status != 0:
-                        raise ImpqError(self.mmproj_path, f"llama.cpp failed to encode the image (status {status})")
-                    llama.n_tokens = new_past.value
-                    result.image_encode_s += time.perf_counter() - encode_start
+                    if last:
+                        raise ImpqError(self.text_path, "the prompt template must have text after the image")
+                    self._eval_image_chunk(chunk, result)
             result.prefill_s = time.perf_counter() - start
             result.n_prompt_tokens = llama.n_tokens
             result.prompt_logits = self._last_logits()
@@ -144,6 +139,25 @@ class PairRunner:
             mtmd_cpp.mtmd_input_chunks_free(chunks)
             for bitmap in bitmaps:
                 mtmd_cpp.mtmd_bitmap_free(bitmap)
+
+    def _eval_image_chunk(self, chunk, result: RunResult) -> None:
+        """Vision encode (timed on its own), then the LLM's prefill of the image embeddings."""
+        llama = self.llama
+        start = time.perf_counter()
+        if mtmd_cpp.mtmd_encode_chunk(self.mtmd, chunk) != 0:
+            raise ImpqError(self.mmproj_path, "llama.cpp failed to encode the image")
+        result.image_encode_s += time.perf_counter() - start
+        n_tokens = mtmd_cpp.mtmd_input_chunk_get_n_tokens(chunk)
+        embd = mtmd_cpp.mtmd_get_output_embd(self.mtmd)
+        result.image_embeddings = np.ctypeslib.as_array(embd, shape=(n_tokens * llama.n_embd(),)).reshape(
+            n_tokens, llama.n_embd()).copy()
+        new_past = llama_cpp.llama_pos(0)
+        status = mtmd_cpp.mtmd_helper_decode_image_chunk(
+            self.mtmd, llama._ctx.ctx, chunk, embd, llama_cpp.llama_pos(llama.n_tokens), llama_cpp.llama_seq_id(0),
+            llama.n_batch, ctypes.byref(new_past), ctypes.cast(None, mtmd_cpp.mtmd_helper_post_decode_callback), None)
+        if status != 0:
+            raise ImpqError(self.text_path, f"llama.cpp failed to decode the image embeddings (status {status})")
+        llama.n_tokens = new_past.value
 
     def run(self, image: Image.Image | None, question: str, max_new_tokens: int = 16,
             follow: list[int] | None = None) -> RunResult:
