@@ -56,41 +56,50 @@ class LMM(nn.Module):
     def from_folder(cls, folder) -> "LMM":
         return cls(read_spec(folder))
 
-    @torch.no_grad()
-    def encode_image(self, image: Image.Image) -> torch.Tensor:
-        """[n_tokens, llm_hidden]: projected features of the selected vision layer (no post-layernorm)."""
-        square = to_model_square(image, self.spec.vision.image_size, self.spec.vision.resize)
-        pixels = pixel_values(square, self.spec.vision).to(self.dtype)
+    def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        """[B, n_tokens, llm_hidden] from [B, 3, S, S] pixels: the selected vision layer (no post-layernorm),
+        projected. A size other than the native one interpolates the position embeddings (bicubic)."""
         model = self.vision
-        hidden = model.embeddings(pixels)
+        interpolate = pixels.shape[-1] != self.spec.vision.image_size
+        hidden = model.embeddings(pixels.to(self.dtype), interpolate_pos_encoding=interpolate)
         if self.spec.vision.kind == "clip":
             hidden = model.pre_layrnorm(hidden)
-        hidden = model.encoder(inputs_embeds=hidden).last_hidden_state[0]
+        hidden = model.encoder(inputs_embeds=hidden).last_hidden_state
         if self.spec.vision.has_class_token:
-            hidden = hidden[1:]
+            hidden = hidden[:, 1:]
         return self.projector(hidden)
+
+    def pixels(self, image: Image.Image, size: int | None = None) -> torch.Tensor:
+        vision = self.spec.vision
+        return pixel_values(to_model_square(image, size or vision.image_size, vision.resize), vision)
+
+    @torch.no_grad()
+    def encode_image(self, image: Image.Image, size: int | None = None) -> torch.Tensor:
+        """[n_tokens, llm_hidden] for one image, at the native input size unless `size` is given."""
+        return self.image_features(self.pixels(image, size))[0]
 
     @property
     def dtype(self) -> torch.dtype:
         return self.llm.model.embed_tokens.weight.dtype
 
     @torch.no_grad()
-    def prompt_embeddings(self, image: Image.Image | None, question: str) -> torch.Tensor:
+    def prompt_embeddings(self, image: Image.Image | None, question: str, size: int | None = None) -> torch.Tensor:
         """[1, seq, hidden] input embeddings with the image's projected features at `<image>`."""
         pieces = self.tokenizer.encode_prompt(self.spec.prompt(question), self.spec.image_token)
         embed = self.llm.get_input_embeddings()
         parts: list[torch.Tensor] = []
         for i, ids in enumerate(pieces):
             if i > 0 and image is not None:
-                parts.append(self.encode_image(image))
+                parts.append(self.encode_image(image, size))
             if ids:
                 parts.append(embed(torch.tensor(ids)))
         return torch.cat(parts).unsqueeze(0)
 
     @torch.no_grad()
-    def generate(self, image: Image.Image | None, question: str, max_new_tokens: int = 16) -> Generation:
+    def generate(self, image: Image.Image | None, question: str, max_new_tokens: int = 16,
+                 size: int | None = None) -> Generation:
         """Greedy decoding; stops early at the end-of-sequence token."""
-        embeds = self.prompt_embeddings(image, question)
+        embeds = self.prompt_embeddings(image, question, size)
         out = self.llm(inputs_embeds=embeds, use_cache=True)
         cache, step_logits, tokens = out.cache, [out.logits[0, -1].float()], []
         for _ in range(max_new_tokens):

@@ -14,6 +14,7 @@ import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -52,14 +53,14 @@ _SPECIALS = {
 }
 
 
-def build_tokenizer(family: str, vocab_size: int = 320) -> Tokenizer:
-    """A GPT-2-style byte-level BPE trained (deterministically) on a small built-in text; specials appended last."""
+def build_tokenizer(family: str, vocab_size: int = 320, corpus: list[str] | None = None) -> Tokenizer:
+    """A GPT-2-style byte-level BPE trained (deterministically) on a small text; specials appended last."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                   show_progress=False, special_tokens=[])
-    tok.train_from_iterator(_CORPUS.splitlines(), trainer)
+    tok.train_from_iterator(corpus or _CORPUS.splitlines(), trainer)
     # Phi-3's chat tokens strip the whitespace after them (llama.cpp applies the same rule to Phi-3 vocabularies)
     rstrip = {"<unk>", "<s>", "<|endoftext|>"} if family == "phi3" else None
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False, rstrip=rstrip is not None and t not in rstrip)
@@ -217,12 +218,14 @@ def _plan(naming: str, family: str, text_cfg, vision_cfg, kind: str) -> list[tup
 
 
 def make_model(layout: str, out: str | Path, *, full_size: bool = False, seed: int = 0,
-               shard_bytes: int = 2 << 30, progress=None) -> Path:
-    """Write a random-weight checkpoint folder of `layout` (one of TEST_LAYOUTS) to `out`."""
+               shard_bytes: int = 2 << 30, progress=None, dims: Dims | None = None, tokenizer: Tokenizer | None = None,
+               values: Callable[[str], torch.Tensor] | None = None) -> Path:
+    """Write a checkpoint folder of `layout` (one of TEST_LAYOUTS) to `out`: random weights, or `values(canonical
+    name)` (a trained model's tensors, see layouts.py for the canonical names)."""
     family, naming, kind, truncated_tower = _LAYOUT_KINDS[layout]
-    dims = IMP_V1_3B if full_size else SMALL
+    dims = dims or (IMP_V1_3B if full_size else SMALL)
     out = ensure_writable_dir(Path(out))
-    tokenizer = build_tokenizer(family)
+    tokenizer = tokenizer or build_tokenizer(family)
     specials, bos, eos, add_bos = _SPECIALS[family]
     n_tokens = tokenizer.get_vocab_size()
     vocab_rows = dims.vocab_rows or -(-n_tokens // 32) * 32
@@ -268,7 +271,7 @@ def make_model(layout: str, out: str | Path, *, full_size: bool = False, seed: i
         (out / "preprocessor_config.json").write_text(json.dumps(
             {"image_mean": mean, "image_std": std, "size": {"shortest_edge": vc.image_size},
              "crop_size": {"height": vc.image_size, "width": vc.image_size}}, indent=2))
-    _write_weights(out, plan, seed, shard_bytes, progress)
+    _write_weights(out, plan, seed, shard_bytes, progress, values)
     return out
 
 
@@ -286,7 +289,7 @@ def _to_msft_keys(config: dict, text_cfg) -> dict:
     return keep
 
 
-def _write_weights(out: Path, plan, seed: int, shard_bytes: int, progress) -> None:
+def _write_weights(out: Path, plan, seed: int, shard_bytes: int, progress, values) -> None:
     shards: list[list] = [[]]
     size = 0
     for entry in plan:
@@ -306,6 +309,9 @@ def _write_weights(out: Path, plan, seed: int, shard_bytes: int, progress) -> No
                 for key, shape, parts in shard:
                     tensors = []
                     for part_name, part_shape in parts:
+                        if values is not None:
+                            tensors.append(values(part_name).detach().float())
+                            continue
                         mean, std = _init_std(part_name, part_shape)
                         tensors.append(torch.randn(part_shape, generator=gen) * std + mean)
                     writer.write(torch.cat(tensors) if len(tensors) > 1 else tensors[0])

@@ -1,0 +1,1 @@
+"""Task data: the procedural "shapes" VQA task used to train and evaluate the reference model."""

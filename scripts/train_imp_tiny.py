@@ -1,0 +1,165 @@
+"""Train imp-tiny, impq's embedded reference model, on the "shapes" task, on the CPU.
+
+    python scripts/train_imp_tiny.py --minutes 45 --out impq/assets/imp-tiny
+
+Imp phi-msft layout: SigLIP-style tower (168 px, patch 14: 144 vision tokens, 4 layers), mlp2x_gelu projector,
+Phi-2-style LLM (hidden 256, 4 layers), byte-level BPE tokenizer, Imp's Phi-2 prompt template. Each training
+sequence holds one scene and several question/answer turns (the first turn is exactly the evaluation
+prompt; later turns reuse the image tokens). A quarter of the batches run at a lower resolution with
+interpolated position embeddings, so that lower resolutions degrade gracefully instead of breaking.
+Writes the F16 checkpoint and `training.json` (command, seed, time, accuracy) to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from impq.datasets import shapes
+from impq.models.layouts import PROMPT_TEMPLATES, read_spec
+from impq.models.lmm import LMM
+from impq.models.testing import Dims, build_tokenizer, make_model
+
+DIMS = Dims(hidden=256, layers=4, heads=4, kv_heads=4, intermediate=1024, v_hidden=192, v_intermediate=768,
+            v_heads=3, v_layers_stored=4, image_size=168, patch=14, vocab_rows=448)
+LOW_RESOLUTIONS = (84, 112, 140)
+
+
+def tokenizer_corpus(n_scenes: int = 3000) -> list[str]:
+    system = PROMPT_TEMPLATES["phi2"].split(" USER:")[0]
+    lines = [system + " USER: ", " ASSISTANT:"]
+    for seed in range(n_scenes):
+        _, qas = shapes.sample(seed, n_questions=3)
+        lines += [f"\n{qa['question']} ASSISTANT: {qa['answer']}" for qa in qas]
+        lines += [f" USER: {qa['question']} ASSISTANT:" for qa in qas]
+    return lines
+
+
+def encode_sequence(lmm: LMM, qas: list[dict]) -> tuple[list[int], list[int], list[int]]:
+    """(ids before the image, ids after it, labels for the ids after it: -100 except answers and their </s>)."""
+    tok = lmm.tokenizer
+    pieces = tok.encode_prompt(lmm.spec.prompt(qas[0]["question"]), lmm.spec.image_token)
+    after, labels = list(pieces[1]), [-100] * len(pieces[1])
+    for i, qa in enumerate(qas):
+        if i > 0:
+            turn = tok.encode(f" USER: {qa['question']} ASSISTANT:")
+            after += turn
+            labels += [-100] * len(turn)
+        answer = tok.encode(f" {qa['answer']}") + [tok.eos_id]
+        after += answer
+        labels += answer
+    return pieces[0], after, labels
+
+
+def batch_loss(lmm: LMM, seeds: list[int], size: int, turns: int) -> torch.Tensor:
+    images, sequences = [], []
+    for seed in seeds:
+        image, qas = shapes.sample(seed, n_questions=turns)
+        images.append(lmm.pixels(image, size))
+        sequences.append(encode_sequence(lmm, qas))
+    features = lmm.image_features(torch.cat(images))
+    embed = lmm.llm.get_input_embeddings()
+    rows, label_rows = [], []
+    for (before, after, labels), feats in zip(sequences, features):
+        rows.append(torch.cat([embed(torch.tensor(before)), feats, embed(torch.tensor(after))]))
+        label_rows.append([-100] * (len(before) + feats.shape[0]) + labels)
+    length = max(r.shape[0] for r in rows)
+    inputs = torch.zeros(len(rows), length, rows[0].shape[1])
+    mask = torch.zeros(len(rows), length, dtype=torch.long)
+    targets = torch.full((len(rows), length), -100)
+    for i, (row, lab) in enumerate(zip(rows, label_rows)):
+        inputs[i, :row.shape[0]], mask[i, :row.shape[0]] = row, 1
+        targets[i, :len(lab)] = torch.tensor(lab)
+    return lmm.llm(inputs_embeds=inputs, attention_mask=mask, labels=targets).loss
+
+
+@torch.no_grad()
+def quick_accuracy(lmm: LMM, n: int, size: int | None = None) -> float:
+    """Exact-match accuracy on n held-out scenes (seeds far from the training range), single-turn greedy."""
+    lmm.eval()
+    correct = 0
+    for i in range(n):
+        image, qas = shapes.sample(30_000_000 + i, n_questions=1)
+        gen = lmm.generate(image, qas[0]["question"], max_new_tokens=4, size=size)
+        answer = lmm.tokenizer.decode([t for t in gen.tokens if t != lmm.tokenizer.eos_id]).strip().lower()
+        correct += answer == qas[0]["answer"]
+    lmm.train()
+    return correct / n
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--minutes", type=float, default=45.0, help="training time budget")
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--turns", type=int, default=4, help="question/answer turns per training sequence")
+    parser.add_argument("--lr", type=float, default=1.5e-3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--log-every", type=int, default=50)
+    args = parser.parse_args()
+    torch.manual_seed(args.seed)
+    rng = random.Random(args.seed)
+
+    work = Path(tempfile.mkdtemp(prefix="imp-tiny-"))
+    tokenizer = build_tokenizer("phi2", vocab_size=DIMS.vocab_rows - 8, corpus=tokenizer_corpus())
+    make_model("imp-phi2", work / "init", dims=DIMS, tokenizer=tokenizer, seed=args.seed)
+    lmm = LMM(read_spec(work / "init"))
+    lmm.train()
+    params = [p for p in lmm.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
+
+    budget = args.minutes * 60
+    start = time.time()
+    step, next_seed, log = 0, 0, []
+    warmup = 150
+    while True:
+        elapsed = time.time() - start
+        if elapsed > budget:
+            break
+        progress = elapsed / budget
+        lr = args.lr * min(1.0, (step + 1) / warmup) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        size = rng.choice(LOW_RESOLUTIONS) if rng.random() < 0.25 else DIMS.image_size
+        seeds = list(range(next_seed, next_seed + args.batch))
+        next_seed += args.batch
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = batch_loss(lmm, seeds, size, args.turns)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        step += 1
+        if step % args.log_every == 0:
+            entry = {"step": step, "minutes": round((time.time() - start) / 60, 2), "loss": round(loss.item(), 4),
+                     "lr": round(lr, 6)}
+            if step % (args.log_every * 6) == 0:
+                entry["quick_accuracy"] = quick_accuracy(lmm, 70)
+            log.append(entry)
+            print(json.dumps(entry), flush=True)
+
+    train_minutes = (time.time() - start) / 60
+    lmm.eval()
+    state = {f"llm.{k}": v for k, v in lmm.llm.state_dict().items()}
+    state.update({f"vision.vision_model.{k}": v for k, v in lmm.vision.state_dict().items()})
+    state.update({f"projector.{k}": v for k, v in lmm.projector.state_dict().items()})
+    make_model("imp-phi2", args.out, dims=DIMS, tokenizer=tokenizer, values=state.__getitem__)
+    final = {"quick_accuracy_native": quick_accuracy(lmm, 140),
+             "quick_accuracy_half": quick_accuracy(lmm, 140, size=DIMS.image_size // 2)}
+    record = {"command": " ".join(["python", *sys.argv]), "seed": args.seed, "steps": step,
+              "train_minutes": round(train_minutes, 1), "training_sequences": next_seed, "batch": args.batch,
+              "turns_per_sequence": args.turns, "threads": torch.get_num_threads(), **final, "log": log}
+    (args.out / "training.json").write_text(json.dumps(record, indent=2) + "\n")
+    print(json.dumps(final))
+
+
+if __name__ == "__main__":
+    main()
