@@ -20,6 +20,8 @@ app = typer.Typer(help="Quantize and export small multimodal models (Imp, Bunny,
 testing_app = typer.Typer(help="Small random-weight checkpoints in the real layouts, for tests and benchmarks.",
                           no_args_is_help=True)
 app.add_typer(testing_app, name="testing")
+data_app = typer.Typer(help="Task data: the procedural shapes VQA task.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
 
 # progress and tables go to stderr, so that --json leaves stdout holding one JSON object
 console = Console(stderr=True)
@@ -128,6 +130,188 @@ def verify_cmd(
         console.print(f"[red]verify: {report.weight_type} export disagrees with the reference beyond "
                       f"tolerance {report.tolerance}[/red]")
         raise typer.Exit(1)
+
+
+@data_app.command("shapes")
+def shapes_cmd(
+    split: str = typer.Option(..., help="eval | calib (disjoint seed ranges; training uses seeds from 0)."),
+    n: int = typer.Option(..., help="Number of items."),
+    out: Path = typer.Option(..., help="Folder for images/ and <split>.jsonl."),
+):
+    """Write a split of the shapes task: PNG images and a JSONL index, balanced over question types."""
+    from .datasets.shapes import SPLIT_SEEDS, write_split
+
+    if split not in SPLIT_SEEDS:
+        raise ImpqError(None, f"unknown split {split!r}; choose one of {', '.join(SPLIT_SEEDS)}")
+    console.print(f"wrote {write_split(split, out, n)}")
+
+
+@app.command("eval")
+def eval_cmd(
+    model: Optional[Path] = typer.Argument(None, help="Checkpoint folder (PyTorch) or GGUF pair folder (llama.cpp); "
+                                                      "default: the embedded imp-tiny."),
+    data: Optional[Path] = typer.Option(None, help="VQA JSONL; default: eval/shapes/eval.jsonl."),
+    reference: Optional[Path] = typer.Option(None, help="Full-precision checkpoint: adds mean KLD and top-1 agreement."),
+    limit: Optional[int] = typer.Option(None, help="Evaluate the first N items only."),
+    image_size: Optional[int] = typer.Option(None, help="Input resolution for a checkpoint (interpolated position "
+                                                        "embeddings); default: native."),
+    threads: Optional[int] = typer.Option(None, help="llama.cpp threads (default: all cores)."),
+    results: Optional[Path] = typer.Option(None, help="Write the full report (every item) to this JSON file."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+):
+    """Accuracy on a VQA JSONL, overall and per question type; with --reference, divergence too."""
+    from .defaults import default_eval_data, default_model_dir
+    from .fileio import atomic_output
+    from .measure.vqa import evaluate, load_answerer, read_vqa_jsonl
+
+    model = model or default_model_dir()
+    data = data or default_eval_data()
+    items = read_vqa_jsonl(data)[:limit] if limit else read_vqa_jsonl(data)
+    if results is not None:
+        from .fileio import ensure_writable_dir
+        ensure_writable_dir(results.parent)
+    answerer = load_answerer(model, image_size, threads)
+    ref = load_answerer(reference) if reference else None
+    with _progress() as progress:
+        task = progress.add_task(f"evaluating {model.name}", total=len(items))
+        report = evaluate(answerer, items, model=str(model), dataset=str(data), reference=ref,
+                          on_item=lambda _: progress.advance(task))
+    if results is not None:
+        with atomic_output(results) as tmp:
+            tmp.write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+    summary = {k: v for k, v in report.to_dict().items() if k != "items"}
+    table = Table("type", "n", "accuracy", title=f"{model.name} on {data.name}: {report.accuracy:.1%}")
+    for qtype, row in report.per_type.items():
+        table.add_row(qtype, str(row["n"]), f"{row['accuracy']:.1%}")
+    if report.mean_kld is not None:
+        table.caption = f"mean KLD {report.mean_kld:.4g}, top-1 agreement {report.top1_agreement:.1%}"
+    _emit(as_json, summary, table)
+
+
+@app.command("bench")
+def bench_cmd(
+    export_dir: Optional[Path] = typer.Argument(None, help="Folder with one GGUF pair; default: the embedded imp-tiny "
+                                                           "exported with --type to a temporary folder."),
+    type_name: str = typer.Option("f16", "--type", help="Export type when no folder is given."),
+    image: Optional[Path] = typer.Option(None, help="Image for the prompt; default: a bundled sample."),
+    question: str = typer.Option("What is in the image?", help="Question for the prompt."),
+    runs: int = typer.Option(5, min=1, help="Timed runs (after the warm-up)."),
+    warmup: int = typer.Option(1, min=0, help="Untimed warm-up runs."),
+    decode_tokens: int = typer.Option(32, min=2, help="Tokens generated per run (end-of-sequence ignored)."),
+    threads: Optional[int] = typer.Option(None, help="llama.cpp threads (default: all cores)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+):
+    """Image encode time, prompt and decode tokens/s, time to first token, peak RSS and file sizes in llama.cpp."""
+    import tempfile
+
+    from .measure.bench import bench_pair
+    from .verify import default_images, find_pair
+
+    image = image or default_images()[0]
+    with tempfile.TemporaryDirectory(prefix="impq-bench-") as scratch:
+        if export_dir is None:
+            from .defaults import default_model_dir
+            from .export.pair import export_pair
+            from .models.layouts import read_spec
+
+            export_dir = Path(scratch)
+            export_pair(read_spec(default_model_dir()), export_dir, type_name)
+        text_path, mmproj_path = find_pair(export_dir)
+        with console.status(f"benchmarking {text_path.name} ({warmup} warm-up + {runs} runs)"):
+            figures = bench_pair(text_path, mmproj_path, image, question, runs, warmup, decode_tokens, threads)
+    figures = {"text_gguf": str(text_path.name), "mmproj_gguf": str(mmproj_path.name), **figures}
+    table = Table("figure", "median", "min", "max", title=f"{text_path.name}: {figures['prompt_tokens']} prompt tokens, "
+                                                           f"{figures['threads']} threads")
+    for key in ("image_encode_s", "prefill_s", "ttft_s", "prompt_tokens_per_s", "decode_tokens_per_s"):
+        row = figures[key]
+        table.add_row(key, *(f"{row[k]:.4g}" for k in ("median", "min", "max")))
+    table.caption = (f"peak RSS {figures['peak_rss_mb']:.0f} MB; files {figures['text_gguf_mb']:.2f} MB + "
+                     f"{figures['mmproj_gguf_mb']:.2f} MB")
+    _emit(as_json, figures, table)
+
+
+@app.command("estimate")
+def estimate_cmd(
+    export_dir: Optional[Path] = typer.Argument(None, help="Folder with one GGUF pair; default: the Imp-v1.5-3B-196 "
+                                                           "4-bit estimate recorded by bench/run_speed.py."),
+    device: Optional[list[str]] = typer.Option(None, help="Device profile(s); default: all."),
+    fit: Optional[Path] = typer.Option(None, help="Results of bench/run_speed.py with the fitted efficiency; "
+                                                  "default: bench/results/speed.json."),
+    text_tokens: int = typer.Option(40, help="Text tokens in the prompt besides the image."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+):
+    """Roofline estimate of decode tokens/s, image encode time and time to first token on phone profiles."""
+    from .defaults import REPO
+    from .measure.phone import DEVICES, PUBLISHED, Efficiency, ModelCost, estimate
+    from .verify import find_pair
+
+    fit = fit or REPO / "bench" / "results" / "speed.json"
+    from .models.checkpoint import read_json
+    record = read_json(fit, "speed results (run bench/run_speed.py)")
+    names = device or list(DEVICES)
+    unknown = [n for n in names if n not in DEVICES]
+    if unknown:
+        raise ImpqError(None, f"unknown device {unknown[0]!r}; choose from {', '.join(DEVICES)}")
+    if export_dir is None:
+        rows = {n: record["imp_v1_5_3b_196_q4_0"][n] for n in names}
+        title = "Imp-v1.5-3B-196, 4-bit (published: ~13 tok/s decode on Snapdragon 8 Gen 3)"
+    else:
+        cost = ModelCost.from_gguf_pair(*find_pair(export_dir))
+        eff = Efficiency(**record["efficiency"])
+        rows = {n: estimate(cost, DEVICES[n].bandwidth_gbs, DEVICES[n].peak_gflops, eff, text_tokens).to_dict()
+                for n in names}
+        title = f"{export_dir}"
+    table = Table("device", "decode tok/s", "image encode s", "TTFT s", title=title)
+    for name, row in rows.items():
+        table.add_row(DEVICES[name].name, f"{row['decode_tokens_per_s']:.1f}", f"{row['image_encode_s']:.2f}",
+                      f"{row['ttft_s']:.2f}")
+    table.caption = f"efficiency fitted in {fit} on {record['fitted_on']}"
+    _emit(as_json, {"estimates": rows, "fitted_on": record["fitted_on"], "published": PUBLISHED}, table)
+
+
+@app.command("quantize")
+def quantize_cmd(
+    model: Optional[Path] = typer.Argument(None, help="Checkpoint folder; default: the embedded imp-tiny."),
+    bits: int = typer.Option(4, help="Weight bits of the LLM's decoder layers (8, 6, 5 or 4 so far)."),
+    method: str = typer.Option("gptq", help="rtn | gptq."),
+    format: str = typer.Option("gguf", "--format", help="gguf (safetensors GPTQ/AWQ layouts: not yet)."),
+    type_name: Optional[str] = typer.Option(None, "--type", help="GGUF grid: q8_0 q6_k q5_k q5_0 q5_1 q4_k q4_0 "
+                                                                 "q4_1; default from --bits (4: q4_k)."),
+    out: Path = typer.Option(Path("quantized"), help="Output folder."),
+    calib: Optional[Path] = typer.Option(None, help="Calibration JSONL ({image, prompt}) or text; default: the "
+                                                    "shipped shapes calibration split."),
+    nsamples: int = typer.Option(64, min=1, help="Calibration sequences."),
+    seqlen: int = typer.Option(512, min=8, help="Longest calibration sequence (tokens, image tokens included)."),
+    seed: int = typer.Option(0, help="Seed of the calibration sampling."),
+    damp: float = typer.Option(0.01, help="GPTQ damping, as a fraction of the mean Hessian diagonal."),
+    act_order: bool = typer.Option(False, "--act-order", help="GPTQ: quantize columns by decreasing activation."),
+    static_groups: bool = typer.Option(False, "--static-groups", help="GPTQ: block scales from the original weights."),
+    verify_items: int = typer.Option(140, help="Eval items for the llama.cpp check (embedded model); 0 skips it."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+):
+    """Calibrated low-bit quantization of the LLM backbone onto an exact GGUF grid, with recipe and report."""
+    from .defaults import default_calib_data, default_model_dir
+    from .quantize import QuantizeSettings, quantize_model
+
+    model = model or default_model_dir()
+    settings = QuantizeSettings.from_bits(bits, type_name, method=method, format=format,
+                                          calib=str(calib or default_calib_data()), nsamples=nsamples, seqlen=seqlen,
+                                          seed=seed, damp=damp, act_order=act_order, static_groups=static_groups)
+    with _progress() as progress:
+        task = progress.add_task(f"{method} -> {settings.type}", total=None)
+        report = quantize_model(model, out, settings, verify_items=verify_items,
+                                on_layer=lambda i, n: progress.update(task, completed=i + 1, total=n),
+                                on_status=lambda text: progress.update(task, description=text))
+    summary = {k: v for k, v in report.to_dict().items() if k != "layers"}
+    summary["worst_layer_error"] = max(report.layers.values()) if report.layers else None
+    table = Table("figure", "value", title=f"{Path(report.text_gguf).name}")
+    for key in ("bits_per_weight_quantized", "bits_per_weight_file", "text_bytes", "quantize_seconds",
+                "total_seconds", "peak_rss_mb", "worst_layer_error"):
+        value = summary[key]
+        table.add_row(key, f"{value:.4g}" if isinstance(value, float) else str(value))
+    for key, value in report.verification.items():
+        table.add_row(f"llama.cpp {key}", f"{value:.4g}" if isinstance(value, float) else str(value))
+    _emit(as_json, summary, table)
 
 
 def main() -> None:

@@ -100,8 +100,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--minutes", type=float, default=45.0, help="training time budget")
     parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--turns", type=int, default=4, help="question/answer turns per training sequence")
-    parser.add_argument("--lr", type=float, default=1.5e-3)
+    parser.add_argument("--turns", type=int, default=6, help="question/answer turns per training sequence")
+    parser.add_argument("--lr", type=float, default=6e-4)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--log-every", type=int, default=50)
     args = parser.parse_args()
@@ -112,6 +112,8 @@ def main() -> None:
     tokenizer = build_tokenizer("phi2", vocab_size=DIMS.vocab_rows - 8, corpus=tokenizer_corpus())
     make_model("imp-phi2", work / "init", dims=DIMS, tokenizer=tokenizer, seed=args.seed)
     lmm = LMM(read_spec(work / "init"))
+    # the generator spreads test models' logits with a 4x output head; a trained model starts from 1/sqrt(fan_in)
+    torch.nn.init.normal_(lmm.llm.lm_head.weight, std=DIMS.hidden ** -0.5)
     lmm.train()
     params = [p for p in lmm.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
@@ -119,7 +121,7 @@ def main() -> None:
     budget = args.minutes * 60
     start = time.time()
     step, next_seed, log = 0, 0, []
-    warmup = 150
+    warmup = 300
     while True:
         elapsed = time.time() - start
         if elapsed > budget:

@@ -18,7 +18,10 @@ from ..fileio import atomic_output
 QType = gguf.GGMLQuantizationType
 EXPORT_TYPES = {"f32": QType.F32, "f16": QType.F16, "q8_0": QType.Q8_0, "q4_0": QType.Q4_0}
 FILE_TYPES = {QType.F32: gguf.LlamaFileType.ALL_F32, QType.F16: gguf.LlamaFileType.MOSTLY_F16,
-              QType.Q8_0: gguf.LlamaFileType.MOSTLY_Q8_0, QType.Q4_0: gguf.LlamaFileType.MOSTLY_Q4_0}
+              QType.Q8_0: gguf.LlamaFileType.MOSTLY_Q8_0, QType.Q4_0: gguf.LlamaFileType.MOSTLY_Q4_0,
+              QType.Q4_1: gguf.LlamaFileType.MOSTLY_Q4_1, QType.Q5_0: gguf.LlamaFileType.MOSTLY_Q5_0,
+              QType.Q5_1: gguf.LlamaFileType.MOSTLY_Q5_1, QType.Q4_K: gguf.LlamaFileType.MOSTLY_Q4_K_S,
+              QType.Q5_K: gguf.LlamaFileType.MOSTLY_Q5_K_S, QType.Q6_K: gguf.LlamaFileType.MOSTLY_Q6_K}
 
 
 @dataclass
@@ -27,6 +30,8 @@ class PlannedTensor:
     shape: tuple[int, ...]                    # PyTorch (row-major) shape of the values
     qtype: QType
     produce: Callable[[], torch.Tensor]       # loads and transforms the values when it is this tensor's turn
+    packed: Callable[[], np.ndarray] | None = None   # the block bytes, when an impq algorithm already chose them
+    canonical: str = ""                       # the tensor's canonical name in impq (see models/layouts.py)
 
 
 def fits_blocks(shape: tuple[int, ...], qtype: QType) -> bool:
@@ -78,10 +83,16 @@ def write_gguf(path: Path, arch: str, add_metadata: Callable[[gguf.GGUFWriter], 
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
         for t in tensors:
-            values = t.produce()
-            if tuple(values.shape) != tuple(t.shape):
-                raise AssertionError(f"{t.name}: produced {tuple(values.shape)}, planned {t.shape}")
-            writer.write_tensor_data(encode(values, t.qtype))
+            if t.packed is not None:
+                data = t.packed()
+                if data.nbytes != nbytes(t.shape, t.qtype):
+                    raise AssertionError(f"{t.name}: packed {data.nbytes} bytes, planned {nbytes(t.shape, t.qtype)}")
+                writer.write_tensor_data(data)
+            else:
+                values = t.produce()
+                if tuple(values.shape) != tuple(t.shape):
+                    raise AssertionError(f"{t.name}: produced {tuple(values.shape)}, planned {t.shape}")
+                writer.write_tensor_data(encode(values, t.qtype))
             if on_tensor:
                 on_tensor(t.name)
         writer.close()

@@ -36,7 +36,7 @@ def mmproj_tensors(spec: ModelSpec, qtype: QType) -> list[PlannedTensor]:
                 raise ImpqError(spec.folder, f"no mmproj name for vision tensor '{canonical}'")
         else:
             continue
-        shape = spec.checkpoint.shape(src.key)
+        shape = spec.shape(canonical)
         if name.startswith("v.position_embd") or len(shape) == 1:
             tensor_type = QType.F32
         elif name.startswith("v.patch_embd"):

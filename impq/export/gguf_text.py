@@ -111,7 +111,14 @@ def _add_hparams(writer: gguf.GGUFWriter, spec: ModelSpec) -> None:
         writer.add_vocab_size(cfg.vocab_size)
 
 
-def text_tensors(spec: ModelSpec, qtype: QType) -> list[PlannedTensor]:
+def text_tensors(spec: ModelSpec, qtype: QType, quantized: dict | None = None,
+                 low_bit_head: QType = QType.Q8_0, source: Callable[[str], torch.Tensor] | None = None
+                 ) -> list[PlannedTensor]:
+    """The LLM's tensors; those in `quantized` (canonical name -> driver.QuantizedTensor) are written as the codes
+    and block parameters an impq algorithm chose, the rest by the type policy from `source` (default: the
+    checkpoint; a quantized model's own values when an algorithm changed norms or biases, as AWQ does)."""
+    quantized = quantized or {}
+    load = source or spec.load
     cfg = spec.text_config
     names = gguf.get_tensor_name_map(ARCHS[spec.family], cfg.num_hidden_layers)
     heads = cfg.num_attention_heads
@@ -124,27 +131,37 @@ def text_tensors(spec: ModelSpec, qtype: QType) -> list[PlannedTensor]:
         name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         if name is None:
             raise ImpqError(spec.folder, f"no GGUF name for tensor '{hf_name}' in llama.cpp's {spec.family} architecture")
-        shape = spec.checkpoint.shape(spec.tensors[canonical].key)
-        src = spec.tensors[canonical]
-        if src.rows is not None:
-            shape = (src.rows[1] - src.rows[0], *shape[1:])
+        shape = spec.shape(canonical)
+        permute_heads = None
+        if spec.family == "llama" and re.search(r"self_attn\.[qk]_proj\.", hf_name):
+            permute_heads = heads if ".q_proj." in hf_name else kv_heads
+        if canonical in quantized:
+            q = quantized[canonical]
+
+            def packed(q=q, n=permute_heads):
+                data = q.grid.pack(q.codes, q.params)
+                # blocks run along rows, so llama.cpp's q/k row permutation applies to packed rows as they are
+                return data if n is None else _llama_permute(torch.from_numpy(data), n).numpy()
+
+            planned.append(PlannedTensor(name, tuple(shape), q.grid.qtype, lambda: None, packed, canonical))
+            continue
         if len(shape) == 1:
             tensor_type = QType.F32
-        elif qtype == QType.Q4_0 and name in ("token_embd.weight", "output.weight"):
-            tensor_type = QType.Q8_0     # documented default: 8-bit embeddings and output head in 4-bit exports
+        elif qtype not in (QType.F32, QType.F16, QType.Q8_0) and name in ("token_embd.weight", "output.weight"):
+            tensor_type = low_bit_head     # documented default: 8-bit embeddings and output head in low-bit exports
         else:
             tensor_type = matrix_type(shape, qtype)
-        produce: Callable[[], torch.Tensor] = lambda c=canonical: spec.load(c)
-        if spec.family == "llama" and re.search(r"self_attn\.[qk]_proj\.", hf_name):
-            n = heads if ".q_proj." in hf_name else kv_heads
-            produce = lambda c=canonical, n=n: _llama_permute(spec.load(c), n)
-        planned.append(PlannedTensor(name, tuple(shape), tensor_type, produce))
+        produce: Callable[[], torch.Tensor] = lambda c=canonical: load(c)
+        if permute_heads is not None:
+            produce = lambda c=canonical, n=permute_heads: _llama_permute(load(c), n)
+        planned.append(PlannedTensor(name, tuple(shape), tensor_type, produce, canonical=canonical))
     return planned
 
 
 def write_text_gguf(spec: ModelSpec, path: Path, qtype: QType, source_digest: str, settings: dict,
-                    on_tensor=None) -> Path:
-    tensors = text_tensors(spec, qtype)
+                    on_tensor=None, quantized: dict | None = None,
+                    source: Callable[[str], torch.Tensor] | None = None) -> Path:
+    tensors = text_tensors(spec, qtype, quantized, source=source)
     vocab = gguf_vocab(spec.tokenizer, spec.text_config.vocab_size)
     arch = gguf.MODEL_ARCH_NAMES[ARCHS[spec.family]]
 

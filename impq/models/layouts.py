@@ -124,6 +124,14 @@ class ModelSpec:
     def prompt(self, question: str) -> str:
         return self.prompt_template.replace("{question}", question)
 
+    def shape(self, canonical: str) -> tuple[int, ...]:
+        src = self.tensors[canonical]
+        shape = self.checkpoint.shape(src.key)
+        return shape if src.rows is None else (src.rows[1] - src.rows[0], *shape[1:])
+
+    def numel(self, canonical: str) -> int:
+        return math.prod(self.shape(canonical))
+
     def load(self, canonical: str) -> torch.Tensor:
         src = self.tensors[canonical]
         return self.checkpoint.load(src.key, src.rows)

@@ -11,7 +11,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, CLIPVisionModel, SiglipVisionModel
 
 from .layouts import ModelSpec, VisionSpec, read_spec
-from .preprocess import pixel_values, to_model_square
+from .preprocess import normalized, to_model_square
 
 
 def build_vision_model(vision: VisionSpec) -> nn.Module:
@@ -71,7 +71,8 @@ class LMM(nn.Module):
 
     def pixels(self, image: Image.Image, size: int | None = None) -> torch.Tensor:
         vision = self.spec.vision
-        return pixel_values(to_model_square(image, size or vision.image_size, vision.resize), vision)
+        square = to_model_square(image, size or vision.image_size, vision.resize)
+        return torch.from_numpy(normalized(square, vision.image_mean, vision.image_std)).unsqueeze(0)
 
     @torch.no_grad()
     def encode_image(self, image: Image.Image, size: int | None = None) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Image preprocessing. The geometry (squash or resize+crop to the model's square size) is done here, in PIL,
+"""Image preprocessing (no torch here: the llama.cpp runner imports this module). The geometry (squash or resize+crop to the model's square size) is done here, in PIL,
 for both the PyTorch reference and the llama.cpp runner: llama.cpp letterboxes non-square images where Imp
 squashes, so impq hands mtmd an image already at the model's size (mtmd then only normalises)."""
 
@@ -7,11 +7,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image, UnidentifiedImageError
 
 from ..errors import ImpqError
-from .layouts import VisionSpec
 
 
 def load_image(path: str | Path) -> Image.Image:
@@ -34,8 +32,8 @@ def to_model_square(image: Image.Image, size: int, resize: str) -> Image.Image:
     return resized.crop((left, top, left + size, top + size))
 
 
-def pixel_values(square: Image.Image, vision: VisionSpec) -> torch.Tensor:
-    """[1, 3, S, S] float tensor: scaled to [0, 1] and normalised, exactly as mtmd normalises."""
+def normalized(square: Image.Image, mean, std) -> np.ndarray:
+    """[3, S, S] float32: scaled to [0, 1] and normalised, exactly as mtmd normalises."""
     array = np.asarray(square, dtype=np.float32) / 255.0
-    array = (array - np.asarray(vision.image_mean, np.float32)) / np.asarray(vision.image_std, np.float32)
-    return torch.from_numpy(array).permute(2, 0, 1).unsqueeze(0).contiguous()
+    array = (array - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+    return np.ascontiguousarray(array.transpose(2, 0, 1))

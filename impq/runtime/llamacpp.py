@@ -38,7 +38,8 @@ class RunResult:
     n_prompt_tokens: int = 0
     image_embeddings: np.ndarray | None = None    # [vision tokens, LLM hidden]: the projector's output
     image_encode_s: float = 0.0                   # vision tower + projector only
-    prefill_s: float = 0.0
+    prefill_s: float = 0.0                        # image encode + LLM prefill (tokenized prompt to logits)
+    ttft_s: float = 0.0                           # from the call (image preprocessing included) to the first token
     decode_s: float = 0.0
 
 
@@ -56,7 +57,7 @@ class PairRunner:
         self.image_size = int(mmproj_meta.fields["clip.vision.image_size"].contents())
         self.image_resize = _gguf_string(mmproj_meta, "impq.image_resize", self.mmproj_path) or "squash"
         del mmproj_meta
-        threads = n_threads or os.cpu_count() or 1
+        threads = self.n_threads = n_threads or os.cpu_count() or 1
         try:
             self.llama = llama_cpp.Llama(str(self.text_path), n_ctx=n_ctx, n_batch=2048, n_ubatch=512,
                                          n_threads=threads, n_threads_batch=threads,
@@ -160,21 +161,24 @@ class PairRunner:
         llama.n_tokens = new_past.value
 
     def run(self, image: Image.Image | None, question: str, max_new_tokens: int = 16,
-            follow: list[int] | None = None) -> RunResult:
-        """Greedy decoding, stopping at end-of-sequence. With `follow`, those tokens are fed instead (teacher
-        forcing) while `tokens` still records llama.cpp's own greedy choice at each step."""
+            follow: list[int] | None = None, stop_at_eos: bool = True) -> RunResult:
+        """Greedy decoding, stopping at end-of-sequence unless `stop_at_eos` is off. With `follow`, those tokens are
+        fed instead (teacher forcing) while `tokens` still records llama.cpp's own greedy choice at each step."""
+        start = time.perf_counter()
         result = RunResult(prompt_logits=np.empty(0))
         self.prefill(image, question, result)
         logits = result.prompt_logits
         steps = len(follow) if follow is not None else max_new_tokens
-        start = time.perf_counter()
+        decode_start = time.perf_counter()
         for i in range(steps):
             result.step_logits.append(logits)
             result.tokens.append(int(np.argmax(logits)))
+            if i == 0:
+                result.ttft_s = time.perf_counter() - start
             token = follow[i] if follow is not None else result.tokens[-1]
-            if i == steps - 1 or (follow is None and token == self.eos_id):
+            if i == steps - 1 or (follow is None and stop_at_eos and token == self.eos_id):
                 break
             self.llama.eval([token])
             logits = self._last_logits()
-        result.decode_s = time.perf_counter() - start
+        result.decode_s = time.perf_counter() - decode_start
         return result

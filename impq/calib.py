@@ -1,0 +1,87 @@
+"""Calibration samples -> the LLM's input embeddings, with each image's projected vision tokens spliced in,
+so that the LLM's layers are calibrated on the activations they will see on the phone.
+
+Accepted files: JSONL with {"image": path or null, "prompt": text} (the prompt goes into the model's
+template after the image), JSONL in the VQA format ({"image", "question", "answer"}: the answer is appended
+after the template, as in training), or a plain text file (one text-only sample per paragraph).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import ImpqError
+from .models.lmm import LMM
+from .models.preprocess import load_image
+
+
+@dataclass(frozen=True)
+class CalibSample:
+    image: Path | None
+    text: str            # for image samples: the question or prompt inside the template; else raw text
+    answer: str | None
+
+
+def read_calibration(path: str | Path) -> list[CalibSample]:
+    path = Path(path)
+    if not path.is_file():
+        raise ImpqError(path, "calibration file not found")
+    raw = path.read_text(encoding="utf-8", errors="replace")
+    samples: list[CalibSample] = []
+    if path.suffix == ".jsonl":
+        for number, line in enumerate(raw.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue                       # counted as unusable below
+            if not isinstance(record, dict):
+                continue
+            text = record.get("prompt", record.get("question"))
+            if not isinstance(text, str) or not text.strip():
+                continue
+            image = record.get("image")
+            if image is not None:
+                image = Path(image) if Path(image).is_absolute() else path.parent / image
+                if not image.is_file():
+                    continue
+            samples.append(CalibSample(image, text, record.get("answer")))
+    else:
+        samples = [CalibSample(None, para.strip(), None) for para in raw.split("\n\n") if para.strip()]
+    if not samples:
+        raise ImpqError(path, "no usable calibration samples (need JSONL lines with an existing image or null and a "
+                              "non-empty prompt/question, or paragraphs of text)")
+    return samples
+
+
+def file_digest(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+@torch.no_grad()
+def calibration_embeddings(lmm: LMM, samples: list[CalibSample], nsamples: int, seqlen: int,
+                           seed: int = 0) -> list[torch.Tensor]:
+    """Up to `nsamples` sequences of [1, <= seqlen, hidden] input embeddings, drawn with a seeded shuffle."""
+    order = list(range(len(samples)))
+    random.Random(seed).shuffle(order)
+    embed = lmm.llm.get_input_embeddings()
+    out = []
+    for index in order[:nsamples]:
+        sample = samples[index]
+        if sample.image is None:
+            ids = lmm.tokenizer.encode(sample.text)
+            embeds = embed(torch.tensor(ids)).unsqueeze(0)
+        else:
+            embeds = lmm.prompt_embeddings(load_image(sample.image), sample.text)
+            if sample.answer:
+                answer = lmm.tokenizer.encode(f" {sample.answer}") + [lmm.tokenizer.eos_id]
+                embeds = torch.cat([embeds, embed(torch.tensor(answer)).unsqueeze(0)], dim=1)
+        out.append(embeds[:, :seqlen])
+    return out

@@ -1,0 +1,157 @@
+"""Visual question answering accuracy, through PyTorch (a checkpoint folder) or llama.cpp (a GGUF pair folder),
+and next-token divergence from a full-precision reference on the same prompts.
+
+Dataset format: JSONL, one item a line: {"image": path (relative to the JSONL's folder, or absolute),
+"question": text, "answer": text, "type": optional text}. Answers are compared after lower-casing and
+stripping spaces and final punctuation (exact match, as in GQA-style one-word evaluation).
+"""
+
+from __future__ import annotations
+
+import json
+import string
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+from PIL import Image
+
+from ..errors import ImpqError
+from ..models.preprocess import load_image
+from .divergence import Divergence
+
+
+@dataclass(frozen=True)
+class VQAItem:
+    image: Path
+    question: str
+    answer: str
+    type: str
+    line: int
+
+
+def read_vqa_jsonl(path: str | Path) -> list[VQAItem]:
+    path = Path(path)
+    if not path.is_file():
+        raise ImpqError(path, "dataset file not found")
+    items = []
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ImpqError(path, f"line {number}: not JSON ({err.msg})") from None
+            if not isinstance(record, dict):
+                raise ImpqError(path, f"line {number}: expected a JSON object")
+            for key in ("image", "question", "answer"):
+                if not isinstance(record.get(key), str):
+                    raise ImpqError(path, f"line {number}: missing or non-text '{key}' field")
+            image = Path(record["image"])
+            image = image if image.is_absolute() else path.parent / image
+            if not image.is_file():
+                raise ImpqError(path, f"line {number}: image {image} not found")
+            items.append(VQAItem(image, record["question"], record["answer"], str(record.get("type", "all")), number))
+    if not items:
+        raise ImpqError(path, "empty dataset: no items")
+    return items
+
+
+def normalize_answer(text: str) -> str:
+    return text.strip().lower().strip(string.punctuation + " ")
+
+
+class Answerer(Protocol):
+    def answer(self, image: Image.Image, question: str, max_new_tokens: int) -> tuple[str, np.ndarray]:
+        """(generated answer text, next-token logits after the prompt)."""
+
+
+class TorchAnswerer:
+    """The PyTorch reference forward of a checkpoint folder, optionally at another input resolution."""
+
+    def __init__(self, model_dir: str | Path, image_size: int | None = None):
+        from ..models.lmm import LMM      # torch is imported only for this backend
+
+        self.lmm = LMM.from_folder(model_dir)
+        self.image_size = image_size
+
+    def answer(self, image, question, max_new_tokens):
+        gen = self.lmm.generate(image, question, max_new_tokens, size=self.image_size)
+        tokens = [t for t in gen.tokens if t != self.lmm.tokenizer.eos_id]
+        return self.lmm.tokenizer.decode(tokens), gen.logits[0].numpy()
+
+
+class GGUFAnswerer:
+    """An emitted GGUF pair in llama.cpp."""
+
+    def __init__(self, text_path: str | Path, mmproj_path: str | Path, n_threads: int | None = None):
+        from ..runtime.llamacpp import PairRunner
+
+        self.runner = PairRunner(text_path, mmproj_path, n_threads=n_threads)
+
+    def __enter__(self) -> "GGUFAnswerer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.runner.close()
+
+    def answer(self, image, question, max_new_tokens):
+        run = self.runner.run(image, question, max_new_tokens)
+        tokens = [t for t in run.tokens if t != self.runner.eos_id]
+        text = self.runner.llama.detokenize(tokens).decode("utf-8", errors="replace")
+        return text, run.prompt_logits
+
+
+def load_answerer(path: str | Path, image_size: int | None = None, n_threads: int | None = None) -> Answerer:
+    """A checkpoint folder (config.json) runs in PyTorch; a folder with a GGUF pair runs in llama.cpp."""
+    path = Path(path)
+    if (path / "config.json").is_file():
+        return TorchAnswerer(path, image_size)
+    if path.is_dir() and any(path.glob("mmproj-*.gguf")):
+        if image_size:
+            raise ImpqError(path, "--image-size applies to checkpoints; a GGUF pair's resolution is in its mmproj")
+        from ..verify import find_pair
+        return GGUFAnswerer(*find_pair(path), n_threads=n_threads)
+    raise ImpqError(path, "neither a checkpoint folder (config.json) nor a GGUF pair folder (mmproj-*.gguf)")
+
+
+@dataclass
+class EvalReport:
+    model: str
+    dataset: str
+    n_items: int
+    accuracy: float
+    per_type: dict
+    mean_kld: float | None = None
+    top1_agreement: float | None = None
+    items: list[dict] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def evaluate(answerer: Answerer, items: list[VQAItem], *, model: str, dataset: str,
+             reference: Answerer | None = None, max_new_tokens: int = 6, on_item=None) -> EvalReport:
+    per_type: dict[str, list[bool]] = defaultdict(list)
+    divergence = Divergence() if reference is not None else None
+    records = []
+    for item in items:
+        image = load_image(item.image)
+        text, logits = answerer.answer(image, item.question, max_new_tokens)
+        correct = normalize_answer(text) == normalize_answer(item.answer)
+        per_type[item.type].append(correct)
+        if divergence is not None:
+            _, ref_logits = reference.answer(image, item.question, 1)
+            divergence.add(ref_logits, logits)
+        records.append({"image": str(item.image), "question": item.question, "answer": item.answer,
+                        "prediction": normalize_answer(text), "correct": correct, "type": item.type})
+        if on_item:
+            on_item(records[-1])
+    n_correct = sum(r["correct"] for r in records)
+    return EvalReport(
+        model, dataset, len(records), n_correct / len(records),
+        {t: {"n": len(v), "accuracy": sum(v) / len(v)} for t, v in sorted(per_type.items())},
+        divergence.mean_kld if divergence else None, divergence.top1_agreement if divergence else None, records)

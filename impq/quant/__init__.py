@@ -1,0 +1,1 @@
+"""Quantization: target grids (formats) and the algorithms that round weights onto them."""

@@ -1,0 +1,101 @@
+"""AWQ (Lin et al., 2023): per-input-channel scales s, searched per group of linear layers that share an input,
+so that quantizing W*s loses less of the outputs on salient channels; 1/s is folded into the operation that
+produces the group's input, so that before quantization the model computes exactly what it did.
+
+Where 1/s can be folded (the tables below): a layer norm before q/k/v (and fc1 too in Phi-2's parallel block),
+the value projection's rows before the output projection (when every head has its own value), the up
+projection's rows before the down projection (SwiGLU multiplies them elementwise). Phi-2's fc2 follows a GELU
+and cannot take a folded scale, so it is left unscaled.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .grids import LegacyGrid
+
+
+@dataclass(frozen=True)
+class ScaleGroup:
+    prev: str                    # module whose output feeds the group
+    prev_rows: str               # "all", or "last-half" / "last-third" of a fused linear's output rows
+    linears: tuple[str, ...]
+
+
+SCALE_GROUPS = {
+    "phi2": (ScaleGroup("input_layernorm", "all", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                                                   "mlp.fc1")),
+             ScaleGroup("self_attn.v_proj", "all", ("self_attn.dense",))),
+    "qwen2": (ScaleGroup("input_layernorm", "all", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+              ScaleGroup("self_attn.v_proj", "all", ("self_attn.o_proj",)),
+              ScaleGroup("post_attention_layernorm", "all", ("mlp.gate_proj", "mlp.up_proj")),
+              ScaleGroup("mlp.up_proj", "all", ("mlp.down_proj",))),
+    "phi3": (ScaleGroup("input_layernorm", "all", ("self_attn.qkv_proj",)),
+             ScaleGroup("self_attn.qkv_proj", "last-third", ("self_attn.o_proj",)),
+             ScaleGroup("post_attention_layernorm", "all", ("mlp.gate_up_proj",)),
+             ScaleGroup("mlp.gate_up_proj", "last-half", ("mlp.down_proj",))),
+}
+SCALE_GROUPS["llama"] = SCALE_GROUPS["qwen2"]
+
+
+def usable_groups(family: str, layer: nn.Module) -> list[ScaleGroup]:
+    """The groups whose fold is exact for this layer: a value-to-output fold needs as many value heads as heads."""
+    groups = []
+    attn = layer.self_attn
+    heads = attn.config.num_attention_heads
+    kv_heads = getattr(attn.config, "num_key_value_heads", None) or heads
+    for group in SCALE_GROUPS[family]:
+        if ("v_proj" in group.prev or group.prev_rows == "last-third") and kv_heads != heads:
+            continue
+        groups.append(group)
+    return groups
+
+
+def _rows(module: nn.Module, prev_rows: str) -> slice:
+    n = module.weight.shape[0]
+    return {"all": slice(0, n), "last-half": slice(n // 2, n), "last-third": slice(2 * n // 3, n)}[prev_rows]
+
+
+@torch.no_grad()
+def apply_scales(layer: nn.Module, group: ScaleGroup, scales: torch.Tensor) -> None:
+    """Multiply the group's input channels by `scales` and fold 1/scales into the previous operation."""
+    prev = layer.get_submodule(group.prev)
+    rows = _rows(prev, group.prev_rows)
+    if isinstance(prev, nn.Linear):
+        prev.weight[rows] /= scales.unsqueeze(1).to(prev.weight.dtype)
+    else:
+        prev.weight[rows] /= scales.to(prev.weight.dtype)
+    if getattr(prev, "bias", None) is not None:
+        prev.bias[rows] /= scales.to(prev.bias.dtype)
+    for name in group.linears:
+        linear = layer.get_submodule(name)
+        linear.weight.mul_(scales.unsqueeze(0).to(linear.weight.dtype))
+
+
+@torch.no_grad()
+def search_scales(layer: nn.Module, group: ScaleGroup, x: torch.Tensor, grid: LegacyGrid,
+                  n_grid: int = 20) -> tuple[torch.Tensor, float]:
+    """Scales s = mean|x|^alpha, alpha on a grid in [0, 1), minimising the group's output error after quantizing
+    W*s onto the grid (x: [tokens, in_features] sample of the group's inputs). Returns (scales, best alpha)."""
+    x = x.float()
+    x_mean = x.abs().mean(0).clamp_min(1e-5)
+    weights = [layer.get_submodule(name).weight.float() for name in group.linears]
+    reference = [x @ w.T for w in weights]
+    best = (None, float("inf"), 0.0)
+    for k in range(n_grid):
+        alpha = k / n_grid
+        s = x_mean.pow(alpha)
+        s = s / (s.max() * s.min()).sqrt()
+        importance = (x / s).pow(2).mean(0)       # the scaled weights see inputs x / s
+        loss = 0.0
+        for w, ref in zip(weights, reference):
+            scaled = w * s
+            params = grid.fit(scaled, importance)
+            q = grid.values(grid.codes(scaled, params), params) / s
+            loss += float(((x @ q.T - ref) ** 2).mean())
+        if loss < best[1]:
+            best = (s, loss, alpha)
+    return best[0], best[2]

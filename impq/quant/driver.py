@@ -1,0 +1,125 @@
+"""The layer-by-layer loop: capture the first decoder block's inputs on the calibration embeddings, then for
+each block accumulate every linear layer's input Hessian (X^T X), quantize its weights onto the grid, and
+run the quantized block to produce the next block's inputs. Memory stays near one block's statistics plus
+the calibration activations.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ..models.lmm import LMM
+from .awq import apply_scales, search_scales, usable_groups
+from .grids import BlockParams, LegacyGrid
+from .gptq import gptq
+from .rtn import rtn
+
+METHODS = ("rtn", "gptq", "awq")
+AWQ_TOKENS = 4096                # input rows kept per scale group for AWQ's search
+
+
+@dataclass
+class QuantizedTensor:
+    codes: torch.Tensor
+    params: BlockParams
+    grid: LegacyGrid
+    relative_error: float          # tr(dW H dW^T) / tr(W H W^T): output error on the calibration inputs
+    awq_alpha: float | None = None  # the AWQ exponent chosen for this layer's scale group
+
+
+@dataclass
+class QuantizeResult:
+    tensors: dict[str, QuantizedTensor] = field(default_factory=dict)     # canonical name -> result
+    seconds: float = 0.0
+
+
+class _StopForward(Exception):
+    pass
+
+
+def _capture_first_block_inputs(lmm: LMM, embeddings: list[torch.Tensor]) -> list[tuple[torch.Tensor, dict]]:
+    layers = lmm.llm.model.layers
+    first = layers[0]
+    captured = []
+
+    class Catcher(nn.Module):
+        def forward(self, hidden_states, **kwargs):
+            captured.append((hidden_states, kwargs))
+            raise _StopForward
+
+    layers[0] = Catcher()
+    try:
+        for emb in embeddings:
+            try:
+                lmm.llm(inputs_embeds=emb, use_cache=False)
+            except _StopForward:
+                pass
+    finally:
+        layers[0] = first
+    return captured
+
+
+@torch.no_grad()
+def quantize_llm(lmm: LMM, embeddings: list[torch.Tensor], grid: LegacyGrid, method: str, *,
+                 gptq_options: dict | None = None, on_layer: Callable[[int, int], None] | None = None) -> QuantizeResult:
+    """Quantize every linear layer of the LLM's decoder blocks in place (weights become their grid values) and
+    return the codes and block parameters by canonical tensor name. `method`: rtn, gptq, or awq (AWQ's scales,
+    then rounding with the grid's importance-weighted scale search)."""
+    start = time.perf_counter()
+    result = QuantizeResult()
+    inputs = _capture_first_block_inputs(lmm, embeddings)
+    layers = lmm.llm.model.layers
+    for index, layer in enumerate(layers):
+        linears = {name: m for name, m in layer.named_modules() if isinstance(m, nn.Linear)}
+        hessians = {name: torch.zeros(m.in_features, m.in_features, dtype=torch.float64) for name, m in linears.items()}
+        counts = dict.fromkeys(linears, 0)
+        groups = usable_groups(lmm.spec.family, layer) if method == "awq" else []
+        samples: dict[str, list[torch.Tensor]] = {g.linears[0]: [] for g in groups}
+
+        def accumulate(name):
+            def hook(module, args, output):
+                x = args[0].reshape(-1, args[0].shape[-1])
+                hessians[name] += x.double().T @ x.double()
+                counts[name] += x.shape[0]
+                if name in samples and sum(t.shape[0] for t in samples[name]) < AWQ_TOKENS:
+                    samples[name].append(x.float().clone())
+            return hook
+
+        handles = [m.register_forward_hook(accumulate(name)) for name, m in linears.items()]
+        for hidden, kwargs in inputs:
+            layer(hidden, **kwargs)
+        for handle in handles:
+            handle.remove()
+        alphas = {}
+        for group in groups:
+            scales, alpha = search_scales(layer, group, torch.cat(samples[group.linears[0]])[:AWQ_TOKENS], grid)
+            apply_scales(layer, group, scales)
+            inverse = (1.0 / scales).double()
+            for name in group.linears:           # inputs are now x / s: so is their second moment
+                hessians[name] *= inverse.unsqueeze(0) * inverse.unsqueeze(1)
+                alphas[name] = alpha
+        for name, module in linears.items():
+            if module.in_features % grid.block:
+                continue                       # cannot be block-quantized: stays at the export's float type
+            H = (hessians[name] / max(1, counts[name])).float()
+            W = module.weight.float()
+            if method == "gptq":
+                codes, params = gptq(W, H, grid, **(gptq_options or {}))
+            else:
+                codes, params = rtn(W, H, grid)
+            Q = grid.values(codes, params)
+            dW = W - Q
+            error = float(torch.trace(dW @ H @ dW.T) / torch.trace(W @ H @ W.T).clamp_min(1e-30))
+            module.weight.copy_(Q.to(module.weight.dtype))
+            result.tensors[f"llm.model.layers.{index}.{name}.weight"] = QuantizedTensor(codes, params, grid, error,
+                                                                                        alphas.get(name))
+        inputs = [(layer(hidden, **kwargs), kwargs) for hidden, kwargs in inputs]
+        if on_layer:
+            on_layer(index, len(layers))
+    result.seconds = time.perf_counter() - start
+    return result

@@ -1,0 +1,50 @@
+"""GPTQ (Frantar et al., 2022) onto an exact grid: columns are quantized one at a time and each column's
+rounding error is spread over the columns not yet quantized, through the inverse Hessian of the layer's
+calibration inputs. Block parameters come from the grid's importance-weighted search: on the running
+(error-updated) weights when a block starts, or on the original weights ("static groups", required with
+act-order since a GGUF block is 32 consecutive columns)."""
+
+from __future__ import annotations
+
+import torch
+
+from .grids import BlockParams, LegacyGrid
+
+
+def gptq(weight: torch.Tensor, hessian: torch.Tensor, grid: LegacyGrid, *, block_size: int = 128,
+         damp: float = 0.01, act_order: bool = False, static_groups: bool = False) -> tuple[torch.Tensor, BlockParams]:
+    rows, cols = weight.shape
+    W = weight.clone().float()
+    H = hessian.clone().float()
+    dead = torch.diagonal(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    importance = torch.diagonal(H).clamp_min(1e-8).clone()
+    g, sub = grid.block, grid.sub
+    fitted: dict[int, BlockParams] = {}          # fitted block index -> its parameters
+    if act_order or static_groups:
+        whole = grid.fit(W, importance)
+        fitted = {b: whole.columns(b * g, (b + 1) * g, cols) for b in range(cols // g)}
+    perm = torch.argsort(torch.diagonal(H), descending=True) if act_order else torch.arange(cols)
+    W, H = W[:, perm], H[perm][:, perm]
+    H += damp * torch.mean(torch.diagonal(H)) * torch.eye(cols)
+    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    codes = torch.zeros(rows, cols, dtype=torch.int32)
+    block_size = max(g, block_size // g * g)
+    for i1 in range(0, cols, block_size):
+        i2 = min(i1 + block_size, cols)
+        W1, Err1, Hinv1 = W[:, i1:i2].clone(), torch.zeros(rows, i2 - i1), Hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = int(perm[i1 + i])
+            b = col // g
+            if b not in fitted:
+                # columns b*g .. b*g+g-1 are W1[:, i:i+g] here (no permutation, blocks aligned to g)
+                fitted[b] = grid.fit(W1[:, i:i + g], importance[b * g:(b + 1) * g])
+            params, j = fitted[b], (col % g) // sub
+            q, value = grid.column(W1[:, i], params.scale[:, j], None if params.minimum is None else params.minimum[:, j])
+            codes[:, col] = q
+            err = (W1[:, i] - value) / Hinv1[i, i]
+            W1[:, i:] -= err.unsqueeze(1) * Hinv1[i, i:].unsqueeze(0)
+            Err1[:, i] = err
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+    return codes, BlockParams.concat([fitted[b] for b in range(cols // g)])

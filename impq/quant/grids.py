@@ -1,0 +1,331 @@
+"""Target grids: the exact sets of values a format can hold, and how a grid's codes are packed into its bytes.
+
+A grid never knows which algorithm chose its values. Algorithms call:
+  `fit(w, importance)`  -> per-block parameters (scale, and min for asymmetric grids), already rounded to the
+                           format's storage precision (fp16), chosen by an importance-weighted error search;
+  `codes(w, params)`    -> the integer codes of w on that grid (round to nearest, clamped);
+  `values(codes, params)` -> what a reader of the file computes from them, bit for bit;
+  `pack(codes, params)` -> the GGUF block bytes.
+Blocks run along the input dimension (a weight row's consecutive `block` columns), as in GGUF.
+
+Only the 32-wide legacy blocks (Q8_0, Q5_0, Q5_1, Q4_0, Q4_1) are implemented so far; k-quants come next.
+The packers are written here because gguf-py quantizes only by plain round-to-nearest: impq must store
+codes and scales that its own algorithms chose. gguf-py's dequantizers and llama.cpp's `dequantize_row_*`
+are the tests' oracles.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import gguf
+import numpy as np
+import torch
+
+QType = gguf.GGMLQuantizationType
+
+
+@dataclass
+class BlockParams:
+    """Per-row block parameters of a grid. `scale`/`minimum` are the effective per-block values a reader
+    computes (value = scale * (q - offset), or scale * q + minimum); `extra` holds what the format stores
+    when that differs (k-quants: super-block fp16 scales and 6- or 8-bit sub-block scales)."""
+    scale: torch.Tensor                 # [rows, blocks]
+    minimum: torch.Tensor | None        # [rows, blocks] for asymmetric grids, else None
+    extra: dict = field(default_factory=dict)
+
+    def columns(self, start: int, stop: int, total: int) -> "BlockParams":
+        """The parameters of columns [start, stop) of a `total`-column weight (block-aligned)."""
+        def part(t: torch.Tensor) -> torch.Tensor:
+            per = total // t.shape[1]
+            return t[:, start // per:stop // per]
+        return BlockParams(part(self.scale), None if self.minimum is None else part(self.minimum),
+                           {k: part(v) for k, v in self.extra.items()})
+
+    @staticmethod
+    def concat(parts: list["BlockParams"]) -> "BlockParams":
+        """Parameters of consecutive column ranges, joined along the block axis."""
+        first = parts[0]
+        return BlockParams(torch.cat([p.scale for p in parts], 1),
+                           None if first.minimum is None else torch.cat([p.minimum for p in parts], 1),
+                           {k: torch.cat([p.extra[k] for p in parts], 1) for k in first.extra})
+
+
+def _fp16(x: torch.Tensor) -> torch.Tensor:
+    return x.to(torch.float16).to(torch.float32)
+
+
+class LegacyGrid:
+    """32-wide blocks with one fp16 scale (and an fp16 minimum when asymmetric).
+
+    Symmetric: value = d * (q - offset), q in [0, 2^bits - 1] (Q8_0 stores signed q with offset 0).
+    Asymmetric: value = d * q + m, q in [0, 2^bits - 1].
+    """
+
+    block = 32          # columns fitted together
+    sub = 32            # columns sharing one (scale, minimum)
+
+    def __init__(self, qtype: QType, bits: int, symmetric: bool):
+        self.qtype, self.bits, self.symmetric = qtype, bits, symmetric
+        if qtype == QType.Q8_0:
+            self.qmin, self.qmax, self.offset = -128, 127, 0
+        else:
+            self.qmin, self.qmax = 0, 2 ** bits - 1
+            self.offset = 2 ** (bits - 1) if symmetric else 0
+
+    @property
+    def name(self) -> str:
+        return self.qtype.name
+
+    def _blocks(self, w: torch.Tensor) -> torch.Tensor:
+        """[rows, cols] -> [rows, cols / sub, sub]."""
+        rows, cols = w.shape
+        if cols % self.block:
+            raise ValueError(f"{cols} columns do not fill {self.block}-wide {self.name} blocks")
+        return w.reshape(rows, cols // self.sub, self.sub)
+
+    def codes(self, w: torch.Tensor, params: BlockParams) -> torch.Tensor:
+        blocks = self._blocks(w.float())
+        d = params.scale.unsqueeze(-1)
+        if self.symmetric:
+            inv = torch.where(d == 0, torch.zeros_like(d), 1.0 / d)
+            q = torch.round(blocks * inv) + self.offset
+        else:
+            inv = torch.where(d == 0, torch.zeros_like(d), 1.0 / d)
+            q = torch.round((blocks - params.minimum.unsqueeze(-1)) * inv)
+        return q.clamp(self.qmin, self.qmax).to(torch.int32).reshape(w.shape)
+
+    def column(self, w: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(codes, values) of one weight column [rows] with its block's per-row parameters (for GPTQ)."""
+        inv = torch.where(scale == 0, torch.zeros_like(scale), 1.0 / scale)
+        if self.symmetric:
+            q = (torch.round(w * inv) + self.offset).clamp(self.qmin, self.qmax)
+            return q.to(torch.int32), scale * (q - self.offset)
+        q = torch.round((w - minimum) * inv).clamp(self.qmin, self.qmax)
+        return q.to(torch.int32), scale * q + minimum
+
+    def values(self, codes: torch.Tensor, params: BlockParams) -> torch.Tensor:
+        blocks = self._blocks(codes.float())
+        d = params.scale.unsqueeze(-1)
+        if self.symmetric:
+            out = d * (blocks - self.offset)
+        else:
+            out = d * blocks + params.minimum.unsqueeze(-1)
+        return out.reshape(codes.shape)
+
+    def fit(self, w: torch.Tensor, importance: torch.Tensor | None = None, steps: int = 24) -> BlockParams:
+        """Per-block scale (and minimum) minimising sum(importance * (w - value)^2) over a grid of candidates
+        around the min/max choice (the search llama.cpp's make_qx_quants does, here vectorised over blocks)."""
+        blocks = self._blocks(w.float())
+        imp = torch.ones(blocks.shape[-1]) if importance is None else importance.float()
+        imp = self._blocks(imp.expand(w.shape[0], -1)) if imp.dim() == 1 else self._blocks(imp)
+        if self.symmetric:
+            # the largest-magnitude value, with its sign, maps to the grid's most negative level (as ggml does)
+            idx = blocks.abs().argmax(dim=-1, keepdim=True)
+            peak = blocks.gather(-1, idx).squeeze(-1)
+            base = peak / (self.qmin - self.offset) if self.qtype != QType.Q8_0 else blocks.abs().amax(-1) / 127
+            candidates = [base * (1 + 0.025 * k) for k in range(-steps // 2, steps // 2 + 1)]
+            if self.qtype != QType.Q8_0:
+                candidates += [peak / (self.qmax - self.offset) * (1 + 0.025 * k)
+                               for k in range(-steps // 2, steps // 2 + 1)]
+            best_err, best = None, None
+            for cand in candidates:
+                params = BlockParams(_fp16(cand), None)
+                err = (imp * (blocks - self._blocks(self.values(self.codes(w, params), params))) ** 2).sum(-1)
+                if best is None:
+                    best_err, best = err, params.scale.clone()
+                else:
+                    better = err < best_err
+                    best_err = torch.where(better, err, best_err)
+                    best = torch.where(better, params.scale, best)
+            return BlockParams(best, None)
+        lo, hi = blocks.amin(-1), blocks.amax(-1)
+        best_err, best_d, best_m = None, None, None
+        for shrink_lo in np.linspace(0, 0.2, 5):
+            for shrink_hi in np.linspace(0, 0.2, 5):
+                m = lo + (hi - lo) * shrink_lo
+                d = (hi - (hi - lo) * shrink_hi - m) / self.qmax
+                params = BlockParams(_fp16(d), _fp16(m))
+                err = (imp * (blocks - self._blocks(self.values(self.codes(w, params), params))) ** 2).sum(-1)
+                if best_err is None:
+                    best_err, best_d, best_m = err, params.scale.clone(), params.minimum.clone()
+                else:
+                    better = err < best_err
+                    best_err = torch.where(better, err, best_err)
+                    best_d = torch.where(better, params.scale, best_d)
+                    best_m = torch.where(better, params.minimum, best_m)
+        return BlockParams(best_d, best_m)
+
+    def pack(self, codes: torch.Tensor, params: BlockParams) -> np.ndarray:
+        """GGUF bytes, [rows, blocks * bytes_per_block]."""
+        rows, cols = codes.shape
+        nb = cols // self.block
+        q = codes.reshape(rows, nb, self.block).numpy()
+        parts = [params.scale.numpy().astype(np.float16).view(np.uint8).reshape(rows, nb, 2)]
+        if not self.symmetric:
+            parts.append(params.minimum.numpy().astype(np.float16).view(np.uint8).reshape(rows, nb, 2))
+        if self.qtype == QType.Q8_0:
+            parts.append(q.astype(np.int8).view(np.uint8))
+        else:
+            low = (q & 0xF).astype(np.uint8)
+            if self.bits == 5:
+                high = ((q >> 4) & 1).astype(np.uint32)
+                qh = (high << np.arange(32, dtype=np.uint32)).sum(-1, dtype=np.uint32)
+                parts.append(qh.astype("<u4").view(np.uint8).reshape(rows, nb, 4))
+            # byte j holds element j in its low nibble and element j + 16 in its high nibble
+            parts.append(low[..., :16] | (low[..., 16:] << 4))
+        return np.concatenate(parts, axis=-1).reshape(rows, -1)
+
+
+GRIDS = {
+    "q8_0": LegacyGrid(QType.Q8_0, 8, True),
+    "q5_0": LegacyGrid(QType.Q5_0, 5, True),
+    "q5_1": LegacyGrid(QType.Q5_1, 5, False),
+    "q4_0": LegacyGrid(QType.Q4_0, 4, True),
+    "q4_1": LegacyGrid(QType.Q4_1, 4, False),
+}
+
+
+class KQuantGrid(LegacyGrid):
+    """256-wide k-quant super-blocks: sub-block scales (and minimums) stored as small integers times an fp16
+    super-block scale. Effective per-sub-block parameters make `codes`, `values` and `column` those of the
+    legacy grids; `fit` first searches float sub-block parameters, then quantizes them as the format stores them.
+
+    Q4_K, Q5_K: 8 sub-blocks of 32; value = d*sc*q - dmin*m (6-bit sc and m).
+    Q2_K: 16 sub-blocks of 16; value = d*sc*q - dmin*m (4-bit sc and m), q in 0..3.
+    Q6_K: 16 sub-blocks of 16; value = d*sc*(q - 32) (int8 sc).
+    Q3_K: 16 sub-blocks of 16; value = d*sc*(q - 4) (sc in -32..31, stored 6-bit with +32), q in 0..7.
+    """
+
+    block = 256
+
+    def __init__(self, qtype: QType, bits: int, symmetric: bool, sub: int, scale_levels: int):
+        super().__init__(qtype, bits, symmetric)
+        self.sub = sub
+        self.scale_levels = scale_levels     # largest stored sub-block scale (and minimum) magnitude
+
+    def fit(self, w: torch.Tensor, importance: torch.Tensor | None = None, steps: int = 24) -> BlockParams:
+        rows, cols = w.shape
+        n_super = cols // self.block
+        per = self.block // self.sub
+        # float sub-block parameters from the legacy search, with the sub-block as its block
+        flat = LegacyGrid.__new__(LegacyGrid)
+        flat.__dict__.update(self.__dict__)
+        flat.block = self.sub
+        if not self.symmetric:
+            # k-quant minimums are stored as magnitudes: the lowest level must be <= 0
+            float_params = self._least_squares_asymmetric(w, importance)
+            scales = float_params.scale.clamp_min(0).reshape(rows, n_super, per)
+            mins = (-float_params.minimum).clamp_min(0).reshape(rows, n_super, per)
+            top = self.scale_levels
+            d_super = _fp16(scales.amax(-1) / top)
+            m_super = _fp16(mins.amax(-1) / top)
+            sc = torch.round(scales / d_super.clamp_min(1e-30).unsqueeze(-1)).clamp(0, top)
+            m = torch.round(mins / m_super.clamp_min(1e-30).unsqueeze(-1)).clamp(0, top)
+            sc = torch.where(d_super.unsqueeze(-1) == 0, torch.zeros_like(sc), sc)
+            m = torch.where(m_super.unsqueeze(-1) == 0, torch.zeros_like(m), m)
+            scale = (d_super.unsqueeze(-1) * sc).reshape(rows, -1)
+            minimum = -(m_super.unsqueeze(-1) * m).reshape(rows, -1)
+            return BlockParams(scale, minimum, {"d": d_super, "dmin": m_super, "sc": sc.to(torch.int32).reshape(rows, -1),
+                                                "m": m.to(torch.int32).reshape(rows, -1)})
+        float_params = flat.fit(w, importance, steps)
+        scales = float_params.scale.reshape(rows, n_super, per)
+        d_super = _fp16(scales.abs().amax(-1) / self.scale_levels)
+        sc = torch.round(scales / d_super.clamp_min(1e-30).unsqueeze(-1)).clamp(-self.scale_levels - 1,
+                                                                                 self.scale_levels)
+        sc = torch.where(d_super.unsqueeze(-1) == 0, torch.zeros_like(sc), sc)
+        scale = (d_super.unsqueeze(-1) * sc).reshape(rows, -1)
+        return BlockParams(scale, None, {"d": d_super, "sc": sc.to(torch.int32).reshape(rows, -1)})
+
+    def _least_squares_asymmetric(self, w: torch.Tensor, importance: torch.Tensor | None) -> BlockParams:
+        """Per sub-block (scale, min <= 0): for each of 21 candidate inverse scales, round, then solve the weighted
+        least-squares scale and minimum for those codes; keep the best (the search of ggml's make_qkx2_quants)."""
+        x = self._blocks(w.float())
+        if importance is None:   # ggml's default weighting: typical magnitude plus the value's own
+            weights = x.pow(2).mean(-1, keepdim=True).sqrt() + x.abs()
+        else:
+            weights = self._blocks(importance.float().expand(w.shape[0], -1))
+        lo = x.amin(-1, keepdim=True).clamp(max=0)
+        hi = x.amax(-1, keepdim=True)
+        span = (hi - lo).clamp_min(1e-12)
+        sw, sx = weights.sum(-1, keepdim=True), (weights * x).sum(-1, keepdim=True)
+        best_err = best_scale = best_min = None
+        for step in range(21):
+            iscale = (-1.0 + 0.1 * step + self.qmax) / span
+            codes = torch.round(iscale * (x - lo)).clamp(0, self.qmax)
+            sl, sl2 = (weights * codes).sum(-1, keepdim=True), (weights * codes * codes).sum(-1, keepdim=True)
+            sxl = (weights * codes * x).sum(-1, keepdim=True)
+            det = (sw * sl2 - sl * sl).clamp_min(1e-30)
+            scale = (sw * sxl - sx * sl) / det
+            minimum = (sl2 * sx - sl * sxl) / det
+            positive = minimum > 0
+            scale = torch.where(positive, sxl / sl2.clamp_min(1e-30), scale)
+            minimum = torch.where(positive, torch.zeros_like(minimum), minimum)
+            err = (weights * (scale * codes + minimum - x) ** 2).sum(-1, keepdim=True)
+            if best_err is None:
+                best_err, best_scale, best_min = err, scale, minimum
+            else:
+                better = err < best_err
+                best_err = torch.where(better, err, best_err)
+                best_scale = torch.where(better, scale, best_scale)
+                best_min = torch.where(better, minimum, best_min)
+        return BlockParams(best_scale.squeeze(-1), best_min.squeeze(-1))
+
+    def pack(self, codes: torch.Tensor, params: BlockParams) -> np.ndarray:
+        rows, cols = codes.shape
+        n_super = cols // self.block
+        q = codes.reshape(rows, n_super, self.block).numpy().astype(np.uint8)
+        d = params.extra["d"].numpy().astype(np.float16).view(np.uint8).reshape(rows, n_super, 2)
+        if self.qtype in (QType.Q2_K, QType.Q3_K):
+            # qs byte n*32 + l holds, at bit shift 2j, element n*128 + j*32 + l (low two bits of its code)
+            grouped = q.reshape(rows, n_super, 2, 4, 32)               # [.., half n, j, l]
+            qs = ((grouped & 3) << (2 * np.arange(4, dtype=np.uint8)).reshape(1, 1, 1, 4, 1)).sum(3, dtype=np.uint8)
+            qs = qs.reshape(rows, n_super, 64)
+            if self.qtype == QType.Q2_K:
+                sc = params.extra["sc"].numpy().astype(np.uint8).reshape(rows, n_super, 16)
+                m = params.extra["m"].numpy().astype(np.uint8).reshape(rows, n_super, 16)
+                dmin = params.extra["dmin"].numpy().astype(np.float16).view(np.uint8).reshape(rows, n_super, 2)
+                parts = [sc | (m << 4), qs, d, dmin]
+            else:
+                # hmask byte l, bit n*4 + j: the third bit of element n*128 + j*32 + l
+                third = ((grouped >> 2) & 1).reshape(rows, n_super, 8, 32)
+                hmask = (third << np.arange(8, dtype=np.uint8).reshape(1, 1, 8, 1)).sum(2, dtype=np.uint8)
+                s6 = (params.extra["sc"].numpy() + 32).astype(np.uint8).reshape(rows, n_super, 16)
+                low, high = s6 & 0xF, s6 >> 4
+                scales = np.concatenate([low[..., 0:4] | (low[..., 8:12] << 4), low[..., 4:8] | (low[..., 12:16] << 4),
+                                         high[..., 0:4] | (high[..., 4:8] << 2) | (high[..., 8:12] << 4)
+                                         | (high[..., 12:16] << 6)], -1)
+                parts = [hmask, qs, scales, d]
+        elif self.qtype == QType.Q6_K:
+            halves = q.reshape(rows, n_super, 2, 4, 32)            # [.., half, quarter k, l]
+            low, high = halves & 0xF, halves >> 4
+            ql = np.concatenate([low[..., 0, :] | (low[..., 2, :] << 4), low[..., 1, :] | (low[..., 3, :] << 4)], -1)
+            qh = high[..., 0, :] | (high[..., 1, :] << 2) | (high[..., 2, :] << 4) | (high[..., 3, :] << 6)
+            sc = params.extra["sc"].numpy().astype(np.int8).view(np.uint8).reshape(rows, n_super, 16)
+            parts = [ql.reshape(rows, n_super, 128), qh.reshape(rows, n_super, 64), sc, d]
+        else:
+            dmin = params.extra["dmin"].numpy().astype(np.float16).view(np.uint8).reshape(rows, n_super, 2)
+            sc = params.extra["sc"].numpy().astype(np.uint8).reshape(rows, n_super, 8)
+            m = params.extra["m"].numpy().astype(np.uint8).reshape(rows, n_super, 8)
+            scales = np.concatenate([
+                (sc[..., :4] & 63) | ((sc[..., 4:] >> 4) << 6),
+                (m[..., :4] & 63) | ((m[..., 4:] >> 4) << 6),
+                (sc[..., 4:] & 0xF) | ((m[..., 4:] & 0xF) << 4)], -1)
+            subs = q.reshape(rows, n_super, 4, 2, 32)               # [.., chunk, low/high, l]
+            qs = ((subs[..., 0, :] & 0xF) | ((subs[..., 1, :] & 0xF) << 4)).reshape(rows, n_super, 128)
+            parts = [d, dmin, scales]
+            if self.qtype == QType.Q5_K:
+                fifth = (q.reshape(rows, n_super, 8, 32) >> 4) & 1
+                qh = (fifth << np.arange(8, dtype=np.uint8).reshape(1, 1, 8, 1)).sum(2, dtype=np.uint8)
+                parts.append(qh)
+            parts.append(qs)
+        return np.concatenate(parts, axis=-1).reshape(rows, -1)
+
+
+GRIDS.update({
+    "q6_k": KQuantGrid(QType.Q6_K, 6, True, 16, 127),
+    "q5_k": KQuantGrid(QType.Q5_K, 5, False, 32, 63),
+    "q4_k": KQuantGrid(QType.Q4_K, 4, False, 32, 63),
+    "q3_k": KQuantGrid(QType.Q3_K, 3, True, 16, 31),
+    "q2_k": KQuantGrid(QType.Q2_K, 2, False, 16, 15),
+})

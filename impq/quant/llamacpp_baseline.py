@@ -1,0 +1,80 @@
+"""llama.cpp's own quantizer, the baseline impq is measured against: `llama_model_quantize` on an F16 GGUF,
+optionally with an importance matrix. llama.cpp's imatrix tool calibrates on text alone; so does this one:
+it is the mean square of each linear layer's inputs over the calibration samples' text, without images."""
+
+from __future__ import annotations
+
+import ctypes
+from pathlib import Path
+
+import llama_cpp
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import ImpqError
+from ..export.gguf_text import text_tensors
+from ..export.gguf_file import QType
+from ..fileio import atomic_output
+from ..models.lmm import LMM
+
+FTYPES = {"q8_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0, "q5_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q5_0,
+          "q5_1": llama_cpp.LLAMA_FTYPE_MOSTLY_Q5_1, "q4_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0,
+          "q4_1": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_1, "q4_k_m": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M,
+          "q3_k_m": llama_cpp.LLAMA_FTYPE_MOSTLY_Q3_K_M, "q2_k": llama_cpp.LLAMA_FTYPE_MOSTLY_Q2_K}
+
+
+@torch.no_grad()
+def text_imatrix(lmm: LMM, texts: list[str], seqlen: int = 512) -> dict[str, np.ndarray]:
+    """GGUF tensor name -> mean square of that layer's inputs per column, over text-only sequences."""
+    names = {t.canonical: t.name for t in text_tensors(lmm.spec, QType.F16)}
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+    handles = []
+    for module_name, module in lmm.llm.named_modules():
+        if not isinstance(module, nn.Linear) or f"llm.{module_name}.weight" not in names:
+            continue
+        key = names[f"llm.{module_name}.weight"]
+
+        def hook(mod, args, output, key=key):
+            x = args[0].reshape(-1, args[0].shape[-1]).double()
+            sums[key] = sums.get(key, 0) + (x * x).sum(0)
+            counts[key] = counts.get(key, 0) + x.shape[0]
+        handles.append(module.register_forward_hook(hook))
+    try:
+        for text in texts:
+            ids = lmm.tokenizer.encode(text)[:seqlen]
+            if ids:
+                lmm.llm(input_ids=torch.tensor([ids]), use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {key: (sums[key] / counts[key]).float().numpy() for key in sums}
+
+
+def llamacpp_quantize(source: Path, target: Path, ftype: str, imatrix: dict[str, np.ndarray] | None = None,
+                      n_threads: int = 0, head_type: int | None = None) -> Path:
+    """`head_type`: a ggml type for the token embedding and output head (llama.cpp picks its own otherwise)."""
+    if ftype not in FTYPES:
+        raise ImpqError(None, f"unknown llama.cpp type {ftype!r}; choose one of {', '.join(FTYPES)}")
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = FTYPES[ftype]
+    params.nthread = n_threads
+    if head_type is not None:
+        params.output_tensor_type = params.token_embedding_type = head_type
+    keep = []
+    if imatrix:
+        entries = (llama_cpp.llama_model_imatrix_data * (len(imatrix) + 1))()
+        for entry, (name, values) in zip(entries, imatrix.items()):
+            data = np.ascontiguousarray(values, dtype=np.float32)
+            keep.append((name.encode(), data))
+            entry.name = keep[-1][0]
+            entry.data = data.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+            entry.size = data.size
+        params.imatrix = entries             # the last entry stays zeroed: the list's terminator
+        keep.append(entries)
+    with atomic_output(target) as tmp:
+        status = llama_cpp.llama_model_quantize(str(source).encode(), str(tmp).encode(), ctypes.byref(params))
+        if status != 0:
+            raise ImpqError(source, f"llama.cpp's quantizer failed (status {status})")
+    return target

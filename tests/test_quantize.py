@@ -1,0 +1,140 @@
+"""Calibrated quantization: GPTQ beats RTN, results land exactly on the GGUF grid that llama.cpp reads, and
+`impq quantize` writes artifact, recipe and report, or fails cleanly."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from impq.calib import calibration_embeddings, read_calibration
+from impq.export.gguf_file import QType
+from impq.export.gguf_mmproj import write_mmproj_gguf
+from impq.export.gguf_text import write_text_gguf
+from impq.measure.divergence import Divergence
+from impq.models.layouts import read_spec
+from impq.models.lmm import LMM
+from impq.quant.driver import quantize_llm
+from impq.quant.gptq import gptq
+from impq.quant.grids import GRIDS
+from impq.quant.rtn import rtn
+from impq.runtime.llamacpp import PairRunner
+from impq.verify import DEFAULT_PROMPTS, default_images
+
+
+def _calib_file(tmp_path):
+    lines = [json.dumps({"image": str(image), "prompt": prompt}) for image in default_images() for prompt in DEFAULT_PROMPTS]
+    lines.append(json.dumps({"image": None, "prompt": "A text-only calibration line about shapes and colours."}))
+    path = tmp_path / "calib.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.mark.parametrize("name", ["q4_0", "q4_1", "q5_0"])
+def test_gptq_reduces_layer_error_against_rtn(name):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(1024, 128, generator=gen) @ (torch.randn(128, 128, generator=gen) * 0.2 + torch.eye(128))
+    x[:, :4] *= 8                                   # outlier input channels, as in real activations
+    w = torch.randn(64, 128, generator=gen) / 128 ** 0.5
+    h = x.T @ x / x.shape[0]
+    grid = GRIDS[name]
+
+    def error(codes, params):
+        d = w - grid.values(codes, params)
+        return float(torch.trace(d @ h @ d.T) / torch.trace(w @ h @ w.T))
+
+    e_rtn = error(*rtn(w, h, grid))
+    e_gptq = error(*gptq(w, h, grid))
+    assert e_gptq < 0.6 * e_rtn, (e_gptq, e_rtn)
+
+
+@pytest.mark.parametrize("layout,method", [("imp-qwen2", "gptq"), ("llava-siglip", "gptq"), ("imp-phi2", "rtn"),
+                                           ("imp-phi2", "awq"), ("imp-qwen2", "awq"), ("imp-phi3", "awq")])
+def test_quantized_gguf_equals_the_fake_quantized_pytorch_model(models_dir, tmp_path, layout, method):
+    """llama.cpp reading impq's packed codes computes what PyTorch computes with the same grid values."""
+    spec = read_spec(models_dir / layout)
+    lmm = LMM(spec)
+    embeddings = calibration_embeddings(lmm, read_calibration(_calib_file(tmp_path)), 8, 256)
+    result = quantize_llm(lmm, embeddings, GRIDS["q4_0"], method)
+    assert len(result.tensors) == spec.text_config.num_hidden_layers * len(
+        [m for m in lmm.llm.model.layers[0].modules() if isinstance(m, torch.nn.Linear)])
+    text, mmproj = tmp_path / "m-Q4_0.gguf", tmp_path / "mmproj-m-Q4_0.gguf"
+    state = {f"llm.{k}": v for k, v in lmm.llm.state_dict().items()}
+    write_text_gguf(spec, text, QType.Q4_0, "digest", {}, quantized=result.tensors, source=state.__getitem__)
+    write_mmproj_gguf(spec, mmproj, QType.F16, "digest", {})
+    divergence = Divergence()
+    with PairRunner(text, mmproj) as runner:
+        for image_path in default_images()[:2]:
+            from PIL import Image
+            image = Image.open(image_path)
+            ref = lmm.generate(image, DEFAULT_PROMPTS[0], 8)
+            run = runner.run(image, DEFAULT_PROMPTS[0], follow=ref.tokens)
+            for r, t in zip(ref.logits, run.step_logits):
+                divergence.add(r.numpy(), t)
+    # the same tolerance as an F16 export of an unquantized model: the weights themselves are identical
+    assert divergence.max_abs_diff < 0.05 and divergence.top1_agreement == 1.0
+
+
+@pytest.mark.parametrize("layout", ["imp-phi2", "imp-qwen2", "imp-phi3", "llava-siglip"])
+def test_awq_scaling_alone_leaves_the_model_unchanged(models_dir, layout):
+    from impq.quant.awq import apply_scales, usable_groups
+
+    lmm = LMM(read_spec(models_dir / layout))
+    layer = lmm.llm.model.layers[0]
+    x = torch.randn(1, 12, lmm.spec.text_config.hidden_size)
+    position_ids = torch.arange(12).unsqueeze(0)
+    kwargs = {"position_embeddings": lmm.llm.model.rotary_emb(x, position_ids=position_ids),
+              "position_ids": position_ids}
+    before = layer(x, **kwargs)
+    groups = usable_groups(lmm.spec.family, layer)
+    assert groups
+    gen = torch.Generator().manual_seed(0)
+    for group in groups:
+        width = layer.get_submodule(group.linears[0]).in_features
+        apply_scales(layer, group, torch.rand(width, generator=gen) * 3 + 0.2)
+    after = layer(x, **kwargs)
+    assert torch.allclose(before, after, atol=1e-4, rtol=1e-4)
+
+
+def test_quantize_cli_writes_artifact_recipe_and_report(run_cli, models_dir, tmp_path):
+    out = tmp_path / "out"
+    status, stdout, err = run_cli("quantize", models_dir / "imp-phi2", "--bits", "4", "--method", "gptq",
+                                  "--calib", _calib_file(tmp_path), "--nsamples", "4", "--out", out, "--json")
+    assert status == 0, err
+    summary = json.loads(stdout)
+    assert summary["bits_per_weight_quantized"] == 4.5
+    assert summary["verification"]["top1_agreement"] > 0.5
+    recipe = yaml.safe_load((out / "imp-phi2-Q4_0-gptq.recipe.yaml").read_text())
+    assert recipe["quantize"]["method"] == "gptq" and recipe["quantize"]["type"] == "q4_0"
+    report = json.loads((out / "imp-phi2-Q4_0-gptq.report.json").read_text())
+    assert len(report["layers"]) == 2 * 6 and all(0 < e < 0.2 for e in report["layers"].values())
+    with PairRunner(out / "imp-phi2-Q4_0-gptq.gguf", out / "mmproj-imp-phi2-Q4_0-gptq.gguf") as runner:
+        assert np.isfinite(runner.run(None, "hello", 4).prompt_logits).all()
+
+
+def test_bits_the_format_cannot_hold(run_cli, models_dir, tmp_path):
+    status, _, err = run_cli("quantize", models_dir / "imp-phi2", "--bits", "3", "--out", tmp_path / "out")
+    assert status == 2 and "--bits 3" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_calibration_without_usable_samples(run_cli, models_dir, tmp_path):
+    calib = tmp_path / "bad.jsonl"
+    calib.write_text('{"image": "missing.png", "prompt": "x"}\nnot json\n{"prompt": ""}\n')
+    status, _, err = run_cli("quantize", models_dir / "imp-phi2", "--calib", calib, "--out", tmp_path / "out")
+    assert status == 2 and str(calib) in err and "no usable calibration samples" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_model_without_image_token(run_cli, models_dir, tmp_path):
+    model = shutil.copytree(models_dir / "imp-phi2", tmp_path / "model")
+    config = json.loads((model / "config.json").read_text())
+    del config["image_token_index"]
+    (model / "config.json").write_text(json.dumps(config))
+    status, _, err = run_cli("quantize", model, "--calib", _calib_file(tmp_path), "--out", tmp_path / "out")
+    assert status == 2 and "image_token_index" in err
+    assert not (tmp_path / "out").exists()
