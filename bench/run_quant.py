@@ -77,7 +77,7 @@ def _evaluate(text: str, mmproj: str, limit: int | None) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, required=True)
-    parser.add_argument("--types", default="q4_0,q4_1")
+    parser.add_argument("--types", default="q4_0,q4_k,q3_k")
     parser.add_argument("--nsamples", type=int, default=128)
     parser.add_argument("--limit", type=int, default=None, help="evaluation items (default: all 700)")
     args = parser.parse_args()

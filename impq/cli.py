@@ -272,11 +272,11 @@ def estimate_cmd(
 @app.command("quantize")
 def quantize_cmd(
     model: Optional[Path] = typer.Argument(None, help="Checkpoint folder; default: the embedded imp-tiny."),
-    bits: int = typer.Option(4, help="Weight bits of the LLM's decoder layers (8, 6, 5 or 4 so far)."),
+    bits: int = typer.Option(4, help="Weight bits of the LLM's decoder layers: 2 to 6, or 8."),
     method: str = typer.Option("gptq", help="rtn | gptq."),
     format: str = typer.Option("gguf", "--format", help="gguf (safetensors GPTQ/AWQ layouts: not yet)."),
     type_name: Optional[str] = typer.Option(None, "--type", help="GGUF grid: q8_0 q6_k q5_k q5_0 q5_1 q4_k q4_0 "
-                                                                 "q4_1; default from --bits (4: q4_k)."),
+                                                                 "q4_1 q3_k q2_k; default from --bits (4: q4_k)."),
     out: Path = typer.Option(Path("quantized"), help="Output folder."),
     calib: Optional[Path] = typer.Option(None, help="Calibration JSONL ({image, prompt}) or text; default: the "
                                                     "shipped shapes calibration split."),

@@ -26,7 +26,7 @@ from .quant.driver import METHODS, quantize_llm
 from .quant.grids import GRIDS
 
 # --bits -> the GGUF grid used when --type is not given
-DEFAULT_TYPE_FOR_BITS = {8: "q8_0", 6: "q6_k", 5: "q5_k", 4: "q4_k"}
+DEFAULT_TYPE_FOR_BITS = {8: "q8_0", 6: "q6_k", 5: "q5_k", 4: "q4_k", 3: "q3_k", 2: "q2_k"}
 
 
 @dataclass
@@ -101,13 +101,17 @@ def quantize_model(model_dir: str | Path, out_dir: str | Path, settings: Quantiz
     options = {"damp": settings.damp, "block_size": settings.block_size, "act_order": settings.act_order,
                "static_groups": settings.static_groups}
     result = quantize_llm(lmm, embeddings, grid, settings.method, gptq_options=options, on_layer=on_layer)
+    if not result.tensors:
+        raise ImpqError(spec.folder, f"no linear layer's input width is a multiple of {grid.block}, the "
+                                     f"{settings.type} block: choose a 32-wide type (q4_0, q4_1, q5_0, q5_1, q8_0)")
 
     stem = f"{spec.name}-{settings.type.upper()}-{settings.method}"
     text_path, mmproj_path = out_dir / f"{stem}.gguf", out_dir / f"mmproj-{stem}.gguf"
     digest = sha256_files([spec.folder / "config.json", *spec.checkpoint.files])
     recorded = {**asdict(settings), "calib_digest": file_digest(Path(settings.calib))}
     state = {f"llm.{k}": v for k, v in lmm.llm.state_dict().items()}
-    write_text_gguf(spec, text_path, grid.qtype, digest, recorded, quantized=result.tensors, source=state.__getitem__)
+    write_text_gguf(spec, text_path, grid.qtype, digest, recorded, quantized=result.tensors, source=state.__getitem__,
+                    head_type=QType[settings.embeddings.upper()])
     try:
         write_mmproj_gguf(spec, mmproj_path, QType[settings.vision.upper()], digest, recorded)
         recipe_path = out_dir / f"{stem}.recipe.yaml"
@@ -145,7 +149,7 @@ def quantize_model(model_dir: str | Path, out_dir: str | Path, settings: Quantiz
 def _verify(text_path: Path, mmproj_path: Path, model_dir, n_items: int) -> dict:
     """Accuracy on the first items of the shipped eval split (for the embedded model) and next-token agreement
     with the full-precision PyTorch model on the bundled images and prompts."""
-    from .defaults import default_eval_data, default_model_dir
+    from .defaults import PACKAGE, default_eval_data
     from .measure.divergence import Divergence
     from .measure.vqa import GGUFAnswerer, TorchAnswerer, evaluate, read_vqa_jsonl
     from .models.preprocess import load_image
@@ -154,7 +158,7 @@ def _verify(text_path: Path, mmproj_path: Path, model_dir, n_items: int) -> dict
     out: dict = {}
     reference = TorchAnswerer(model_dir)
     with GGUFAnswerer(text_path, mmproj_path) as pair:
-        if Path(model_dir).resolve() == default_model_dir().resolve():
+        if (Path(model_dir) / "config.json").resolve() == (PACKAGE / "assets" / "imp-tiny" / "config.json").resolve():
             items = read_vqa_jsonl(default_eval_data())[:n_items]
             report = evaluate(pair, items, model=str(text_path), dataset="eval", reference=reference)
             full = evaluate(reference, items, model="pytorch", dataset="eval")

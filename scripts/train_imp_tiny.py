@@ -59,13 +59,20 @@ def encode_sequence(lmm: LMM, qas: list[dict]) -> tuple[list[int], list[int], li
     return pieces[0], after, labels
 
 
-def batch_loss(lmm: LMM, seeds: list[int], size: int, turns: int) -> torch.Tensor:
-    images, sequences = [], []
+def batch_loss(lmm: LMM, aux: torch.nn.ModuleList, seeds: list[int], size: int, turns: int) -> torch.Tensor:
+    images, sequences, labels = [], [], []
+    grid = size // DIMS.patch
     for seed in seeds:
-        image, qas = shapes.sample(seed, n_questions=turns)
+        image, qas, objects = shapes.sample_scene(seed, n_questions=turns)
         images.append(lmm.pixels(image, size))
         sequences.append(encode_sequence(lmm, qas))
-    features = lmm.image_features(torch.cat(images))
+        labels.append(shapes.patch_labels(objects, grid))
+    states = lmm.vision_states(torch.cat(images))
+    # auxiliary per-patch targets (colour, shape, digit under each patch) give the tower a direct signal
+    targets = torch.tensor(labels)                                        # [B, patches, 3]
+    aux_loss = sum(torch.nn.functional.cross_entropy(head(states).flatten(0, 1).float(), targets[..., k].flatten())
+                   for k, head in enumerate(aux))
+    features = lmm.projector(states)
     embed = lmm.llm.get_input_embeddings()
     rows, label_rows = [], []
     for (before, after, labels), feats in zip(sequences, features):
@@ -74,11 +81,11 @@ def batch_loss(lmm: LMM, seeds: list[int], size: int, turns: int) -> torch.Tenso
     length = max(r.shape[0] for r in rows)
     inputs = torch.zeros(len(rows), length, rows[0].shape[1])
     mask = torch.zeros(len(rows), length, dtype=torch.long)
-    targets = torch.full((len(rows), length), -100)
+    answer_targets = torch.full((len(rows), length), -100)
     for i, (row, lab) in enumerate(zip(rows, label_rows)):
         inputs[i, :row.shape[0]], mask[i, :row.shape[0]] = row, 1
-        targets[i, :len(lab)] = torch.tensor(lab)
-    return lmm.llm(inputs_embeds=inputs, attention_mask=mask, labels=targets).loss
+        answer_targets[i, :len(lab)] = torch.tensor(lab)
+    return lmm.llm(inputs_embeds=inputs, attention_mask=mask, labels=answer_targets).loss, aux_loss
 
 
 @torch.no_grad()
@@ -100,28 +107,43 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--minutes", type=float, default=45.0, help="training time budget")
     parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--turns", type=int, default=6, help="question/answer turns per training sequence")
+    parser.add_argument("--turns", type=int, default=7, help="question/answer turns per training sequence")
+    parser.add_argument("--aux-weight", type=float, default=0.5, help="weight of the per-patch auxiliary loss")
     parser.add_argument("--lr", type=float, default=6e-4)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--log-every", type=int, default=50)
+    parser.add_argument("--init", type=Path, default=None,
+                        help="continue from a checkpoint written by this script (its training.json is extended)")
     args = parser.parse_args()
     torch.manual_seed(args.seed)
     rng = random.Random(args.seed)
 
-    work = Path(tempfile.mkdtemp(prefix="imp-tiny-"))
-    tokenizer = build_tokenizer("phi2", vocab_size=DIMS.vocab_rows - 8, corpus=tokenizer_corpus())
-    make_model("imp-phi2", work / "init", dims=DIMS, tokenizer=tokenizer, seed=args.seed)
-    lmm = LMM(read_spec(work / "init"))
-    # the generator spreads test models' logits with a 4x output head; a trained model starts from 1/sqrt(fan_in)
-    torch.nn.init.normal_(lmm.llm.lm_head.weight, std=DIMS.hidden ** -0.5)
+    previous = None
+    if args.init is not None:
+        previous = json.loads((args.init / "training.json").read_text())
+        lmm = LMM(read_spec(args.init))
+        tokenizer = lmm.tokenizer.tokenizer
+        lmm.float()
+    else:
+        work = Path(tempfile.mkdtemp(prefix="imp-tiny-"))
+        tokenizer = build_tokenizer("phi2", vocab_size=DIMS.vocab_rows - 8, corpus=tokenizer_corpus())
+        make_model("imp-phi2", work / "init", dims=DIMS, tokenizer=tokenizer, seed=args.seed)
+        lmm = LMM(read_spec(work / "init"))
+        # the generator spreads test models' logits with a 4x output head; a trained model starts from 1/sqrt(fan_in)
+        torch.nn.init.normal_(lmm.llm.lm_head.weight, std=DIMS.hidden ** -0.5)
     lmm.train()
-    params = [p for p in lmm.parameters() if p.requires_grad]
+    # training-only heads on the vision tower (not saved): colour (7), shape (6) and digit (11) per patch
+    aux = torch.nn.ModuleList([torch.nn.Linear(DIMS.v_hidden, n) for n in (1 + len(shapes.COLORS),
+                                                                           1 + len(shapes.SHAPES), 11)])
+    params = [p for p in lmm.parameters() if p.requires_grad] + list(aux.parameters())
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
 
     budget = args.minutes * 60
     start = time.time()
     step, next_seed, log = 0, 0, []
-    warmup = 300
+    if previous is not None:                 # fresh scenes: continue where the earlier run's seeds stopped
+        next_seed = previous["training_sequences"]
+    warmup = 300 if previous is None else 50
     while True:
         elapsed = time.time() - start
         if elapsed > budget:
@@ -134,14 +156,16 @@ def main() -> None:
         seeds = list(range(next_seed, next_seed + args.batch))
         next_seed += args.batch
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss = batch_loss(lmm, seeds, size, args.turns)
+            answer_loss, aux_loss = batch_loss(lmm, aux, seeds, size, args.turns)
+            loss = answer_loss + args.aux_weight * aux_loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         step += 1
         if step % args.log_every == 0:
-            entry = {"step": step, "minutes": round((time.time() - start) / 60, 2), "loss": round(loss.item(), 4),
+            entry = {"step": step, "minutes": round((time.time() - start) / 60, 2),
+                     "answer_loss": round(answer_loss.item(), 4), "aux_loss": round(aux_loss.item(), 4),
                      "lr": round(lr, 6)}
             if step % (args.log_every * 6) == 0:
                 entry["quick_accuracy"] = quick_accuracy(lmm, 70)
@@ -159,6 +183,10 @@ def main() -> None:
     record = {"command": " ".join(["python", *sys.argv]), "seed": args.seed, "steps": step,
               "train_minutes": round(train_minutes, 1), "training_sequences": next_seed, "batch": args.batch,
               "turns_per_sequence": args.turns, "threads": torch.get_num_threads(), **final, "log": log}
+    if previous is not None:
+        record["continued_from"] = previous
+        record["total_train_minutes"] = round(train_minutes + previous.get("total_train_minutes",
+                                                                           previous["train_minutes"]), 1)
     (args.out / "training.json").write_text(json.dumps(record, indent=2) + "\n")
     print(json.dumps(final))
 

@@ -129,8 +129,34 @@ def ask(objects: list[SceneObject], qtype: str, rng: random.Random) -> tuple[str
     raise ValueError(qtype)
 
 
-def sample(seed: int, n_questions: int = 1) -> tuple[Image.Image, list[dict]]:
-    """One scene and `n_questions` questions of distinct types about it."""
+def patch_labels(objects: list[SceneObject], grid: int) -> list[list[int]]:
+    """Per patch of a grid x grid tiling (row-major): [colour class, shape class, digit class] of the object
+    under the patch centre (0 = background for colour and shape; 10 = no digit). Training targets for an
+    auxiliary loss on the vision tower, not part of the task."""
+    mask = Image.new("L", (CANVAS, CANVAS), 0)
+    draw = ImageDraw.Draw(mask)
+    for i, obj in enumerate(objects, start=1):
+        if obj.shape == "circle":
+            draw.ellipse((obj.x - obj.radius, obj.y - obj.radius, obj.x + obj.radius, obj.y + obj.radius), fill=i)
+        else:
+            draw.polygon(_polygon(obj.shape, obj.x, obj.y, obj.radius), fill=i)
+    colors, labels = list(COLORS), []
+    for row in range(grid):
+        for col in range(grid):
+            x, y = (col + 0.5) * CANVAS / grid, (row + 0.5) * CANVAS / grid
+            index = mask.getpixel((int(x), int(y)))
+            if index == 0:
+                labels.append([0, 0, 10])
+                continue
+            obj = objects[index - 1]
+            near_digit = obj.digit is not None and (x - obj.x) ** 2 + (y - obj.y) ** 2 < (0.45 * obj.radius) ** 2
+            labels.append([1 + colors.index(obj.color), 1 + SHAPES.index(obj.shape),
+                           int(obj.digit) if near_digit else 10])
+    return labels
+
+
+def sample_scene(seed: int, n_questions: int = 1) -> tuple[Image.Image, list[dict], list[SceneObject]]:
+    """One scene, `n_questions` questions of distinct types about it, and the scene's objects."""
     rng = random.Random(seed)
     objects = make_scene(rng)
     image = render(objects, rng)
@@ -141,6 +167,12 @@ def sample(seed: int, n_questions: int = 1) -> tuple[Image.Image, list[dict]]:
             qas.append({"question": qa[0], "answer": qa[1], "type": qtype})
         if len(qas) == n_questions:
             break
+    return image, qas, objects
+
+
+def sample(seed: int, n_questions: int = 1) -> tuple[Image.Image, list[dict]]:
+    """One scene and `n_questions` questions of distinct types about it."""
+    image, qas, _ = sample_scene(seed, n_questions)
     return image, qas
 
 

@@ -21,7 +21,8 @@ FILE_TYPES = {QType.F32: gguf.LlamaFileType.ALL_F32, QType.F16: gguf.LlamaFileTy
               QType.Q8_0: gguf.LlamaFileType.MOSTLY_Q8_0, QType.Q4_0: gguf.LlamaFileType.MOSTLY_Q4_0,
               QType.Q4_1: gguf.LlamaFileType.MOSTLY_Q4_1, QType.Q5_0: gguf.LlamaFileType.MOSTLY_Q5_0,
               QType.Q5_1: gguf.LlamaFileType.MOSTLY_Q5_1, QType.Q4_K: gguf.LlamaFileType.MOSTLY_Q4_K_S,
-              QType.Q5_K: gguf.LlamaFileType.MOSTLY_Q5_K_S, QType.Q6_K: gguf.LlamaFileType.MOSTLY_Q6_K}
+              QType.Q5_K: gguf.LlamaFileType.MOSTLY_Q5_K_S, QType.Q6_K: gguf.LlamaFileType.MOSTLY_Q6_K,
+              QType.Q3_K: gguf.LlamaFileType.MOSTLY_Q3_K_S, QType.Q2_K: gguf.LlamaFileType.MOSTLY_Q2_K}
 
 
 @dataclass

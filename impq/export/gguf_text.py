@@ -112,7 +112,7 @@ def _add_hparams(writer: gguf.GGUFWriter, spec: ModelSpec) -> None:
 
 
 def text_tensors(spec: ModelSpec, qtype: QType, quantized: dict | None = None,
-                 low_bit_head: QType = QType.Q8_0, source: Callable[[str], torch.Tensor] | None = None
+                 head_type: QType = QType.Q8_0, source: Callable[[str], torch.Tensor] | None = None
                  ) -> list[PlannedTensor]:
     """The LLM's tensors; those in `quantized` (canonical name -> driver.QuantizedTensor) are written as the codes
     and block parameters an impq algorithm chose, the rest by the type policy from `source` (default: the
@@ -148,7 +148,7 @@ def text_tensors(spec: ModelSpec, qtype: QType, quantized: dict | None = None,
         if len(shape) == 1:
             tensor_type = QType.F32
         elif qtype not in (QType.F32, QType.F16, QType.Q8_0) and name in ("token_embd.weight", "output.weight"):
-            tensor_type = low_bit_head     # documented default: 8-bit embeddings and output head in low-bit exports
+            tensor_type = head_type        # documented default: 8-bit embeddings and output head in low-bit exports
         else:
             tensor_type = matrix_type(shape, qtype)
         produce: Callable[[], torch.Tensor] = lambda c=canonical: load(c)
@@ -160,8 +160,8 @@ def text_tensors(spec: ModelSpec, qtype: QType, quantized: dict | None = None,
 
 def write_text_gguf(spec: ModelSpec, path: Path, qtype: QType, source_digest: str, settings: dict,
                     on_tensor=None, quantized: dict | None = None,
-                    source: Callable[[str], torch.Tensor] | None = None) -> Path:
-    tensors = text_tensors(spec, qtype, quantized, source=source)
+                    source: Callable[[str], torch.Tensor] | None = None, head_type: QType = QType.Q8_0) -> Path:
+    tensors = text_tensors(spec, qtype, quantized, head_type, source)
     vocab = gguf_vocab(spec.tokenizer, spec.text_config.vocab_size)
     arch = gguf.MODEL_ARCH_NAMES[ARCHS[spec.family]]
 

@@ -59,6 +59,10 @@ class LMM(nn.Module):
     def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
         """[B, n_tokens, llm_hidden] from [B, 3, S, S] pixels: the selected vision layer (no post-layernorm),
         projected. A size other than the native one interpolates the position embeddings (bicubic)."""
+        return self.projector(self.vision_states(pixels))
+
+    def vision_states(self, pixels: torch.Tensor) -> torch.Tensor:
+        """[B, n_tokens, vision_hidden]: the selected vision layer's output, before the projector."""
         model = self.vision
         interpolate = pixels.shape[-1] != self.spec.vision.image_size
         hidden = model.embeddings(pixels.to(self.dtype), interpolate_pos_encoding=interpolate)
@@ -67,7 +71,7 @@ class LMM(nn.Module):
         hidden = model.encoder(inputs_embeds=hidden).last_hidden_state
         if self.spec.vision.has_class_token:
             hidden = hidden[:, 1:]
-        return self.projector(hidden)
+        return hidden
 
     def pixels(self, image: Image.Image, size: int | None = None) -> torch.Tensor:
         vision = self.spec.vision

@@ -18,10 +18,13 @@ from ..export.gguf_file import QType
 from ..fileio import atomic_output
 from ..models.lmm import LMM
 
-FTYPES = {"q8_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0, "q5_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q5_0,
-          "q5_1": llama_cpp.LLAMA_FTYPE_MOSTLY_Q5_1, "q4_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0,
-          "q4_1": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_1, "q4_k_m": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M,
-          "q3_k_m": llama_cpp.LLAMA_FTYPE_MOSTLY_Q3_K_M, "q2_k": llama_cpp.LLAMA_FTYPE_MOSTLY_Q2_K}
+# impq grid name -> the llama.cpp file type whose default tensor type it is (used with `pure`: every
+# quantizable tensor of that type, so that files compare at equal size)
+FTYPES = {"q8_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0, "q6_k": llama_cpp.LLAMA_FTYPE_MOSTLY_Q6_K,
+          "q5_k": llama_cpp.LLAMA_FTYPE_MOSTLY_Q5_K_S, "q5_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q5_0,
+          "q5_1": llama_cpp.LLAMA_FTYPE_MOSTLY_Q5_1, "q4_k": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_S,
+          "q4_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0, "q4_1": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_1,
+          "q3_k": llama_cpp.LLAMA_FTYPE_MOSTLY_Q3_K_S, "q2_k": llama_cpp.LLAMA_FTYPE_MOSTLY_Q2_K}
 
 
 @torch.no_grad()
@@ -59,6 +62,7 @@ def llamacpp_quantize(source: Path, target: Path, ftype: str, imatrix: dict[str,
         raise ImpqError(None, f"unknown llama.cpp type {ftype!r}; choose one of {', '.join(FTYPES)}")
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = FTYPES[ftype]
+    params.pure = True
     params.nthread = n_threads
     if head_type is not None:
         params.output_tensor_type = params.token_embedding_type = head_type
