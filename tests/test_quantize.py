@@ -111,6 +111,7 @@ def test_awq_scaling_alone_leaves_the_model_unchanged(models_dir, layout):
     kwargs = {"position_embeddings": lmm.llm.model.rotary_emb(x, position_ids=position_ids),
               "position_ids": position_ids}
     before = layer(x, **kwargs)
+    weights_before = {n: p.clone() for n, p in layer.named_parameters()}
     groups = usable_groups(lmm.spec.family, layer)
     assert groups
     gen = torch.Generator().manual_seed(0)
@@ -118,6 +119,8 @@ def test_awq_scaling_alone_leaves_the_model_unchanged(models_dir, layout):
         width = layer.get_submodule(group.linears[0]).in_features
         apply_scales(layer, group, torch.rand(width, generator=gen) * 3 + 0.2)
     after = layer(x, **kwargs)
+    changed = [n for n, p in layer.named_parameters() if not torch.equal(p, weights_before[n])]
+    assert any("norm" in n for n in changed) and len(changed) >= 4      # the scales really were applied
     assert torch.allclose(before, after, atol=1e-4, rtol=1e-4)
 
 
