@@ -55,6 +55,25 @@ def _fp16(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.float16).to(torch.float32)
 
 
+def _best_per_block(candidates: list[BlockParams], errors: list[torch.Tensor]) -> BlockParams:
+    """For each block, the candidate parameters with the lowest error (the first on ties)."""
+    choice = torch.stack(errors).argmin(0)                       # [rows, blocks]
+
+    def pick(tensors: list[torch.Tensor]) -> torch.Tensor:
+        return torch.stack(tensors).gather(0, choice.unsqueeze(0)).squeeze(0)
+
+    minimum = None if candidates[0].minimum is None else pick([c.minimum for c in candidates])
+    return BlockParams(pick([c.scale for c in candidates]), minimum)
+
+
+def _integer_scales(values: torch.Tensor, top: torch.Tensor, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sub-block values [rows, supers, per] as integers in [lo, hi] times an fp16 super-block scale chosen so that
+    `top` maps to `hi`. Returns (super scale [rows, supers], integers)."""
+    d = _fp16(top / hi)
+    q = torch.round(values / d.clamp_min(1e-30).unsqueeze(-1)).clamp(lo, hi)
+    return d, torch.where(d.unsqueeze(-1) == 0, torch.zeros_like(q), q)
+
+
 class LegacyGrid:
     """32-wide blocks with one fp16 scale (and an fp16 minimum when asymmetric).
 
@@ -84,77 +103,58 @@ class LegacyGrid:
             raise ValueError(f"{cols} columns do not fill {self.block}-wide {self.name} blocks")
         return w.reshape(rows, cols // self.sub, self.sub)
 
+    def _quantize(self, x: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor | None) -> torch.Tensor:
+        """Codes (as floats) of x with broadcastable parameters: round to nearest, clamp to the grid."""
+        inv = torch.where(scale == 0, torch.zeros_like(scale), 1.0 / scale)
+        q = torch.round(x * inv) + self.offset if self.symmetric else torch.round((x - minimum) * inv)
+        return q.clamp(self.qmin, self.qmax)
+
+    def _dequantize(self, q: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor | None) -> torch.Tensor:
+        """What a reader computes from codes, in the reader's order of operations."""
+        return scale * (q - self.offset) if self.symmetric else scale * q + minimum
+
+    @staticmethod
+    def _per_block(params: BlockParams) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return params.scale.unsqueeze(-1), None if params.minimum is None else params.minimum.unsqueeze(-1)
+
     def codes(self, w: torch.Tensor, params: BlockParams) -> torch.Tensor:
-        blocks = self._blocks(w.float())
-        d = params.scale.unsqueeze(-1)
-        if self.symmetric:
-            inv = torch.where(d == 0, torch.zeros_like(d), 1.0 / d)
-            q = torch.round(blocks * inv) + self.offset
-        else:
-            inv = torch.where(d == 0, torch.zeros_like(d), 1.0 / d)
-            q = torch.round((blocks - params.minimum.unsqueeze(-1)) * inv)
-        return q.clamp(self.qmin, self.qmax).to(torch.int32).reshape(w.shape)
+        q = self._quantize(self._blocks(w.float()), *self._per_block(params))
+        return q.to(torch.int32).reshape(w.shape)
 
     def column(self, w: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """(codes, values) of one weight column [rows] with its block's per-row parameters (for GPTQ)."""
-        inv = torch.where(scale == 0, torch.zeros_like(scale), 1.0 / scale)
-        if self.symmetric:
-            q = (torch.round(w * inv) + self.offset).clamp(self.qmin, self.qmax)
-            return q.to(torch.int32), scale * (q - self.offset)
-        q = torch.round((w - minimum) * inv).clamp(self.qmin, self.qmax)
-        return q.to(torch.int32), scale * q + minimum
+        q = self._quantize(w, scale, minimum)
+        return q.to(torch.int32), self._dequantize(q, scale, minimum)
 
     def values(self, codes: torch.Tensor, params: BlockParams) -> torch.Tensor:
-        blocks = self._blocks(codes.float())
-        d = params.scale.unsqueeze(-1)
-        if self.symmetric:
-            out = d * (blocks - self.offset)
-        else:
-            out = d * blocks + params.minimum.unsqueeze(-1)
-        return out.reshape(codes.shape)
+        return self._dequantize(self._blocks(codes.float()), *self._per_block(params)).reshape(codes.shape)
+
+    def _error(self, w: torch.Tensor, params: BlockParams, imp: torch.Tensor) -> torch.Tensor:
+        """Importance-weighted squared error per block, [rows, blocks]."""
+        return (imp * (self._blocks(w.float()) - self._blocks(self.values(self.codes(w, params), params))) ** 2).sum(-1)
 
     def fit(self, w: torch.Tensor, importance: torch.Tensor | None = None, steps: int = 24) -> BlockParams:
         """Per-block scale (and minimum) minimising sum(importance * (w - value)^2) over a grid of candidates
         around the min/max choice (the search llama.cpp's make_qx_quants does, here vectorised over blocks)."""
         blocks = self._blocks(w.float())
-        imp = torch.ones(blocks.shape[-1]) if importance is None else importance.float()
-        imp = self._blocks(imp.expand(w.shape[0], -1)) if imp.dim() == 1 else self._blocks(imp)
+        imp = torch.ones(w.shape[1]) if importance is None else importance.float()
+        imp = self._blocks(imp.expand(w.shape[0], -1))
         if self.symmetric:
             # the largest-magnitude value, with its sign, maps to the grid's most negative level (as ggml does)
             idx = blocks.abs().argmax(dim=-1, keepdim=True)
             peak = blocks.gather(-1, idx).squeeze(-1)
             base = peak / (self.qmin - self.offset) if self.qtype != QType.Q8_0 else blocks.abs().amax(-1) / 127
-            candidates = [base * (1 + 0.025 * k) for k in range(-steps // 2, steps // 2 + 1)]
-            if self.qtype != QType.Q8_0:
-                candidates += [peak / (self.qmax - self.offset) * (1 + 0.025 * k)
-                               for k in range(-steps // 2, steps // 2 + 1)]
-            best_err, best = None, None
-            for cand in candidates:
-                params = BlockParams(_fp16(cand), None)
-                err = (imp * (blocks - self._blocks(self.values(self.codes(w, params), params))) ** 2).sum(-1)
-                if best is None:
-                    best_err, best = err, params.scale.clone()
-                else:
-                    better = err < best_err
-                    best_err = torch.where(better, err, best_err)
-                    best = torch.where(better, params.scale, best)
-            return BlockParams(best, None)
-        lo, hi = blocks.amin(-1), blocks.amax(-1)
-        best_err, best_d, best_m = None, None, None
-        for shrink_lo in np.linspace(0, 0.2, 5):
-            for shrink_hi in np.linspace(0, 0.2, 5):
-                m = lo + (hi - lo) * shrink_lo
-                d = (hi - (hi - lo) * shrink_hi - m) / self.qmax
-                params = BlockParams(_fp16(d), _fp16(m))
-                err = (imp * (blocks - self._blocks(self.values(self.codes(w, params), params))) ** 2).sum(-1)
-                if best_err is None:
-                    best_err, best_d, best_m = err, params.scale.clone(), params.minimum.clone()
-                else:
-                    better = err < best_err
-                    best_err = torch.where(better, err, best_err)
-                    best_d = torch.where(better, params.scale, best_d)
-                    best_m = torch.where(better, params.minimum, best_m)
-        return BlockParams(best_d, best_m)
+            bases = [base] if self.qtype == QType.Q8_0 else [base, peak / (self.qmax - self.offset)]
+            candidates = [BlockParams(_fp16(b * (1 + 0.025 * k)), None)
+                          for b in bases for k in range(-steps // 2, steps // 2 + 1)]
+        else:
+            lo, hi = blocks.amin(-1), blocks.amax(-1)
+            candidates = []
+            for shrink_lo in np.linspace(0, 0.2, 5):
+                for shrink_hi in np.linspace(0, 0.2, 5):
+                    m = lo + (hi - lo) * shrink_lo
+                    candidates.append(BlockParams(_fp16((hi - (hi - lo) * shrink_hi - m) / self.qmax), _fp16(m)))
+        return _best_per_block(candidates, [self._error(w, c, imp) for c in candidates])
 
     def pack(self, codes: torch.Tensor, params: BlockParams) -> np.ndarray:
         """GGUF bytes, [rows, blocks * bytes_per_block]."""
@@ -208,32 +208,22 @@ class KQuantGrid(LegacyGrid):
         rows, cols = w.shape
         n_super = cols // self.block
         per = self.block // self.sub
-        # float sub-block parameters from the legacy search, with the sub-block as its block
-        flat = LegacyGrid.__new__(LegacyGrid)
-        flat.__dict__.update(self.__dict__)
-        flat.block = self.sub
         if not self.symmetric:
             # k-quant minimums are stored as magnitudes: the lowest level must be <= 0
             float_params = self._least_squares_asymmetric(w, importance)
             scales = float_params.scale.clamp_min(0).reshape(rows, n_super, per)
             mins = (-float_params.minimum).clamp_min(0).reshape(rows, n_super, per)
-            top = self.scale_levels
-            d_super = _fp16(scales.amax(-1) / top)
-            m_super = _fp16(mins.amax(-1) / top)
-            sc = torch.round(scales / d_super.clamp_min(1e-30).unsqueeze(-1)).clamp(0, top)
-            m = torch.round(mins / m_super.clamp_min(1e-30).unsqueeze(-1)).clamp(0, top)
-            sc = torch.where(d_super.unsqueeze(-1) == 0, torch.zeros_like(sc), sc)
-            m = torch.where(m_super.unsqueeze(-1) == 0, torch.zeros_like(m), m)
+            d_super, sc = _integer_scales(scales, scales.amax(-1), 0, self.scale_levels)
+            m_super, m = _integer_scales(mins, mins.amax(-1), 0, self.scale_levels)
             scale = (d_super.unsqueeze(-1) * sc).reshape(rows, -1)
             minimum = -(m_super.unsqueeze(-1) * m).reshape(rows, -1)
             return BlockParams(scale, minimum, {"d": d_super, "dmin": m_super, "sc": sc.to(torch.int32).reshape(rows, -1),
                                                 "m": m.to(torch.int32).reshape(rows, -1)})
-        float_params = flat.fit(w, importance, steps)
-        scales = float_params.scale.reshape(rows, n_super, per)
-        d_super = _fp16(scales.abs().amax(-1) / self.scale_levels)
-        sc = torch.round(scales / d_super.clamp_min(1e-30).unsqueeze(-1)).clamp(-self.scale_levels - 1,
-                                                                                 self.scale_levels)
-        sc = torch.where(d_super.unsqueeze(-1) == 0, torch.zeros_like(sc), sc)
+        # float sub-block scales from the legacy search, with the sub-block as its block
+        flat = LegacyGrid(self.qtype, self.bits, self.symmetric)
+        flat.block = flat.sub = self.sub
+        scales = flat.fit(w, importance, steps).scale.reshape(rows, n_super, per)
+        d_super, sc = _integer_scales(scales, scales.abs().amax(-1), -self.scale_levels - 1, self.scale_levels)
         scale = (d_super.unsqueeze(-1) * sc).reshape(rows, -1)
         return BlockParams(scale, None, {"d": d_super, "sc": sc.to(torch.int32).reshape(rows, -1)})
 
@@ -249,7 +239,7 @@ class KQuantGrid(LegacyGrid):
         hi = x.amax(-1, keepdim=True)
         span = (hi - lo).clamp_min(1e-12)
         sw, sx = weights.sum(-1, keepdim=True), (weights * x).sum(-1, keepdim=True)
-        best_err = best_scale = best_min = None
+        candidates, errors = [], []
         for step in range(21):
             iscale = (-1.0 + 0.1 * step + self.qmax) / span
             codes = torch.round(iscale * (x - lo)).clamp(0, self.qmax)
@@ -261,15 +251,9 @@ class KQuantGrid(LegacyGrid):
             positive = minimum > 0
             scale = torch.where(positive, sxl / sl2.clamp_min(1e-30), scale)
             minimum = torch.where(positive, torch.zeros_like(minimum), minimum)
-            err = (weights * (scale * codes + minimum - x) ** 2).sum(-1, keepdim=True)
-            if best_err is None:
-                best_err, best_scale, best_min = err, scale, minimum
-            else:
-                better = err < best_err
-                best_err = torch.where(better, err, best_err)
-                best_scale = torch.where(better, scale, best_scale)
-                best_min = torch.where(better, minimum, best_min)
-        return BlockParams(best_scale.squeeze(-1), best_min.squeeze(-1))
+            errors.append((weights * (scale * codes + minimum - x) ** 2).sum(-1))
+            candidates.append(BlockParams(scale.squeeze(-1), minimum.squeeze(-1)))
+        return _best_per_block(candidates, errors)
 
     def pack(self, codes: torch.Tensor, params: BlockParams) -> np.ndarray:
         rows, cols = codes.shape
