@@ -152,7 +152,7 @@ def eval_cmd(
                                                       "default: the embedded imp-tiny."),
     data: Optional[Path] = typer.Option(None, help="VQA JSONL; default: eval/shapes/eval.jsonl."),
     reference: Optional[Path] = typer.Option(None, help="Full-precision checkpoint: adds mean KLD and top-1 agreement."),
-    limit: Optional[int] = typer.Option(None, help="Evaluate the first N items only."),
+    limit: Optional[int] = typer.Option(None, min=1, help="Evaluate the first N items only."),
     image_size: Optional[int] = typer.Option(None, help="Input resolution for a checkpoint (interpolated position "
                                                         "embeddings); default: native."),
     threads: Optional[int] = typer.Option(None, help="llama.cpp threads (default: all cores)."),
@@ -161,14 +161,13 @@ def eval_cmd(
 ):
     """Accuracy on a VQA JSONL, overall and per question type; with --reference, divergence too."""
     from .defaults import default_eval_data, default_model_dir
-    from .fileio import atomic_output
+    from .fileio import atomic_output, ensure_writable_dir
     from .measure.vqa import evaluate, load_answerer, read_vqa_jsonl
 
     model = model or default_model_dir()
     data = data or default_eval_data()
-    items = read_vqa_jsonl(data)[:limit] if limit else read_vqa_jsonl(data)
+    items = read_vqa_jsonl(data)[:limit]
     if results is not None:
-        from .fileio import ensure_writable_dir
         ensure_writable_dir(results.parent)
     answerer = load_answerer(model, image_size, threads)
     ref = load_answerer(reference) if reference else None

@@ -79,6 +79,10 @@ class Source:
     key: str
     rows: tuple[int, int] | None = None
 
+    def shape(self, checkpoint: SafetensorsCheckpoint) -> tuple[int, ...]:
+        shape = checkpoint.shape(self.key)
+        return shape if self.rows is None else (self.rows[1] - self.rows[0], *shape[1:])
+
 
 @dataclass
 class VisionSpec:
@@ -125,9 +129,7 @@ class ModelSpec:
         return self.prompt_template.replace("{question}", question)
 
     def shape(self, canonical: str) -> tuple[int, ...]:
-        src = self.tensors[canonical]
-        shape = self.checkpoint.shape(src.key)
-        return shape if src.rows is None else (src.rows[1] - src.rows[0], *shape[1:])
+        return self.tensors[canonical].shape(self.checkpoint)
 
     def numel(self, canonical: str) -> int:
         return math.prod(self.shape(canonical))
@@ -354,7 +356,7 @@ def read_spec(folder: str | Path) -> ModelSpec:
         if name not in tensors:
             raise ImpqError(folder, f"checkpoint lacks a tensor for '{name}' (layout {layout})")
         src = tensors[name]
-        have = ckpt.shape(src.key) if src.rows is None else (src.rows[1] - src.rows[0], *ckpt.shape(src.key)[1:])
+        have = src.shape(ckpt)
         if tuple(have) != tuple(want):
             raise ImpqError(ckpt.tensors[src.key].file, f"tensor '{src.key}' has shape {list(have)}, "
                                                         f"expected {list(want)} from config.json")
