@@ -81,10 +81,14 @@ def quantize_llm(lmm: LMM, embeddings: list[torch.Tensor], grid: LegacyGrid, met
         groups = usable_groups(lmm.spec.family, layer) if method == "awq" else []
         samples: dict[str, list[torch.Tensor]] = {g.linears[0]: [] for g in groups}
 
+        last: dict = {"input": None}             # q, k, v (and Phi-2's fc1) receive the same input tensor
+
         def accumulate(name):
             def hook(module, args, output):
                 x = args[0].reshape(-1, args[0].shape[-1])
-                hessians[name] += x.double().T @ x.double()
+                if args[0] is not last["input"]:
+                    last.update(input=args[0], xtx=x.double().T @ x.double())
+                hessians[name] += last["xtx"]
                 counts[name] += x.shape[0]
                 if name in samples and sum(t.shape[0] for t in samples[name]) < AWQ_TOKENS:
                     samples[name].append(x.float().clone())
@@ -95,6 +99,7 @@ def quantize_llm(lmm: LMM, embeddings: list[torch.Tensor], grid: LegacyGrid, met
             layer(hidden, **kwargs)
         for handle in handles:
             handle.remove()
+        last.clear()
         alphas = {}
         for group in groups:
             scales, alpha = search_scales(layer, group, torch.cat(samples[group.linears[0]])[:AWQ_TOKENS], grid)
