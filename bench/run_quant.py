@@ -24,12 +24,14 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 def _impq(method: str, type_name: str, out: str, nsamples: int) -> dict:
     from impq.defaults import default_calib_data, default_model_dir
+    from impq.quant.grids import GRIDS
     from impq.quantize import QuantizeSettings, quantize_model
 
-    settings = QuantizeSettings(method=method, type=type_name, calib=str(default_calib_data()), nsamples=nsamples)
+    settings = QuantizeSettings.from_bits(GRIDS[type_name].bits, type_name, method=method,
+                                          calib=str(default_calib_data()), nsamples=nsamples)
     start = time.perf_counter()
     report = quantize_model(default_model_dir(), out, settings, verify_items=0)
-    return {"text_gguf": report.text_gguf, "mmproj_gguf": report.mmproj_gguf,
+    return {"text_gguf": report.artifacts["text_gguf"], "mmproj_gguf": report.artifacts["mmproj_gguf"],
             "quantize_s": time.perf_counter() - start,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 

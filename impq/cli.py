@@ -271,11 +271,16 @@ def estimate_cmd(
 @app.command("quantize")
 def quantize_cmd(
     model: Optional[Path] = typer.Argument(None, help="Checkpoint folder; default: the embedded imp-tiny."),
-    bits: int = typer.Option(4, help="Weight bits of the LLM's decoder layers: 2 to 6, or 8."),
-    method: str = typer.Option("gptq", help="rtn | gptq."),
-    format: str = typer.Option("gguf", "--format", help="gguf (safetensors GPTQ/AWQ layouts: not yet)."),
+    bits: int = typer.Option(4, help="Weight bits of the LLM's decoder layers (GGUF: 2 to 6, or 8; safetensors: "
+                                     "2 to 8 as the layout allows)."),
+    method: str = typer.Option("gptq", help="rtn | gptq | awq."),
+    format: str = typer.Option("gguf", "--format", help="gguf (a GGUF pair for llama.cpp) | safetensors (a "
+                                                        "transformers folder in a GPTQ/AWQ/compressed-tensors layout)."),
     type_name: Optional[str] = typer.Option(None, "--type", help="GGUF grid: q8_0 q6_k q5_k q5_0 q5_1 q4_k q4_0 "
                                                                  "q4_1 q3_k q2_k; default from --bits (4: q4_k)."),
+    layout: Optional[str] = typer.Option(None, help="safetensors layout: compressed-tensors (default; transformers "
+                                                    "loads it) | gptq | awq."),
+    group_size: Optional[int] = typer.Option(None, help="safetensors: input columns per scale (default 128)."),
     out: Path = typer.Option(Path("quantized"), help="Output folder."),
     calib: Optional[Path] = typer.Option(None, help="Calibration JSONL ({image, prompt}) or text; default: the "
                                                     "shipped shapes calibration split."),
@@ -288,28 +293,30 @@ def quantize_cmd(
     verify_items: int = typer.Option(140, help="Eval items for the llama.cpp check (embedded model); 0 skips it."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ):
-    """Calibrated low-bit quantization of the LLM backbone onto an exact GGUF grid, with recipe and report."""
+    """Calibrated low-bit quantization of the LLM backbone onto an exact GGUF or safetensors grid, with recipe and
+    report."""
     from .defaults import default_calib_data, default_model_dir
     from .quantize import QuantizeSettings, quantize_model
 
     model = model or default_model_dir()
-    settings = QuantizeSettings.from_bits(bits, type_name, method=method, format=format,
-                                          calib=str(calib or default_calib_data()), nsamples=nsamples, seqlen=seqlen,
-                                          seed=seed, damp=damp, act_order=act_order, static_groups=static_groups)
+    settings = QuantizeSettings.from_bits(bits, type_name, format=format, layout=layout, group_size=group_size,
+                                          method=method, calib=str(calib or default_calib_data()), nsamples=nsamples,
+                                          seqlen=seqlen, seed=seed, damp=damp, act_order=act_order,
+                                          static_groups=static_groups)
     with _progress() as progress:
-        task = progress.add_task(f"{method} -> {settings.type}", total=None)
+        task = progress.add_task(f"{method} -> {settings.grid().name}", total=None)
         report = quantize_model(model, out, settings, verify_items=verify_items,
                                 on_layer=lambda i, n: progress.update(task, completed=i + 1, total=n),
                                 on_status=lambda text: progress.update(task, description=text))
     summary = {k: v for k, v in report.to_dict().items() if k != "layers"}
     summary["worst_layer_error"] = max(report.layers.values()) if report.layers else None
-    table = Table("figure", "value", title=f"{Path(report.text_gguf).name}")
-    for key in ("bits_per_weight_quantized", "bits_per_weight_file", "text_bytes", "quantize_seconds",
+    table = Table("figure", "value", title=", ".join(Path(p).name for p in report.artifacts.values()))
+    for key in ("bits_per_weight_quantized", "bits_per_weight_file", "artifact_bytes", "quantize_seconds",
                 "total_seconds", "peak_rss_mb", "worst_layer_error"):
         value = summary[key]
         table.add_row(key, f"{value:.4g}" if isinstance(value, float) else str(value))
     for key, value in report.verification.items():
-        table.add_row(f"llama.cpp {key}", f"{value:.4g}" if isinstance(value, float) else str(value))
+        table.add_row(f"verification {key}", f"{value:.4g}" if isinstance(value, float) else str(value))
     _emit(as_json, summary, table)
 
 

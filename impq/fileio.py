@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Iterator
@@ -25,14 +26,20 @@ def ensure_writable_dir(path: Path) -> Path:
 
 @contextlib.contextmanager
 def atomic_output(final: Path) -> Iterator[Path]:
-    """Yield a temporary sibling path; rename it to `final` on success, delete it on any failure or interrupt."""
+    """Yield a temporary sibling path; rename it to `final` on success, delete it on any failure or interrupt.
+    The caller may create a file or a folder there; a folder replaces an earlier folder at `final` whole."""
     tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
     try:
         yield tmp
+        if tmp.is_dir() and final.is_dir():
+            shutil.rmtree(final)
         os.replace(tmp, final)
     finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
 
 
 def sha256_files(paths: list[Path], chunk: int = 1 << 20) -> str:

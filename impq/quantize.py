@@ -1,11 +1,14 @@
-"""`impq quantize`: calibrate on image+text samples, quantize the LLM's decoder layers onto a GGUF grid with
-RTN or GPTQ, and write the GGUF pair, the recipe that reproduces it and a report (per-layer error, bits per
-weight, sizes, time, memory, and llama.cpp's agreement with the full-precision PyTorch model)."""
+"""`impq quantize`: calibrate on image+text samples, quantize the LLM's decoder layers with RTN, GPTQ or AWQ onto
+an exact grid (a GGUF type, or an integer grid of a safetensors layout), and write the artifact (GGUF pair, or
+safetensors folder), the recipe that reproduces it and a report (per-layer error, bits per weight, sizes, time,
+memory, and the written model's agreement with the full-precision PyTorch model)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import resource
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -19,6 +22,8 @@ from .errors import ImpqError
 from .export.gguf_file import QType
 from .export.gguf_mmproj import write_mmproj_gguf
 from .export.gguf_text import gguf_vocab, text_tensors, write_text_gguf
+from .export.safetensors_layouts import LAYOUTS
+from .export.safetensors_model import read_dequantized_llm, write_safetensors_model
 from .fileio import atomic_output, ensure_writable_dir, sha256_files
 from .models.layouts import read_spec
 from .models.lmm import LMM
@@ -27,13 +32,18 @@ from .quant.grids import GRIDS
 
 # --bits -> the GGUF grid used when --type is not given
 DEFAULT_TYPE_FOR_BITS = {8: "q8_0", 6: "q6_k", 5: "q5_k", 4: "q4_k", 3: "q3_k", 2: "q2_k"}
+FORMATS = ("gguf", "safetensors")
+DEFAULT_GROUP_SIZE = 128          # safetensors: int<bits> with one scale per 128 input columns
 
 
 @dataclass
 class QuantizeSettings:
     method: str = "gptq"
-    type: str = "q4_k"
+    bits: int = 4
     format: str = "gguf"
+    type: str | None = "q4_k"     # GGUF grid
+    layout: str | None = None     # safetensors layout: compressed-tensors | gptq | awq
+    group_size: int | None = None  # safetensors group size
     calib: str = ""
     nsamples: int = 64
     seqlen: int = 512
@@ -42,11 +52,24 @@ class QuantizeSettings:
     block_size: int = 128
     act_order: bool = False
     static_groups: bool = False
-    embeddings: str = "q8_0"      # token embedding and output head: 8-bit in low-bit exports
-    vision: str = "f16"           # the mmproj stays at 16 bits
+    embeddings: str = "q8_0"      # GGUF: token embedding and output head at 8 bits in low-bit exports
+    vision: str = "f16"           # the vision tower and projector stay at 16 bits
 
     @classmethod
-    def from_bits(cls, bits: int, type_name: str | None, **kwargs) -> "QuantizeSettings":
+    def from_bits(cls, bits: int, type_name: str | None = None, *, format: str = "gguf", layout: str | None = None,
+                  group_size: int | None = None, **kwargs) -> "QuantizeSettings":
+        """Settings for --bits with the format's default grid, or the one --type / --layout / --group-size name."""
+        if format not in FORMATS:
+            raise ImpqError(None, f"--format {format}: choose one of {', '.join(FORMATS)}")
+        if format == "safetensors":
+            if type_name is not None:
+                raise ImpqError(None, "--type names a GGUF grid; with --format safetensors use --layout and --group-size")
+            settings = cls(bits=bits, format=format, type=None, layout=layout or "compressed-tensors",
+                           group_size=group_size or DEFAULT_GROUP_SIZE, embeddings="f16", **kwargs)
+            settings.grid()                     # bits and layout are checked before any work
+            return settings
+        if layout is not None or group_size is not None:
+            raise ImpqError(None, "--layout and --group-size apply to --format safetensors; GGUF types fix their blocks")
         if type_name is None:
             if bits not in DEFAULT_TYPE_FOR_BITS:
                 raise ImpqError(None, f"--bits {bits}: the GGUF grids implemented hold "
@@ -56,20 +79,31 @@ class QuantizeSettings:
             raise ImpqError(None, f"--type {type_name}: GGUF grids implemented: {', '.join(GRIDS)}")
         if GRIDS[type_name].bits != bits:
             raise ImpqError(None, f"--type {type_name} holds {GRIDS[type_name].bits} bits, not --bits {bits}")
-        return cls(type=type_name, **kwargs)
+        return cls(bits=bits, type=type_name, **kwargs)
+
+    def grid(self):
+        if self.format == "gguf":
+            return GRIDS[self.type]
+        if self.layout not in LAYOUTS:
+            raise ImpqError(None, f"--layout {self.layout}: choose one of {', '.join(LAYOUTS)}")
+        if self.group_size < 8 or self.group_size % 8:
+            raise ImpqError(None, f"--group-size {self.group_size}: a positive multiple of 8")
+        return LAYOUTS[self.layout].grid(self.bits, self.group_size)
+
+    @property
+    def grid_label(self) -> str:
+        return self.type.upper() if self.format == "gguf" else f"W{self.bits}G{self.group_size}"
 
 
 @dataclass
 class QuantizeReport:
-    text_gguf: str
-    mmproj_gguf: str
+    artifacts: dict               # what was written: text_gguf + mmproj_gguf, or safetensors (a folder)
+    artifact_bytes: int
     recipe: str
     settings: dict
     layers: dict                  # canonical name -> relative output error on the calibration inputs
     bits_per_weight_quantized: float
-    bits_per_weight_file: float
-    text_bytes: int
-    mmproj_bytes: int
+    bits_per_weight_file: float   # LLM bytes (GGUF text file, or model.safetensors) per LLM weight
     calibration_sequences: int
     calibration_tokens: int
     quantize_seconds: float
@@ -86,14 +120,13 @@ def quantize_model(model_dir: str | Path, out_dir: str | Path, settings: Quantiz
     start = time.perf_counter()
     if settings.method not in METHODS:
         raise ImpqError(None, f"--method {settings.method}: choose one of {', '.join(METHODS)}")
-    if settings.format != "gguf":
-        raise ImpqError(None, f"--format {settings.format}: only gguf is implemented so far")
+    grid = settings.grid()
     spec = read_spec(model_dir)
     samples = read_calibration(settings.calib)
-    gguf_vocab(spec.tokenizer, spec.text_config.vocab_size)
     out_dir = ensure_writable_dir(Path(out_dir))
-    grid = GRIDS[settings.type]
-    text_tensors(spec, grid.qtype)                # a model that cannot be exported fails before the long work
+    if settings.format == "gguf":                 # a model that cannot be exported fails before the long work
+        gguf_vocab(spec.tokenizer, spec.text_config.vocab_size)
+        text_tensors(spec, grid.qtype)
 
     (on_status or (lambda _: None))("calibrating")
     lmm = LMM(spec)
@@ -103,42 +136,59 @@ def quantize_model(model_dir: str | Path, out_dir: str | Path, settings: Quantiz
     result = quantize_llm(lmm, embeddings, grid, settings.method, gptq_options=options, on_layer=on_layer)
     if not result.tensors:
         raise ImpqError(spec.folder, f"no linear layer's input width is a multiple of {grid.block}, the "
-                                     f"{settings.type} block: choose a 32-wide type (q4_0, q4_1, q5_0, q5_1, q8_0)")
+                                     f"{grid.name} block: choose a smaller block or group")
 
-    stem = f"{spec.name}-{settings.type.upper()}-{settings.method}"
-    text_path, mmproj_path = out_dir / f"{stem}.gguf", out_dir / f"mmproj-{stem}.gguf"
+    stem = f"{spec.name}-{settings.grid_label}-{settings.method}"
+    if settings.format == "safetensors":
+        stem += f"-{settings.layout}"
     digest = sha256_files([spec.folder / "config.json", *spec.checkpoint.files])
     recorded = {**asdict(settings), "calib_digest": file_digest(Path(settings.calib))}
-    state = {f"llm.{k}": v for k, v in lmm.llm.state_dict().items()}
-    write_text_gguf(spec, text_path, grid.qtype, digest, recorded, quantized=result.tensors, source=state.__getitem__,
-                    head_type=QType[settings.embeddings.upper()])
+    if settings.format == "gguf":
+        artifacts = _write_gguf_pair(lmm, out_dir, stem, settings, result, digest, recorded)
+        llm_bytes = Path(artifacts["text_gguf"]).stat().st_size
+        block, block_bytes = gguf.GGML_QUANT_SIZES[grid.qtype]
+        bits_quantized = 8 * block_bytes / block
+    else:
+        folder, bits_quantized = write_safetensors_model(lmm, out_dir / stem, LAYOUTS[settings.layout], grid,
+                                                         result.tensors, recorded, digest)
+        artifacts = {"safetensors": folder}
+        llm_bytes = (folder / "model.safetensors").stat().st_size
     try:
-        write_mmproj_gguf(spec, mmproj_path, QType[settings.vision.upper()], digest, recorded)
         recipe_path = out_dir / f"{stem}.recipe.yaml"
+        target = settings.type.upper() if settings.format == "gguf" else f"{grid.name} in the {settings.layout} layout"
         recipe = {"impq_version": __version__, "model": {"path": str(spec.folder.resolve()), "digest": digest},
                   "calibration": {"path": str(Path(settings.calib).resolve()), "digest": recorded["calib_digest"]},
                   "quantize": asdict(settings),
-                  "targets": {"llm decoder linear layers": f"{settings.method} onto {settings.type.upper()}",
+                  "targets": {"llm decoder linear layers": f"{settings.method} onto {target}",
                               "token embedding and output head": settings.embeddings.upper(),
-                              "norms and biases": "F32", "vision tower and projector": settings.vision.upper()}}
+                              "norms and biases": "F32" if settings.format == "gguf" else "F16",
+                              "vision tower and projector": settings.vision.upper()}}
         with atomic_output(recipe_path) as tmp:
             tmp.write_text(yaml.safe_dump(recipe, sort_keys=False))
     except BaseException:
-        text_path.unlink(missing_ok=True)
-        mmproj_path.unlink(missing_ok=True)
+        _remove(artifacts)
         raise
 
-    block, block_bytes = gguf.GGML_QUANT_SIZES[grid.qtype]
     llm_weights = sum(spec.numel(name) for name in spec.tensors if name.startswith("llm."))
+    total_bytes = sum(_size(Path(p)) for p in artifacts.values())
     report = QuantizeReport(
-        str(text_path), str(mmproj_path), str(recipe_path), recorded,
-        {name: q.relative_error for name, q in result.tensors.items()}, 8 * block_bytes / block,
-        8 * text_path.stat().st_size / llm_weights, text_path.stat().st_size, mmproj_path.stat().st_size,
+        {k: str(v) for k, v in artifacts.items()}, total_bytes, str(recipe_path), recorded,
+        {name: q.relative_error for name, q in result.tensors.items()}, bits_quantized, 8 * llm_bytes / llm_weights,
         len(embeddings), sum(e.shape[1] for e in embeddings), result.seconds, 0.0,
         resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     if verify_items:
-        (on_status or (lambda _: None))("verifying in llama.cpp")
-        report.verification = _verify(text_path, mmproj_path, model_dir, verify_items)
+        if settings.format == "gguf":
+            (on_status or (lambda _: None))("verifying in llama.cpp")
+            from .measure.vqa import GGUFAnswerer
+            candidate = GGUFAnswerer(artifacts["text_gguf"], artifacts["mmproj_gguf"])
+            report.verification = {"runtime": "llama.cpp", **_verify(candidate, model_dir, verify_items)}
+        else:
+            (on_status or (lambda _: None))("verifying the written safetensors in PyTorch")
+            from .measure.vqa import TorchAnswerer
+            read_back = LMM(spec)
+            read_back.llm.load_state_dict(read_dequantized_llm(folder), strict=False)
+            report.verification = {"runtime": "pytorch (weights unpacked from the written files)",
+                                   **_verify(TorchAnswerer(read_back), model_dir, verify_items)}
     report.total_seconds = time.perf_counter() - start
     report_path = out_dir / f"{stem}.report.json"
     with atomic_output(report_path) as tmp:
@@ -146,21 +196,50 @@ def quantize_model(model_dir: str | Path, out_dir: str | Path, settings: Quantiz
     return report
 
 
-def _verify(text_path: Path, mmproj_path: Path, model_dir, n_items: int) -> dict:
+def _write_gguf_pair(lmm: LMM, out_dir: Path, stem: str, settings: QuantizeSettings, result, digest: str,
+                     recorded: dict) -> dict:
+    spec = lmm.spec
+    text_path, mmproj_path = out_dir / f"{stem}.gguf", out_dir / f"mmproj-{stem}.gguf"
+    state = {f"llm.{k}": v for k, v in lmm.llm.state_dict().items()}
+    write_text_gguf(spec, text_path, GRIDS[settings.type].qtype, digest, recorded, quantized=result.tensors,
+                    source=state.__getitem__, head_type=QType[settings.embeddings.upper()])
+    try:
+        write_mmproj_gguf(spec, mmproj_path, QType[settings.vision.upper()], digest, recorded)
+    except BaseException:
+        text_path.unlink(missing_ok=True)
+        raise
+    return {"text_gguf": text_path, "mmproj_gguf": mmproj_path}
+
+
+def _size(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else path.stat().st_size
+
+
+def _remove(artifacts: dict) -> None:
+    for path in map(Path, artifacts.values()):
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+
+
+def _verify(candidate, model_dir, n_items: int) -> dict:
     """Accuracy on the first items of the shipped eval split (for the embedded model) and next-token agreement
     with the full-precision PyTorch model on the bundled images and prompts."""
     from .defaults import PACKAGE, default_eval_data
     from .measure.divergence import Divergence
-    from .measure.vqa import GGUFAnswerer, TorchAnswerer, evaluate, read_vqa_jsonl
+    from .measure.vqa import TorchAnswerer, evaluate, read_vqa_jsonl
     from .models.preprocess import load_image
     from .verify import DEFAULT_PROMPTS, default_images
 
     out: dict = {}
     reference = TorchAnswerer(model_dir)
-    with GGUFAnswerer(text_path, mmproj_path) as pair:
+    with contextlib.ExitStack() as stack:
+        if hasattr(candidate, "__exit__"):
+            stack.enter_context(candidate)
         if (Path(model_dir) / "config.json").resolve() == (PACKAGE / "assets" / "imp-tiny" / "config.json").resolve():
             items = read_vqa_jsonl(default_eval_data())[:n_items]
-            report = evaluate(pair, items, model=str(text_path), dataset="eval", reference=reference)
+            report = evaluate(candidate, items, model="quantized", dataset="eval", reference=reference)
             full = evaluate(reference, items, model="pytorch", dataset="eval")
             out.update(eval_items=len(items), accuracy=report.accuracy, reference_accuracy=full.accuracy,
                        mean_kld=report.mean_kld, top1_agreement=report.top1_agreement)
@@ -170,7 +249,7 @@ def _verify(text_path: Path, mmproj_path: Path, model_dir, n_items: int) -> dict
                 image = load_image(path)
                 for prompt in DEFAULT_PROMPTS:
                     _, ref_logits = reference.answer(image, prompt, 1)
-                    _, logits = pair.answer(image, prompt, 1)
+                    _, logits = candidate.answer(image, prompt, 1)
                     divergence.add(ref_logits, logits)
             out.update(mean_kld=divergence.mean_kld, top1_agreement=divergence.top1_agreement)
     return out

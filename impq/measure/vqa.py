@@ -70,12 +70,13 @@ class Answerer(Protocol):
 
 
 class TorchAnswerer:
-    """The PyTorch reference forward of a checkpoint folder, optionally at another input resolution."""
+    """The PyTorch reference forward of a checkpoint folder (or an LMM already built), optionally at another input
+    resolution."""
 
-    def __init__(self, model_dir: str | Path, image_size: int | None = None):
+    def __init__(self, model, image_size: int | None = None):
         from ..models.lmm import LMM      # torch is imported only for this backend
 
-        self.lmm = LMM.from_folder(model_dir)
+        self.lmm = model if isinstance(model, LMM) else LMM.from_folder(model)
         self.image_size = image_size
 
     def answer(self, image, question, max_new_tokens):

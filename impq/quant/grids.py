@@ -8,10 +8,12 @@ A grid never knows which algorithm chose its values. Algorithms call:
   `pack(codes, params)` -> the GGUF block bytes.
 Blocks run along the input dimension (a weight row's consecutive `block` columns), as in GGUF.
 
-Only the 32-wide legacy blocks (Q8_0, Q5_0, Q5_1, Q4_0, Q4_1) are implemented so far; k-quants come next.
-The packers are written here because gguf-py quantizes only by plain round-to-nearest: impq must store
+GGUF grids: the 32-wide legacy blocks (Q8_0, Q5_0, Q5_1, Q4_0, Q4_1) and the 256-wide k-quants (Q6_K ... Q2_K).
+Their packers are written here because gguf-py quantizes only by plain round-to-nearest: impq must store
 codes and scales that its own algorithms chose. gguf-py's dequantizers and llama.cpp's `dequantize_row_*`
-are the tests' oracles.
+are the tests' oracles. Integer grids (`IntegerGrid`: int2-int8, one fp16 scale and an integer zero point per
+group) are the grid of GPTQ, AWQ and compressed-tensors safetensors; their packing lives in
+`impq.export.safetensors_layouts`.
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ class BlockParams:
     computes (value = scale * (q - offset), or scale * q + minimum); `extra` holds what the format stores
     when that differs (k-quants: super-block fp16 scales and 6- or 8-bit sub-block scales)."""
     scale: torch.Tensor                 # [rows, blocks]
-    minimum: torch.Tensor | None        # [rows, blocks] for asymmetric grids, else None
+    minimum: torch.Tensor | None        # [rows, blocks] for asymmetric grids (GGUF: the additive minimum;
+                                        # integer grids: the integer zero point), else None
     extra: dict = field(default_factory=dict)
 
     def columns(self, start: int, stop: int, total: int) -> "BlockParams":
@@ -313,3 +316,51 @@ GRIDS.update({
     "q3_k": KQuantGrid(QType.Q3_K, 3, True, 16, 31),
     "q2_k": KQuantGrid(QType.Q2_K, 2, False, 16, 15),
 })
+
+
+class IntegerGrid(LegacyGrid):
+    """`bits`-bit integer codes with one fp16 scale and one integer zero point per `group` consecutive input
+    columns: value = scale * (q - zero), q in [0, 2^bits - 1]. Symmetric: zero = 2^(bits - 1) in every group
+    (int4: q - 8 in [-8, 7]). The grid of GPTQ, AWQ and compressed-tensors checkpoints."""
+
+    qtype = None
+
+    def __init__(self, bits: int, group: int, symmetric: bool):
+        if not 2 <= bits <= 8:
+            raise ValueError(f"integer grids hold 2 to 8 bits, not {bits}")
+        self.bits, self.symmetric = bits, symmetric
+        self.block = self.sub = group
+        self.qmin, self.qmax, self.offset = 0, 2 ** bits - 1, 2 ** (bits - 1)
+
+    @property
+    def name(self) -> str:
+        return f"int{self.bits}-g{self.block}-{'sym' if self.symmetric else 'asym'}"
+
+    def _quantize(self, x, scale, zero):
+        if self.symmetric:
+            return super()._quantize(x, scale, None)
+        inv = torch.where(scale == 0, torch.zeros_like(scale), 1.0 / scale)
+        return (torch.round(x * inv) + zero).clamp(self.qmin, self.qmax)
+
+    def _dequantize(self, q, scale, zero):
+        return scale * (q - (self.offset if self.symmetric else zero))
+
+    def fit(self, w: torch.Tensor, importance: torch.Tensor | None = None, steps: int = 24) -> BlockParams:
+        if self.symmetric:
+            return super().fit(w, importance, steps)
+        blocks = self._blocks(w.float())
+        imp = torch.ones(w.shape[1]) if importance is None else importance.float()
+        imp = self._blocks(imp.expand(w.shape[0], -1))
+        # the range must hold 0 so that the integer zero point lies on the grid
+        lo, hi = blocks.amin(-1).clamp(max=0), blocks.amax(-1).clamp(min=0)
+        candidates = []
+        for shrink_lo in np.linspace(0, 0.2, 5):
+            for shrink_hi in np.linspace(0, 0.2, 5):
+                low, high = lo * (1 - shrink_lo), hi * (1 - shrink_hi)
+                scale = _fp16((high - low) / self.qmax)
+                zero = torch.round(-low / scale.clamp_min(1e-30)).clamp(self.qmin, self.qmax)
+                candidates.append(BlockParams(scale, zero))
+        return _best_per_block(candidates, [self._error(w, c, imp) for c in candidates])
+
+    def pack(self, codes: torch.Tensor, params: BlockParams) -> np.ndarray:
+        raise TypeError("integer grids are packed by a safetensors layout (impq.export.safetensors_layouts)")
