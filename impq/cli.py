@@ -283,7 +283,7 @@ def quantize_cmd(
     group_size: Optional[int] = typer.Option(None, help="safetensors: input columns per scale (default 128)."),
     out: Path = typer.Option(Path("quantized"), help="Output folder."),
     calib: Optional[Path] = typer.Option(None, help="Calibration JSONL ({image, prompt}) or text; default: the "
-                                                    "shipped shapes calibration split."),
+                                                    "shapes split for imp-tiny, calib_data/photos otherwise."),
     nsamples: int = typer.Option(64, min=1, help="Calibration sequences."),
     seqlen: int = typer.Option(512, min=8, help="Longest calibration sequence (tokens, image tokens included)."),
     seed: int = typer.Option(0, help="Seed of the calibration sampling."),
@@ -300,7 +300,7 @@ def quantize_cmd(
 
     model = model or default_model_dir()
     settings = QuantizeSettings.from_bits(bits, type_name, format=format, layout=layout, group_size=group_size,
-                                          method=method, calib=str(calib or default_calib_data()), nsamples=nsamples,
+                                          method=method, calib=str(calib or default_calib_data(model)), nsamples=nsamples,
                                           seqlen=seqlen, seed=seed, damp=damp, act_order=act_order,
                                           static_groups=static_groups)
     with _progress() as progress:

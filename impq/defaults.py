@@ -26,8 +26,12 @@ def default_eval_data() -> Path:
     return path
 
 
-def default_calib_data() -> Path:
-    path = REPO / "calib_data" / "shapes" / "calib.jsonl"
+def default_calib_data(model_dir: str | Path | None = None) -> Path:
+    """The shapes calibration split for the embedded imp-tiny (no model, or imp-tiny itself); for any other
+    checkpoint, the real photographs and plain English text of calib_data/photos/."""
+    embedded = model_dir is None or (Path(model_dir) / "config.json").resolve() == \
+        (PACKAGE / "assets" / "imp-tiny" / "config.json").resolve()
+    path = REPO / "calib_data" / ("shapes" if embedded else "photos") / "calib.jsonl"
     if not path.is_file():
         raise ImpqError(path, "default calibration data not found (a source checkout is needed); pass --calib")
     return path

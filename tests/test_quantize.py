@@ -162,3 +162,14 @@ def test_model_without_image_token(run_cli, models_dir, tmp_path):
     status, _, err = run_cli("quantize", model, "--calib", _calib_file(tmp_path), "--out", tmp_path / "out")
     assert status == 2 and "image_token_index" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_default_calibration_for_other_checkpoints_is_real_photos_and_text(models_dir):
+    from impq.defaults import default_calib_data
+
+    assert default_calib_data().parent.name == "shapes"
+    samples = read_calibration(default_calib_data(models_dir / "imp-phi2"))
+    with_image = [s for s in samples if s.image is not None]
+    assert len(with_image) >= 60 and len(samples) - len(with_image) >= 20
+    assert len({s.image for s in with_image}) >= 15 and len({s.text for s in samples}) >= 50
+    assert all(Image.open(s.image).size[0] >= 300 for s in with_image[:4])
