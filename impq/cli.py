@@ -273,7 +273,7 @@ def quantize_cmd(
     model: Optional[Path] = typer.Argument(None, help="Checkpoint folder; default: the embedded imp-tiny."),
     bits: int = typer.Option(4, help="Weight bits of the LLM's decoder layers (GGUF: 2 to 6, or 8; safetensors: "
                                      "2 to 8 as the layout allows)."),
-    method: str = typer.Option("gptq", help="rtn | gptq | awq."),
+    method: str = typer.Option("gptq", help="rtn | gptq | awq | signround (learned rounding)."),
     format: str = typer.Option("gguf", "--format", help="gguf (a GGUF pair for llama.cpp) | safetensors (a "
                                                         "transformers folder in a GPTQ/AWQ/compressed-tensors layout)."),
     type_name: Optional[str] = typer.Option(None, "--type", help="GGUF grid: q8_0 q6_k q5_k q5_0 q5_1 q4_k q4_0 "
@@ -281,6 +281,10 @@ def quantize_cmd(
     layout: Optional[str] = typer.Option(None, help="safetensors layout: compressed-tensors (default; transformers "
                                                     "loads it) | gptq | awq."),
     group_size: Optional[int] = typer.Option(None, help="safetensors: input columns per scale (default 128)."),
+    embeddings: Optional[str] = typer.Option(None, help="GGUF type of the token embedding and output head: q8_0 "
+                                                        "(default), f16, f32."),
+    vision: Optional[str] = typer.Option(None, help="GGUF type of the mmproj (vision tower, projector): f16 "
+                                                    "(default), q8_0, f32."),
     out: Path = typer.Option(Path("quantized"), help="Output folder."),
     calib: Optional[Path] = typer.Option(None, help="Calibration JSONL ({image, prompt}) or text; default: the "
                                                     "shapes split for imp-tiny, calib_data/photos otherwise."),
@@ -300,6 +304,7 @@ def quantize_cmd(
 
     model = model or default_model_dir()
     settings = QuantizeSettings.from_bits(bits, type_name, format=format, layout=layout, group_size=group_size,
+                                          embeddings=embeddings, vision=vision,
                                           method=method, calib=str(calib or default_calib_data(model)), nsamples=nsamples,
                                           seqlen=seqlen, seed=seed, damp=damp, act_order=act_order,
                                           static_groups=static_groups)

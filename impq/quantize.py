@@ -34,6 +34,7 @@ from .quant.grids import GRIDS
 DEFAULT_TYPE_FOR_BITS = {8: "q8_0", 6: "q6_k", 5: "q5_k", 4: "q4_k", 3: "q3_k", 2: "q2_k"}
 FORMATS = ("gguf", "safetensors")
 DEFAULT_GROUP_SIZE = 128          # safetensors: int<bits> with one scale per 128 input columns
+UNQUANTIZED_TYPES = ("q8_0", "f16", "f32")   # GGUF choices for the token embedding, output head and vision side
 
 
 @dataclass
@@ -57,19 +58,26 @@ class QuantizeSettings:
 
     @classmethod
     def from_bits(cls, bits: int, type_name: str | None = None, *, format: str = "gguf", layout: str | None = None,
-                  group_size: int | None = None, **kwargs) -> "QuantizeSettings":
+                  group_size: int | None = None, embeddings: str | None = None, vision: str | None = None,
+                  **kwargs) -> "QuantizeSettings":
         """Settings for --bits with the format's default grid, or the one --type / --layout / --group-size name."""
         if format not in FORMATS:
             raise ImpqError(None, f"--format {format}: choose one of {', '.join(FORMATS)}")
         if format == "safetensors":
             if type_name is not None:
                 raise ImpqError(None, "--type names a GGUF grid; with --format safetensors use --layout and --group-size")
+            if embeddings not in (None, "f16") or vision not in (None, "f16"):
+                raise ImpqError(None, "--format safetensors keeps the embeddings, output head and vision side at f16")
             settings = cls(bits=bits, format=format, type=None, layout=layout or "compressed-tensors",
                            group_size=group_size or DEFAULT_GROUP_SIZE, embeddings="f16", **kwargs)
             settings.grid()                     # bits and layout are checked before any work
             return settings
         if layout is not None or group_size is not None:
             raise ImpqError(None, "--layout and --group-size apply to --format safetensors; GGUF types fix their blocks")
+        for option, value in (("--embeddings", embeddings), ("--vision", vision)):
+            if value not in (None, *UNQUANTIZED_TYPES):
+                raise ImpqError(None, f"{option} {value}: choose one of {', '.join(UNQUANTIZED_TYPES)}")
+        kwargs.update({k: v for k, v in (("embeddings", embeddings), ("vision", vision)) if v is not None})
         if type_name is None:
             if bits not in DEFAULT_TYPE_FOR_BITS:
                 raise ImpqError(None, f"--bits {bits}: the GGUF grids implemented hold "

@@ -173,3 +173,71 @@ def test_default_calibration_for_other_checkpoints_is_real_photos_and_text(model
     assert len(with_image) >= 60 and len(samples) - len(with_image) >= 20
     assert len({s.image for s in with_image}) >= 15 and len({s.text for s in samples}) >= 50
     assert all(Image.open(s.image).size[0] >= 300 for s in with_image[:4])
+
+
+def _first_block(models_dir, tmp_path, layout="imp-phi2"):
+    from impq.quant.driver import _capture_first_block_inputs
+
+    lmm = LMM(read_spec(models_dir / layout))
+    embeddings = calibration_embeddings(lmm, read_calibration(_calib_file(tmp_path)), 8, 256)
+    inputs = _capture_first_block_inputs(lmm, embeddings)
+    return lmm.llm.model.layers[0], inputs
+
+
+@torch.no_grad()
+def test_signround_lowers_block_output_error_against_its_starting_point(models_dir, tmp_path):
+    from torch import nn
+    from impq.quant.signround import signround_block
+
+    layer, inputs = _first_block(models_dir, tmp_path)
+    targets = [layer(h, **kw) for h, kw in inputs]
+    grid = GRIDS["q4_0"]
+    linears = {n: m for n, m in layer.named_modules() if isinstance(m, nn.Linear)}
+    initial = {n: (grid.fit(m.weight.float()), grid) for n, m in linears.items()}
+
+    def block_error(rounded):
+        weights = {f"{n}.weight": grid.values(*rounded[n]) for n in rounded}
+        return sum(float(((torch.func.functional_call(layer, weights, (h,), kw) - t) ** 2).mean())
+                   for (h, kw), t in zip(inputs, targets))
+
+    start = {n: (grid.codes(linears[n].weight.float(), p), p) for n, (p, _) in initial.items()}
+    with torch.enable_grad():
+        learned = signround_block(layer, inputs, targets, initial, iterations=100)
+    for n, (codes, params) in learned.items():      # on the grid: codes in range, scales stored as fp16
+        assert codes.min() >= 0 and codes.max() <= 15
+        assert torch.equal(params.scale, params.scale.half().float())
+        assert not torch.equal(codes, start[n][0])
+    assert block_error(learned) < 0.9 * block_error(start)
+    assert all(not p.requires_grad or p.grad is None for p in layer.parameters())
+
+
+def test_awq_clip_search_never_loses_to_no_clipping(models_dir, tmp_path):
+    from impq.quant.awq import search_clip
+
+    layer, inputs = _first_block(models_dir, tmp_path)
+    x = torch.cat([h.reshape(-1, h.shape[-1]) for h, _ in inputs])
+    grid = GRIDS["q4_0"]
+    weight = layer.mlp.fc1.weight.detach().float()
+
+    def output_error(w):
+        params = grid.fit(w, x.pow(2).mean(0))
+        return float(((x @ (weight - grid.values(grid.codes(w, params), params)).T) ** 2).sum())
+
+    clipped = search_clip("mlp.fc1", weight, x, grid)
+    assert not torch.equal(clipped, weight) and clipped.abs().max() <= weight.abs().max()
+    assert output_error(clipped) < output_error(weight)
+    assert torch.equal(search_clip("self_attn.q_proj", weight, x, grid), weight)
+
+
+def test_embedding_head_and_vision_types_can_be_overridden(run_cli, models_dir, tmp_path):
+    out = tmp_path / "out"
+    status, _, err = run_cli("quantize", models_dir / "imp-phi2", "--type", "q4_0", "--method", "rtn",
+                             "--embeddings", "f16", "--vision", "q8_0", "--calib", _calib_file(tmp_path),
+                             "--nsamples", "2", "--verify-items", "0", "--out", out)
+    assert status == 0, err
+    text = {t.name: t.tensor_type for t in gguf.GGUFReader(out / "imp-phi2-Q4_0-rtn.gguf").tensors}
+    assert text["token_embd.weight"] == QType.F16 and text["blk.0.ffn_up.weight"] == QType.Q4_0
+    vision = [t for t in gguf.GGUFReader(out / "mmproj-imp-phi2-Q4_0-rtn.gguf").tensors if len(t.shape) == 2]
+    assert any(t.tensor_type == QType.Q8_0 for t in vision)
+    status, _, err = run_cli("quantize", models_dir / "imp-phi2", "--vision", "q2_k", "--out", out)
+    assert status == 2 and "--vision q2_k" in err

@@ -6,6 +6,10 @@ Where 1/s can be folded (the tables below): a layer norm before q/k/v (and fc1 t
 the value projection's rows before the output projection (when every head has its own value), the up
 projection's rows before the down projection (SwiGLU multiplies them elementwise). Phi-2's fc2 follows a GELU
 and cannot take a folded scale, so it is left unscaled.
+
+After scaling, AWQ's clipping search shrinks each row's largest magnitudes per grid block where that lowers the
+layer's output error on the sampled inputs (query and key projections excepted, as in AWQ: their errors are
+amplified by the attention softmax and the search on outputs misjudges them).
 """
 
 from __future__ import annotations
@@ -99,3 +103,37 @@ def search_scales(layer: nn.Module, group: ScaleGroup, x: torch.Tensor, grid: Le
         if loss < best[1]:
             best = (s, loss, alpha)
     return best[0], best[2]
+
+
+CLIP_RATIOS = [1.0 - 0.025 * k for k in range(21)]      # clip the block's largest magnitude to 100 % ... 50 %
+CLIP_TOKENS = 512
+NOT_CLIPPED = ("q_proj", "k_proj", "qkv_proj")
+
+
+@torch.no_grad()
+def search_clip(name: str, weight: torch.Tensor, x: torch.Tensor, grid: LegacyGrid) -> torch.Tensor:
+    """`weight` with each (row, block) clipped to the ratio of its largest magnitude that minimises the block's
+    share of the output error, sum over tokens of (x_block (w_block - q_block)^T)^2, after quantizing onto the
+    grid (x: [tokens, in_features] sample of the layer's inputs)."""
+    if name.split(".")[-1] in NOT_CLIPPED:
+        return weight
+    x = x[:: max(1, x.shape[0] // CLIP_TOKENS)][:CLIP_TOKENS].float()
+    importance = x.pow(2).mean(0)
+    rows, cols = weight.shape
+    width = grid.sub                     # the unit that has its own scale
+    xb = x.reshape(x.shape[0], cols // width, width)                               # [tokens, blocks, width]
+    peak = weight.reshape(rows, cols // width, width).abs().amax(-1, keepdim=True)  # [rows, blocks, 1]
+    best_error, best = None, None
+    for ratio in CLIP_RATIOS:
+        limit = peak * ratio
+        clipped = weight.reshape(rows, cols // width, width).clamp(-limit, limit).reshape(rows, cols)
+        params = grid.fit(clipped, importance)
+        delta = (weight - grid.values(grid.codes(clipped, params), params)).reshape(rows, cols // width, width)
+        error = torch.einsum("tbw,rbw->trb", xb, delta).pow(2).sum(0)             # [rows, blocks]
+        if best is None:
+            best_error, best = error, clipped.reshape(rows, cols // width, width)
+        else:
+            better = (error < best_error).unsqueeze(-1)
+            best = torch.where(better, clipped.reshape(rows, cols // width, width), best)
+            best_error = torch.minimum(error, best_error)
+    return best.reshape(rows, cols)

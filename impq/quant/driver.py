@@ -14,12 +14,13 @@ import torch
 from torch import nn
 
 from ..models.lmm import LMM
-from .awq import apply_scales, search_scales, usable_groups
+from .awq import apply_scales, search_clip, search_scales, usable_groups
 from .grids import BlockParams, LegacyGrid
 from .gptq import gptq
 from .rtn import rtn
+from .signround import signround_block
 
-METHODS = ("rtn", "gptq", "awq")
+METHODS = ("rtn", "gptq", "awq", "signround")
 AWQ_TOKENS = 4096                # input rows kept per scale group for AWQ's search
 
 
@@ -66,10 +67,12 @@ def _capture_first_block_inputs(lmm: LMM, embeddings: list[torch.Tensor]) -> lis
 
 @torch.no_grad()
 def quantize_llm(lmm: LMM, embeddings: list[torch.Tensor], grid: LegacyGrid, method: str, *,
-                 gptq_options: dict | None = None, on_layer: Callable[[int, int], None] | None = None) -> QuantizeResult:
+                 gptq_options: dict | None = None, signround_options: dict | None = None,
+                 on_layer: Callable[[int, int], None] | None = None) -> QuantizeResult:
     """Quantize every linear layer of the LLM's decoder blocks in place (weights become their grid values) and
-    return the codes and block parameters by canonical tensor name. `method`: rtn, gptq, or awq (AWQ's scales,
-    then rounding with the grid's importance-weighted scale search)."""
+    return the codes and block parameters by canonical tensor name. `method`: rtn, gptq, awq (AWQ's scales,
+    then rounding with the grid's importance-weighted scale search), or signround (rounding and block scales
+    learned against the full-precision block's outputs, from the importance-weighted fit)."""
     start = time.perf_counter()
     result = QuantizeResult()
     inputs = _capture_first_block_inputs(lmm, embeddings)
@@ -79,7 +82,8 @@ def quantize_llm(lmm: LMM, embeddings: list[torch.Tensor], grid: LegacyGrid, met
         hessians = {name: torch.zeros(m.in_features, m.in_features, dtype=torch.float64) for name, m in linears.items()}
         counts = dict.fromkeys(linears, 0)
         groups = usable_groups(lmm.spec.family, layer) if method == "awq" else []
-        samples: dict[str, list[torch.Tensor]] = {g.linears[0]: [] for g in groups}
+        # AWQ keeps a sample of every linear layer's inputs: for the scale search and the clipping search
+        samples: dict[str, list[torch.Tensor]] = {name: [] for name in linears} if method == "awq" else {}
 
         last: dict = {"input": None}             # q, k, v (and Phi-2's fc1) receive the same input tensor
 
@@ -87,7 +91,8 @@ def quantize_llm(lmm: LMM, embeddings: list[torch.Tensor], grid: LegacyGrid, met
             def hook(module, args, output):
                 x = args[0].reshape(-1, args[0].shape[-1])
                 if args[0] is not last["input"]:
-                    last.update(input=args[0], xtx=x.double().T @ x.double())
+                    # float32 products (as in GPTQ), summed in float64: float64 matmuls are several times slower
+                    last.update(input=args[0], xtx=(x.float().T @ x.float()).double())
                 hessians[name] += last["xtx"]
                 counts[name] += x.shape[0]
                 if name in samples and sum(t.shape[0] for t in samples[name]) < AWQ_TOKENS:
@@ -95,28 +100,40 @@ def quantize_llm(lmm: LMM, embeddings: list[torch.Tensor], grid: LegacyGrid, met
             return hook
 
         handles = [m.register_forward_hook(accumulate(name)) for name, m in linears.items()]
-        for hidden, kwargs in inputs:
-            layer(hidden, **kwargs)
+        outputs = [layer(hidden, **kwargs) for hidden, kwargs in inputs]   # full precision: learned rounding's target
         for handle in handles:
             handle.remove()
         last.clear()
         alphas = {}
+        samples = {name: torch.cat(parts)[:AWQ_TOKENS] for name, parts in samples.items()}
         for group in groups:
-            scales, alpha = search_scales(layer, group, torch.cat(samples[group.linears[0]])[:AWQ_TOKENS], grid)
+            scales, alpha = search_scales(layer, group, samples[group.linears[0]], grid)
             apply_scales(layer, group, scales)
             inverse = (1.0 / scales).double()
-            for name in group.linears:           # inputs are now x / s: so is their second moment
+            for name in group.linears:           # inputs are now x / s: so are their samples and second moment
                 hessians[name] *= inverse.unsqueeze(0) * inverse.unsqueeze(1)
+                samples[name] = samples[name] / scales
                 alphas[name] = alpha
-        for name, module in linears.items():
-            if module.in_features % grid.block:
-                continue                       # cannot be block-quantized: stays at the export's float type
-            H = (hessians[name] / max(1, counts[name])).float()
+        # a layer whose input width does not fill the grid's blocks stays at the export's float type
+        quantizable = {name: m for name, m in linears.items() if m.in_features % grid.block == 0}
+        hessian = {name: (hessians[name] / max(1, counts[name])).float() for name in quantizable}
+        if method == "signround":
+            initial = {name: (grid.fit(m.weight.float(), torch.diagonal(hessian[name]).clamp_min(1e-8)), grid)
+                       for name, m in quantizable.items()}
+            with torch.enable_grad():
+                rounded = signround_block(layer, inputs, outputs, initial, **(signround_options or {}))
+        elif method == "gptq":
+            rounded = {name: gptq(m.weight.float(), hessian[name], grid, **(gptq_options or {}))
+                       for name, m in quantizable.items()}
+        elif method == "awq":
+            rounded = {name: rtn(search_clip(name, m.weight.float(), samples[name], grid), hessian[name], grid)
+                       for name, m in quantizable.items()}
+        else:
+            rounded = {name: rtn(m.weight.float(), hessian[name], grid) for name, m in quantizable.items()}
+        del outputs
+        for name, (codes, params) in rounded.items():
+            module, H = quantizable[name], hessian[name]
             W = module.weight.float()
-            if method == "gptq":
-                codes, params = gptq(W, H, grid, **(gptq_options or {}))
-            else:
-                codes, params = rtn(W, H, grid)
             Q = grid.values(codes, params)
             dW = W - Q
             error = float(torch.trace(dW @ H @ dW.T) / torch.trace(W @ H @ W.T).clamp_min(1e-30))

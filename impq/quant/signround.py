@@ -1,0 +1,112 @@
+"""Learned rounding (SignRound, Cheng et al., 2023, the algorithm behind AutoRound): tune, for every weight of a
+decoder block, a rounding offset V in [-0.5, 0.5] (round up or down), and for every block of the grid a scale
+multiplier in [0.5, 1.5], by signed gradient descent on the block's output error against the full-precision
+block on the same calibration inputs. Rounding uses the straight-through estimator.
+
+Written here rather than taken from auto-round because the result must land on impq's grids: the codes are the
+grid's own rounding of w + V * scale with the grid's own parameters, so the k-quants' integer sub-block scales
+(which cannot move freely) keep their fitted values and only the rounding is learned there.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Callable
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from .grids import BlockParams, KQuantGrid, LegacyGrid, _fp16
+
+ITERATIONS = 200
+BATCH = 4                    # calibration sequences per step
+
+
+def _per_column(t: torch.Tensor, grid: LegacyGrid, cols: int) -> torch.Tensor:
+    return t.repeat_interleave(grid.sub, dim=1)[:, :cols]
+
+
+class LearnedRounding(nn.Module):
+    """One linear layer's trainable rounding offsets and block-scale multipliers on a fixed grid."""
+
+    def __init__(self, weight: torch.Tensor, params: BlockParams, grid: LegacyGrid):
+        super().__init__()
+        self.weight, self.params, self.grid = weight.float(), params, grid
+        self.offset = nn.Parameter(torch.zeros_like(self.weight))
+        # k-quant sub-block scales are stored as small integers times a super-block scale: they stay as fitted
+        self.tune_scale = not isinstance(grid, KQuantGrid)
+        self.scale_factor = nn.Parameter(torch.ones_like(params.scale), requires_grad=self.tune_scale)
+
+    def current_params(self) -> BlockParams:
+        if not self.tune_scale:
+            return self.params
+        return BlockParams(self.params.scale * self.scale_factor, self.params.minimum, self.params.extra)
+
+    def forward(self) -> torch.Tensor:
+        params = self.current_params()
+        cols = self.weight.shape[1]
+        step = _per_column(params.scale.detach(), self.grid, cols)
+        codes = self.grid.codes(self.weight + self.offset.detach() * step, BlockParams(
+            params.scale.detach(), params.minimum, params.extra))
+        value = self.grid.values(codes, params)                      # differentiable in the scale multiplier
+        return value + step * (self.offset - self.offset.detach())    # straight-through gradient for the offsets
+
+    @torch.no_grad()
+    def clamp_(self) -> None:
+        self.offset.clamp_(-0.5, 0.5)
+        self.scale_factor.clamp_(0.5, 1.5)
+
+    @torch.no_grad()
+    def result(self) -> tuple[torch.Tensor, BlockParams]:
+        """Codes and parameters exactly on the grid (scales rounded to the format's fp16)."""
+        params = self.current_params()
+        if self.tune_scale:
+            params = BlockParams(_fp16(params.scale), params.minimum, params.extra)
+        step = _per_column(params.scale, self.grid, self.weight.shape[1])
+        return self.grid.codes(self.weight + self.offset * step, params), params
+
+
+def signround_block(layer: nn.Module, inputs: list[tuple[torch.Tensor, dict]], targets: list[torch.Tensor],
+                    initial: dict[str, tuple[BlockParams, LegacyGrid]], *, iterations: int = ITERATIONS,
+                    seed: int = 0, on_step: Callable[[int], None] | None = None) -> dict[str, tuple[torch.Tensor, BlockParams]]:
+    """Learn the rounding of the linear layers named in `initial` (name -> fitted parameters, grid) so that the
+    block's outputs on `inputs` approach `targets`. Returns name -> (codes, parameters)."""
+    modules = {name: LearnedRounding(layer.get_submodule(name).weight.detach(), params, grid)
+               for name, (params, grid) in initial.items()}
+    trainable = [p for m in modules.values() for p in (m.offset, m.scale_factor) if p.requires_grad]
+    frozen = [p for p in layer.parameters() if p.requires_grad]       # only the rounding is trained
+    for p in frozen:
+        p.requires_grad_(False)
+    try:
+        _train(layer, inputs, targets, modules, trainable, iterations, seed, on_step)
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+    return {name: m.result() for name, m in modules.items()}
+
+
+def _train(layer, inputs, targets, modules, trainable, iterations, seed, on_step) -> None:
+    rng = random.Random(seed)
+    lr = 1.0 / iterations                   # AutoRound's default: 0.005 for 200 steps, decayed linearly
+    for step in range(iterations):
+        batch = rng.sample(range(len(inputs)), min(BATCH, len(inputs)))
+        weights = {f"{name}.weight": m() for name, m in modules.items()}
+        loss = 0.0
+        for i in batch:
+            hidden, kwargs = inputs[i]
+            out = functional_call(layer, weights, (hidden,), kwargs)
+            out = out[0] if isinstance(out, tuple) else out
+            loss = loss + torch.nn.functional.mse_loss(out.float(), targets[i].float())
+        for p in trainable:
+            p.grad = None
+        loss.backward()
+        with torch.no_grad():
+            rate = lr * (1 - step / iterations)
+            for p in trainable:
+                if p.grad is not None:
+                    p -= rate * p.grad.sign()
+        for m in modules.values():
+            m.clamp_()
+        if on_step:
+            on_step(step)
