@@ -77,11 +77,11 @@ def calibration_embeddings(lmm: LMM, samples: list[CalibSample], nsamples: int, 
         sample = samples[index]
         if sample.image is None:
             ids = lmm.tokenizer.encode(sample.text)
-            embeds = embed(torch.tensor(ids)).unsqueeze(0)
+            embeds = embed(torch.tensor(ids, device=embed.weight.device)).unsqueeze(0)
         else:
             embeds = lmm.prompt_embeddings(load_image(sample.image), sample.text)
             if sample.answer:
                 answer = lmm.tokenizer.encode(f" {sample.answer}") + [lmm.tokenizer.eos_id]
-                embeds = torch.cat([embeds, embed(torch.tensor(answer)).unsqueeze(0)], dim=1)
+                embeds = torch.cat([embeds, embed(torch.tensor(answer, device=embed.weight.device)).unsqueeze(0)], dim=1)
         out.append(embeds[:, :seqlen])
     return out

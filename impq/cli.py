@@ -294,6 +294,8 @@ def quantize_cmd(
     damp: float = typer.Option(0.01, help="GPTQ damping, as a fraction of the mean Hessian diagonal."),
     act_order: bool = typer.Option(False, "--act-order", help="GPTQ: quantize columns by decreasing activation."),
     static_groups: bool = typer.Option(False, "--static-groups", help="GPTQ: block scales from the original weights."),
+    device: str = typer.Option("auto", help="Where calibration and quantization run: auto (a CUDA GPU when torch "
+                                            "sees one, else the CPU), cpu, cuda, cuda:N, mps."),
     verify_items: int = typer.Option(140, help="Eval items for the llama.cpp check (embedded model); 0 skips it."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ):
@@ -307,7 +309,7 @@ def quantize_cmd(
                                           embeddings=embeddings, vision=vision,
                                           method=method, calib=str(calib or default_calib_data(model)), nsamples=nsamples,
                                           seqlen=seqlen, seed=seed, damp=damp, act_order=act_order,
-                                          static_groups=static_groups)
+                                          static_groups=static_groups, device=device)
     with _progress() as progress:
         task = progress.add_task(f"{method} -> {settings.grid().name}", total=None)
         report = quantize_model(model, out, settings, verify_items=verify_items,

@@ -18,6 +18,7 @@ import yaml
 
 from . import __version__
 from .calib import calibration_embeddings, file_digest, read_calibration
+from .device import resolve_device
 from .errors import ImpqError
 from .export.gguf_file import QType
 from .export.gguf_mmproj import write_mmproj_gguf
@@ -53,6 +54,7 @@ class QuantizeSettings:
     block_size: int = 128
     act_order: bool = False
     static_groups: bool = False
+    device: str = "auto"          # where calibration and the layer-by-layer work run
     embeddings: str = "q8_0"      # GGUF: token embedding and output head at 8 bits in low-bit exports
     vision: str = "f16"           # the vision tower and projector stay at 16 bits
 
@@ -117,6 +119,7 @@ class QuantizeReport:
     quantize_seconds: float
     total_seconds: float
     peak_rss_mb: float
+    device: str = "cpu"
     verification: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -129,6 +132,7 @@ def quantize_model(model_dir: str | Path, out_dir: str | Path, settings: Quantiz
     if settings.method not in METHODS:
         raise ImpqError(None, f"--method {settings.method}: choose one of {', '.join(METHODS)}")
     grid = settings.grid()
+    device = resolve_device(settings.device)
     spec = read_spec(model_dir)
     samples = read_calibration(settings.calib)
     out_dir = ensure_writable_dir(Path(out_dir))
@@ -136,12 +140,19 @@ def quantize_model(model_dir: str | Path, out_dir: str | Path, settings: Quantiz
         gguf_vocab(spec.tokenizer, spec.text_config.vocab_size)
         text_tensors(spec, grid.qtype)
 
-    (on_status or (lambda _: None))("calibrating")
+    (on_status or (lambda _: None))(f"calibrating on {device}")
     lmm = LMM(spec)
+    calibration_side = (lmm.vision, lmm.projector, lmm.llm.get_input_embeddings())
+    for module in calibration_side:
+        module.to(device)
     embeddings = calibration_embeddings(lmm, samples, settings.nsamples, settings.seqlen, settings.seed)
+    for module in calibration_side:
+        module.to("cpu")
     options = {"damp": settings.damp, "block_size": settings.block_size, "act_order": settings.act_order,
                "static_groups": settings.static_groups}
-    result = quantize_llm(lmm, embeddings, grid, settings.method, gptq_options=options, on_layer=on_layer)
+    result = quantize_llm(lmm, embeddings, grid, settings.method, gptq_options=options, device=device,
+                          on_layer=on_layer)
+    embeddings = [e.cpu() for e in embeddings]
     if not result.tensors:
         raise ImpqError(spec.folder, f"no linear layer's input width is a multiple of {grid.block}, the "
                                      f"{grid.name} block: choose a smaller block or group")
@@ -183,7 +194,7 @@ def quantize_model(model_dir: str | Path, out_dir: str | Path, settings: Quantiz
         {k: str(v) for k, v in artifacts.items()}, total_bytes, str(recipe_path), recorded,
         {name: q.relative_error for name, q in result.tensors.items()}, bits_quantized, 8 * llm_bytes / llm_weights,
         len(embeddings), sum(e.shape[1] for e in embeddings), result.seconds, 0.0,
-        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, str(device))
     if verify_items:
         if settings.format == "gguf":
             (on_status or (lambda _: None))("verifying in llama.cpp")

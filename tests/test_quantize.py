@@ -241,3 +241,15 @@ def test_embedding_head_and_vision_types_can_be_overridden(run_cli, models_dir, 
     assert any(t.tensor_type == QType.Q8_0 for t in vision)
     status, _, err = run_cli("quantize", models_dir / "imp-phi2", "--vision", "q2_k", "--out", out)
     assert status == 2 and "--vision q2_k" in err
+
+
+def test_device_choice(run_cli, models_dir, tmp_path):
+    from impq.device import resolve_device
+
+    assert resolve_device("cpu").type == "cpu"
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else resolve_device("auto").type)
+    if not torch.cuda.is_available():
+        status, _, err = run_cli("quantize", models_dir / "imp-phi2", "--device", "cuda", "--out", tmp_path / "out")
+        assert status == 2 and "--device cuda" in err and not (tmp_path / "out").exists()
+    status, _, err = run_cli("quantize", models_dir / "imp-phi2", "--device", "gpu0", "--out", tmp_path / "out")
+    assert status == 2 and "--device gpu0" in err

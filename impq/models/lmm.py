@@ -65,7 +65,7 @@ class LMM(nn.Module):
         """[B, n_tokens, vision_hidden]: the selected vision layer's output, before the projector."""
         model = self.vision
         interpolate = pixels.shape[-1] != self.spec.vision.image_size
-        hidden = model.embeddings(pixels.to(self.dtype), interpolate_pos_encoding=interpolate)
+        hidden = model.embeddings(pixels.to(self.vision_device, self.dtype), interpolate_pos_encoding=interpolate)
         if self.spec.vision.kind == "clip":
             hidden = model.pre_layrnorm(hidden)
         hidden = model.encoder(inputs_embeds=hidden).last_hidden_state
@@ -84,6 +84,10 @@ class LMM(nn.Module):
         return self.image_features(self.pixels(image, size))[0]
 
     @property
+    def vision_device(self) -> torch.device:
+        return self.vision.embeddings.patch_embedding.weight.device
+
+    @property
     def dtype(self) -> torch.dtype:
         return self.llm.model.embed_tokens.weight.dtype
 
@@ -97,7 +101,7 @@ class LMM(nn.Module):
             if i > 0 and image is not None:
                 parts.append(self.encode_image(image, size))
             if ids:
-                parts.append(embed(torch.tensor(ids)))
+                parts.append(embed(torch.tensor(ids, device=embed.weight.device)))
         return torch.cat(parts).unsqueeze(0)
 
     @torch.no_grad()

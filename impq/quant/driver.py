@@ -68,18 +68,23 @@ def _capture_first_block_inputs(lmm: LMM, embeddings: list[torch.Tensor]) -> lis
 @torch.no_grad()
 def quantize_llm(lmm: LMM, embeddings: list[torch.Tensor], grid: LegacyGrid, method: str, *,
                  gptq_options: dict | None = None, signround_options: dict | None = None,
+                 device: str | torch.device = "cpu",
                  on_layer: Callable[[int, int], None] | None = None) -> QuantizeResult:
     """Quantize every linear layer of the LLM's decoder blocks in place (weights become their grid values) and
     return the codes and block parameters by canonical tensor name. `method`: rtn, gptq, awq (AWQ's scales,
     then rounding with the grid's importance-weighted scale search), or signround (rounding and block scales
-    learned against the full-precision block's outputs, from the importance-weighted fit)."""
+    learned against the full-precision block's outputs, from the importance-weighted fit).
+    On a GPU (`device`), one decoder block at a time moves there with the activations; the rest stays on the CPU."""
     start = time.perf_counter()
     result = QuantizeResult()
-    inputs = _capture_first_block_inputs(lmm, embeddings)
+    lmm.llm.model.rotary_emb.to(device)
+    inputs = _capture_first_block_inputs(lmm, [e.to(device) for e in embeddings])
     layers = lmm.llm.model.layers
     for index, layer in enumerate(layers):
+        layer.to(device)
         linears = {name: m for name, m in layer.named_modules() if isinstance(m, nn.Linear)}
-        hessians = {name: torch.zeros(m.in_features, m.in_features, dtype=torch.float64) for name, m in linears.items()}
+        hessians = {name: torch.zeros(m.in_features, m.in_features, dtype=torch.float64, device=device)
+                    for name, m in linears.items()}
         counts = dict.fromkeys(linears, 0)
         groups = usable_groups(lmm.spec.family, layer) if method == "awq" else []
         # AWQ keeps a sample of every linear layer's inputs: for the scale search and the clipping search
@@ -138,10 +143,12 @@ def quantize_llm(lmm: LMM, embeddings: list[torch.Tensor], grid: LegacyGrid, met
             dW = W - Q
             error = float(torch.trace(dW @ H @ dW.T) / torch.trace(W @ H @ W.T).clamp_min(1e-30))
             module.weight.copy_(Q.to(module.weight.dtype))
-            result.tensors[f"llm.model.layers.{index}.{name}.weight"] = QuantizedTensor(codes, params, grid, error,
-                                                                                        alphas.get(name))
+            result.tensors[f"llm.model.layers.{index}.{name}.weight"] = QuantizedTensor(
+                codes.cpu(), params.to("cpu"), grid, error, alphas.get(name))
         inputs = [(layer(hidden, **kwargs), kwargs) for hidden, kwargs in inputs]
+        layer.to("cpu")
         if on_layer:
             on_layer(index, len(layers))
+    lmm.llm.model.rotary_emb.to("cpu")
     result.seconds = time.perf_counter() - start
     return result

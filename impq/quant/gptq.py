@@ -25,15 +25,15 @@ def gptq(weight: torch.Tensor, hessian: torch.Tensor, grid: LegacyGrid, *, block
     if act_order or static_groups:
         whole = grid.fit(W, importance)
         fitted = {b: whole.columns(b * g, (b + 1) * g, cols) for b in range(cols // g)}
-    perm = torch.argsort(torch.diagonal(H), descending=True) if act_order else torch.arange(cols)
+    perm = torch.argsort(torch.diagonal(H), descending=True) if act_order else torch.arange(cols, device=W.device)
     W, H = W[:, perm], H[perm][:, perm]
-    H += damp * torch.mean(torch.diagonal(H)) * torch.eye(cols)
+    H += damp * torch.mean(torch.diagonal(H)) * torch.eye(cols, device=H.device)
     Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
-    codes = torch.zeros(rows, cols, dtype=torch.int32)
+    codes = torch.zeros(rows, cols, dtype=torch.int32, device=W.device)
     block_size = max(g, block_size // g * g)
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)
-        W1, Err1, Hinv1 = W[:, i1:i2].clone(), torch.zeros(rows, i2 - i1), Hinv[i1:i2, i1:i2]
+        W1, Err1, Hinv1 = W[:, i1:i2].clone(), torch.zeros(rows, i2 - i1, device=W.device), Hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
             col = int(perm[i1 + i])
             b = col // g

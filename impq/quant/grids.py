@@ -45,6 +45,10 @@ class BlockParams:
         return BlockParams(part(self.scale), None if self.minimum is None else part(self.minimum),
                            {k: part(v) for k, v in self.extra.items()})
 
+    def to(self, device) -> "BlockParams":
+        return BlockParams(self.scale.to(device), None if self.minimum is None else self.minimum.to(device),
+                           {k: v.to(device) for k, v in self.extra.items()})
+
     @staticmethod
     def concat(parts: list["BlockParams"]) -> "BlockParams":
         """Parameters of consecutive column ranges, joined along the block axis."""
@@ -140,7 +144,7 @@ class LegacyGrid:
         """Per-block scale (and minimum) minimising sum(importance * (w - value)^2) over a grid of candidates
         around the min/max choice (the search llama.cpp's make_qx_quants does, here vectorised over blocks)."""
         blocks = self._blocks(w.float())
-        imp = torch.ones(w.shape[1]) if importance is None else importance.float()
+        imp = torch.ones(w.shape[1], device=w.device) if importance is None else importance.float()
         imp = self._blocks(imp.expand(w.shape[0], -1))
         if self.symmetric:
             # the largest-magnitude value, with its sign, maps to the grid's most negative level (as ggml does)
@@ -349,7 +353,7 @@ class IntegerGrid(LegacyGrid):
         if self.symmetric:
             return super().fit(w, importance, steps)
         blocks = self._blocks(w.float())
-        imp = torch.ones(w.shape[1]) if importance is None else importance.float()
+        imp = torch.ones(w.shape[1], device=w.device) if importance is None else importance.float()
         imp = self._blocks(imp.expand(w.shape[0], -1))
         # the range must hold 0 so that the integer zero point lies on the grid
         lo, hi = blocks.amin(-1).clamp(max=0), blocks.amax(-1).clamp(min=0)
