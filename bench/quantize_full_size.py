@@ -26,6 +26,9 @@ def main() -> None:
     parser.add_argument("--runs", default="gptq:q4_k", help="method:type pairs, comma-separated")
     parser.add_argument("--nsamples", type=int, default=8)
     parser.add_argument("--seqlen", type=int, default=1024, help="729 image tokens plus the prompt fit in 1024")
+    parser.add_argument("--device", default="auto", help="passed to impq quantize --device")
+    parser.add_argument("--skip-load-check", action="store_true",
+                        help="do not load the pair in llama.cpp (a machine without llama-cpp-python)")
     args = parser.parse_args()
     model = args.work / "imp-v1-3b-random"
     impq = [sys.executable, "-m", "impq.cli"]
@@ -38,32 +41,37 @@ def main() -> None:
         out = args.work / f"quantize-{method}-{type_name}"
         secs, rss, stdout = run_measured([*impq, "quantize", str(model), "--method", method, "--type", type_name,
                                           "--bits", type_name[1], "--nsamples", str(args.nsamples), "--seqlen",
-                                          str(args.seqlen), "--verify-items", "0", "--out", str(out), "--json"])
+                                          str(args.seqlen), "--verify-items", "0", "--device", args.device,
+                                          "--out", str(out), "--json"])
         report = json.loads(stdout)
         artifacts = report["artifacts"]
-        gen_secs, gen_rss, gen_out = run_measured([sys.executable, "-c", GENERATE, artifacts["text_gguf"],
-                                                   artifacts["mmproj_gguf"]])
+        load = {}
+        if not args.skip_load_check:
+            _, gen_rss, gen_out = run_measured([sys.executable, "-c", GENERATE, artifacts["text_gguf"],
+                                                artifacts["mmproj_gguf"]])
+            load = {"llamacpp_peak_rss_mb": round(gen_rss), **{k: round(v, 3) if isinstance(v, float) else v
+                                                               for k, v in json.loads(gen_out).items()}}
         record["runs"][run] = {
             "wall_s": round(secs, 1), "peak_rss_mb": round(rss), "quantize_s": round(report["quantize_seconds"], 1),
             "calibration_tokens": report["calibration_tokens"], "artifact_gb": round(report["artifact_bytes"] / 1e9, 3),
             "bits_per_weight_file": round(report["bits_per_weight_file"], 3),
-            "worst_layer_error": round(max(report["layers"].values()), 4),
-            "llamacpp_peak_rss_mb": round(gen_rss), **{k: round(v, 3) if isinstance(v, float) else v
-                                                       for k, v in json.loads(gen_out).items()}}
+            "worst_layer_error": round(report["worst_layer_error"], 4), "device": report["device"], **load}
         print(run, record["runs"][run], flush=True)
+    results = RESULTS / f"quantize_full_size{'' if args.device in ('auto', 'cpu') else '_' + args.device}"
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "quantize_full_size.json").write_text(json.dumps(record, indent=2) + "\n")
+    results.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
     lines = ["# `impq quantize` on the full-size imp-v1-3b (random weights, Phi-2 2.7B + SigLIP so400m)", "",
              f"Machine: {record['machine']['cpus']} CPUs, {record['machine']['platform']}. Calibration: "
              f"{args.nsamples} sequences of the shapes calibration split at 384 px (729 image tokens), up to "
              f"{args.seqlen} tokens. Wall time and peak RSS are the whole `impq quantize` process.", "",
-             "| method:type | wall s | quantize s | peak RSS MB | pair GB | LLM bits/weight (file) | worst layer error | "
-             "llama.cpp peak RSS MB | prompt tokens | decode s (16 tokens) |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "| method:type | device | wall s | quantize s | peak RSS MB | pair GB | LLM bits/weight (file) | "
+             "worst layer error | llama.cpp peak RSS MB | prompt tokens | decode s (16 tokens) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for run, r in record["runs"].items():
-        lines.append(f"| {run} | {r['wall_s']} | {r['quantize_s']} | {r['peak_rss_mb']} | {r['artifact_gb']} | "
-                     f"{r['bits_per_weight_file']} | {r['worst_layer_error']} | {r['llamacpp_peak_rss_mb']} | "
-                     f"{r['prompt_tokens']} | {r['decode_s']} |")
-    (RESULTS / "quantize_full_size.md").write_text("\n".join(lines) + "\n")
+        lines.append(f"| {run} | {r['device']} | {r['wall_s']} | {r['quantize_s']} | {r['peak_rss_mb']} | "
+                     f"{r['artifact_gb']} | {r['bits_per_weight_file']} | {r['worst_layer_error']} | "
+                     f"{r.get('llamacpp_peak_rss_mb', '-')} | {r.get('prompt_tokens', '-')} | {r.get('decode_s', '-')} |")
+    results.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

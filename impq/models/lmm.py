@@ -45,9 +45,13 @@ class LMM(nn.Module):
                                        nn.Linear(hidden, hidden)).to(dtype)
         for prefix, module in (("llm.", self.llm), ("vision.vision_model.", self.vision),
                                ("projector.", self.projector)):
-            state = {name[len(prefix):]: spec.load(name) for name in spec.tensors if name.startswith(prefix)}
-            # read_spec checked every tensor that runs; what is left out here (post-layernorm) is never used
-            module.load_state_dict(state, strict=False)
+            # one tensor at a time: a whole state dict beside the model would double a 3B model's peak memory.
+            # read_spec checked every tensor that runs; what is not copied here (post-layernorm) is never used
+            targets = module.state_dict(keep_vars=True)
+            with torch.no_grad():
+                for name in spec.tensors:
+                    if name.startswith(prefix) and name[len(prefix):] in targets:
+                        targets[name[len(prefix):]].copy_(spec.load(name))
         if getattr(spec.text_config, "tie_word_embeddings", False) and "llm.lm_head.weight" not in spec.tensors:
             self.llm.lm_head.weight = self.llm.model.embed_tokens.weight
         self.eval()
