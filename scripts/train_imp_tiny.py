@@ -4,8 +4,8 @@
 
 Imp phi-msft layout: SigLIP-style tower (168 px, patch 14: 144 vision tokens, 4 layers), mlp2x_gelu projector,
 Phi-2-style LLM (hidden 256, 4 layers), byte-level BPE tokenizer, Imp's Phi-2 prompt template. Each training
-sequence holds one scene and several question/answer turns (the first turn is exactly the evaluation
-prompt; later turns reuse the image tokens). A quarter of the batches run at a lower resolution with
+sequence holds one scene and one turn per question type, packed behind a shared image prefix with an attention
+mask that keeps the turns independent (each is exactly the evaluation prompt). A quarter of the batches run at a lower resolution with
 interpolated position embeddings, so that lower resolutions degrade gracefully instead of breaking.
 Writes the F16 checkpoint and `training.json` (command, seed, time, accuracy) to --out.
 """
@@ -43,20 +43,34 @@ def tokenizer_corpus(n_scenes: int = 3000) -> list[str]:
     return lines
 
 
-def encode_sequence(lmm: LMM, qas: list[dict]) -> tuple[list[int], list[int], list[int]]:
-    """(ids before the image, ids after it, labels for the ids after it: -100 except answers and their </s>)."""
+def encode_turns(lmm: LMM, qas: list[dict]) -> tuple[list[int], list[tuple[list[int], list[int]]]]:
+    """(ids before the image, one (ids, labels) per question: the evaluation prompt's text after the image, then
+    the answer and </s>; labels are -100 except for the answer and </s>)."""
     tok = lmm.tokenizer
-    pieces = tok.encode_prompt(lmm.spec.prompt(qas[0]["question"]), lmm.spec.image_token)
-    after, labels = list(pieces[1]), [-100] * len(pieces[1])
-    for i, qa in enumerate(qas):
-        if i > 0:
-            turn = tok.encode(f" USER: {qa['question']} ASSISTANT:")
-            after += turn
-            labels += [-100] * len(turn)
+    turns = []
+    for qa in qas:
+        before, after = tok.encode_prompt(lmm.spec.prompt(qa["question"]), lmm.spec.image_token)
         answer = tok.encode(f" {qa['answer']}") + [tok.eos_id]
-        after += answer
-        labels += answer
-    return pieces[0], after, labels
+        turns.append((list(after) + answer, [-100] * len(after) + answer))
+    return list(before), turns
+
+
+def turn_mask(prefix: int, turn_lengths: list[int], length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Additive attention mask [length, length] and position ids for a shared prefix (system prompt and image)
+    followed by independent turns: each turn sees the prefix and itself only, at the positions it would have
+    alone, so that no answer can be read from another question's text and every turn is the evaluation prompt."""
+    allowed = torch.zeros(length, length, dtype=torch.bool)
+    positions = torch.zeros(length, dtype=torch.long)
+    allowed[:prefix, :prefix] = torch.tril(torch.ones(prefix, prefix, dtype=torch.bool))
+    positions[:prefix] = torch.arange(prefix)
+    start = prefix
+    for n in turn_lengths:
+        allowed[start:start + n, :prefix] = True
+        allowed[start:start + n, start:start + n] = torch.tril(torch.ones(n, n, dtype=torch.bool))
+        positions[start:start + n] = torch.arange(prefix, prefix + n)
+        start += n
+    allowed[start:, start:] = torch.eye(length - start, dtype=torch.bool)     # padding attends to itself only
+    return torch.where(allowed, 0.0, torch.finfo(torch.float32).min), positions
 
 
 def batch_loss(lmm: LMM, aux: torch.nn.ModuleList, seeds: list[int], size: int, turns: int) -> torch.Tensor:
@@ -65,27 +79,37 @@ def batch_loss(lmm: LMM, aux: torch.nn.ModuleList, seeds: list[int], size: int, 
     for seed in seeds:
         image, qas, objects = shapes.sample_scene(seed, n_questions=turns)
         images.append(lmm.pixels(image, size))
-        sequences.append(encode_sequence(lmm, qas))
+        sequences.append(encode_turns(lmm, qas))
         labels.append(shapes.patch_labels(objects, grid))
     states = lmm.vision_states(torch.cat(images))
-    # auxiliary per-patch targets (colour, shape, digit under each patch) give the tower a direct signal
-    targets = torch.tensor(labels)                                        # [B, patches, 3]
-    aux_loss = sum(torch.nn.functional.cross_entropy(head(states).flatten(0, 1).float(), targets[..., k].flatten())
+    # auxiliary per-patch targets (colour, shape, digit, side under each patch) give the tower a direct signal;
+    # the few digit patches would drown among "no digit" ones, so that class weighs little
+    targets = torch.tensor(labels)                                        # [B, patches, 4]
+    digit_weights = torch.ones(11)
+    digit_weights[10] = 0.05
+    aux_loss = sum(torch.nn.functional.cross_entropy(head(states).flatten(0, 1).float(), targets[..., k].flatten(),
+                                                     weight=digit_weights if k == 2 else None)
                    for k, head in enumerate(aux))
     features = lmm.projector(states)
     embed = lmm.llm.get_input_embeddings()
-    rows, label_rows = [], []
-    for (before, after, labels), feats in zip(sequences, features):
-        rows.append(torch.cat([embed(torch.tensor(before)), feats, embed(torch.tensor(after))]))
-        label_rows.append([-100] * (len(before) + feats.shape[0]) + labels)
+    rows, label_rows, layouts = [], [], []
+    for (before, turn_list), feats in zip(sequences, features):
+        ids = [t for turn, _ in turn_list for t in turn]
+        rows.append(torch.cat([embed(torch.tensor(before)), feats, embed(torch.tensor(ids))]))
+        prefix = len(before) + feats.shape[0]
+        label_rows.append([-100] * prefix + [t for _, lab in turn_list for t in lab])
+        layouts.append((prefix, [len(turn) for turn, _ in turn_list]))
     length = max(r.shape[0] for r in rows)
     inputs = torch.zeros(len(rows), length, rows[0].shape[1])
-    mask = torch.zeros(len(rows), length, dtype=torch.long)
+    masks = torch.zeros(len(rows), 1, length, length)
+    positions = torch.zeros(len(rows), length, dtype=torch.long)
     answer_targets = torch.full((len(rows), length), -100)
-    for i, (row, lab) in enumerate(zip(rows, label_rows)):
-        inputs[i, :row.shape[0]], mask[i, :row.shape[0]] = row, 1
+    for i, (row, lab, (prefix, lengths)) in enumerate(zip(rows, label_rows, layouts)):
+        inputs[i, :row.shape[0]] = row
+        masks[i, 0], positions[i] = turn_mask(prefix, lengths, length)
         answer_targets[i, :len(lab)] = torch.tensor(lab)
-    return lmm.llm(inputs_embeds=inputs, attention_mask=mask, labels=answer_targets).loss, aux_loss
+    return lmm.llm(inputs_embeds=inputs, attention_mask=masks, position_ids=positions,
+                   labels=answer_targets).loss, aux_loss
 
 
 @torch.no_grad()
@@ -132,9 +156,10 @@ def main() -> None:
         # the generator spreads test models' logits with a 4x output head; a trained model starts from 1/sqrt(fan_in)
         torch.nn.init.normal_(lmm.llm.lm_head.weight, std=DIMS.hidden ** -0.5)
     lmm.train()
-    # training-only heads on the vision tower (not saved): colour (7), shape (6) and digit (11) per patch
+    # training-only heads on the vision tower (not saved): colour (7), shape (6), digit (11) and the object's
+    # side of the image (3) per patch; without the side target the LLM never learned left/right (55 %)
     aux = torch.nn.ModuleList([torch.nn.Linear(DIMS.v_hidden, n) for n in (1 + len(shapes.COLORS),
-                                                                           1 + len(shapes.SHAPES), 11)])
+                                                                           1 + len(shapes.SHAPES), 11, 3)])
     params = [p for p in lmm.parameters() if p.requires_grad] + list(aux.parameters())
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
 

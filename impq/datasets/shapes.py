@@ -82,7 +82,8 @@ _FONT = None
 def render(objects: list[SceneObject], rng: random.Random) -> Image.Image:
     global _FONT
     if _FONT is None:
-        _FONT = ImageFont.load_default(size=17)
+        # a glyph about 20 px tall on the canvas: about 15 px (one patch) at 168 px, 7 px at half of that
+        _FONT = ImageFont.load_default(size=28)
     shade = rng.randint(225, 250)
     image = Image.new("RGB", (CANVAS, CANVAS), (shade, shade, shade - rng.randint(0, 15)))
     draw = ImageDraw.Draw(image)
@@ -93,7 +94,8 @@ def render(objects: list[SceneObject], rng: random.Random) -> Image.Image:
         else:
             draw.polygon(_polygon(obj.shape, obj.x, obj.y, obj.radius), fill=fill)
         if obj.digit is not None:
-            draw.text((obj.x, obj.y), obj.digit, fill=(255, 255, 255), font=_FONT, anchor="mm")
+            draw.text((obj.x, obj.y), obj.digit, fill=(255, 255, 255), font=_FONT, anchor="mm",
+                      stroke_width=1, stroke_fill=(255, 255, 255))
     return image
 
 
@@ -130,9 +132,10 @@ def ask(objects: list[SceneObject], qtype: str, rng: random.Random) -> tuple[str
 
 
 def patch_labels(objects: list[SceneObject], grid: int) -> list[list[int]]:
-    """Per patch of a grid x grid tiling (row-major): [colour class, shape class, digit class] of the object
-    under the patch centre (0 = background for colour and shape; 10 = no digit). Training targets for an
-    auxiliary loss on the vision tower, not part of the task."""
+    """Per patch of a grid x grid tiling (row-major): [colour class, shape class, digit class, side] of the
+    object under the patch centre (0 = background for colour, shape and side; 10 = no digit; side 1 = the
+    object's centre is left of the middle, 2 = right). Training targets for an auxiliary loss on the vision
+    tower, not part of the task."""
     mask = Image.new("L", (CANVAS, CANVAS), 0)
     draw = ImageDraw.Draw(mask)
     for i, obj in enumerate(objects, start=1):
@@ -146,12 +149,12 @@ def patch_labels(objects: list[SceneObject], grid: int) -> list[list[int]]:
             x, y = (col + 0.5) * CANVAS / grid, (row + 0.5) * CANVAS / grid
             index = mask.getpixel((int(x), int(y)))
             if index == 0:
-                labels.append([0, 0, 10])
+                labels.append([0, 0, 10, 0])
                 continue
             obj = objects[index - 1]
             near_digit = obj.digit is not None and (x - obj.x) ** 2 + (y - obj.y) ** 2 < (0.45 * obj.radius) ** 2
             labels.append([1 + colors.index(obj.color), 1 + SHAPES.index(obj.shape),
-                           int(obj.digit) if near_digit else 10])
+                           int(obj.digit) if near_digit else 10, 1 if obj.x < CANVAS / 2 else 2])
     return labels
 
 
