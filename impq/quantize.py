@@ -196,7 +196,9 @@ def quantize_model(model_dir: str | Path, out_dir: str | Path, settings: Quantiz
         len(embeddings), sum(e.shape[1] for e in embeddings), result.seconds, 0.0,
         resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, str(device))
     if verify_items:
+        # the check builds a full-precision reference: at most one other model may be alive beside it
         if settings.format == "gguf":
+            del lmm
             (on_status or (lambda _: None))("verifying in llama.cpp")
             from .measure.vqa import GGUFAnswerer
             candidate = GGUFAnswerer(artifacts["text_gguf"], artifacts["mmproj_gguf"])
@@ -204,10 +206,9 @@ def quantize_model(model_dir: str | Path, out_dir: str | Path, settings: Quantiz
         else:
             (on_status or (lambda _: None))("verifying the written safetensors in PyTorch")
             from .measure.vqa import TorchAnswerer
-            read_back = LMM(spec)
-            read_back.llm.load_state_dict(read_dequantized_llm(folder), strict=False)
+            lmm.llm.load_state_dict(read_dequantized_llm(folder), strict=False)   # what the files hold
             report.verification = {"runtime": "pytorch (weights unpacked from the written files)",
-                                   **_verify(TorchAnswerer(read_back), model_dir, verify_items)}
+                                   **_verify(TorchAnswerer(lmm), model_dir, verify_items)}
     report.total_seconds = time.perf_counter() - start
     report_path = out_dir / f"{stem}.report.json"
     with atomic_output(report_path) as tmp:
