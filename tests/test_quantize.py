@@ -193,16 +193,16 @@ def test_signround_lowers_block_output_error_against_its_starting_point(models_d
     targets = [layer(h, **kw) for h, kw in inputs]
     grid = GRIDS["q4_0"]
     linears = {n: m for n, m in layer.named_modules() if isinstance(m, nn.Linear)}
-    initial = {n: (grid.fit(m.weight.float()), grid) for n, m in linears.items()}
+    initial = {n: grid.fit(m.weight.float()) for n, m in linears.items()}
 
     def block_error(rounded):
         weights = {f"{n}.weight": grid.values(*rounded[n]) for n in rounded}
         return sum(float(((torch.func.functional_call(layer, weights, (h,), kw) - t) ** 2).mean())
                    for (h, kw), t in zip(inputs, targets))
 
-    start = {n: (grid.codes(linears[n].weight.float(), p), p) for n, (p, _) in initial.items()}
+    start = {n: (grid.codes(linears[n].weight.float(), p), p) for n, p in initial.items()}
     with torch.enable_grad():
-        learned = signround_block(layer, inputs, targets, initial, iterations=100)
+        learned = signround_block(layer, inputs, targets, initial, grid, iterations=100)
     for n, (codes, params) in learned.items():      # on the grid: codes in range, scales stored as fp16
         assert codes.min() >= 0 and codes.max() <= 15
         assert torch.equal(params.scale, params.scale.half().float())

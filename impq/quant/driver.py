@@ -123,10 +123,10 @@ def quantize_llm(lmm: LMM, embeddings: list[torch.Tensor], grid: LegacyGrid, met
         quantizable = {name: m for name, m in linears.items() if m.in_features % grid.block == 0}
         hessian = {name: (hessians[name] / max(1, counts[name])).float() for name in quantizable}
         if method == "signround":
-            initial = {name: (grid.fit(m.weight.float(), torch.diagonal(hessian[name]).clamp_min(1e-8)), grid)
+            initial = {name: grid.fit(m.weight.float(), torch.diagonal(hessian[name]).clamp_min(1e-8))
                        for name, m in quantizable.items()}
             with torch.enable_grad():
-                rounded = signround_block(layer, inputs, outputs, initial, **(signround_options or {}))
+                rounded = signround_block(layer, inputs, outputs, initial, grid, **(signround_options or {}))
         elif method == "gptq":
             rounded = {name: gptq(m.weight.float(), hessian[name], grid, **(gptq_options or {}))
                        for name, m in quantizable.items()}

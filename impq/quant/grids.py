@@ -58,6 +58,9 @@ class BlockParams:
                            {k: torch.cat([p.extra[k] for p in parts], 1) for k in first.extra})
 
 
+RANGE_SHRINKS = np.linspace(0, 0.2, 5)      # asymmetric searches: fractions of the range pulled in at each end
+
+
 def _fp16(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.float16).to(torch.float32)
 
@@ -155,13 +158,15 @@ class LegacyGrid:
             candidates = [BlockParams(_fp16(b * (1 + 0.025 * k)), None)
                           for b in bases for k in range(-steps // 2, steps // 2 + 1)]
         else:
-            lo, hi = blocks.amin(-1), blocks.amax(-1)
-            candidates = []
-            for shrink_lo in np.linspace(0, 0.2, 5):
-                for shrink_hi in np.linspace(0, 0.2, 5):
-                    m = lo + (hi - lo) * shrink_lo
-                    candidates.append(BlockParams(_fp16((hi - (hi - lo) * shrink_hi - m) / self.qmax), _fp16(m)))
+            candidates = [self._range_candidate(blocks, shrink_lo, shrink_hi)
+                          for shrink_lo in RANGE_SHRINKS for shrink_hi in RANGE_SHRINKS]
         return _best_per_block(candidates, [self._error(w, c, imp) for c in candidates])
+
+    def _range_candidate(self, blocks: torch.Tensor, shrink_lo: float, shrink_hi: float) -> BlockParams:
+        """Asymmetric parameters for the blocks' [min, max] range with each end pulled in by a fraction of it."""
+        lo, hi = blocks.amin(-1), blocks.amax(-1)
+        m = lo + (hi - lo) * shrink_lo
+        return BlockParams(_fp16((hi - (hi - lo) * shrink_hi - m) / self.qmax), _fp16(m))
 
     def pack(self, codes: torch.Tensor, params: BlockParams) -> np.ndarray:
         """GGUF bytes, [rows, blocks * bytes_per_block]."""
@@ -349,22 +354,12 @@ class IntegerGrid(LegacyGrid):
     def _dequantize(self, q, scale, zero):
         return scale * (q - (self.offset if self.symmetric else zero))
 
-    def fit(self, w: torch.Tensor, importance: torch.Tensor | None = None, steps: int = 24) -> BlockParams:
-        if self.symmetric:
-            return super().fit(w, importance, steps)
-        blocks = self._blocks(w.float())
-        imp = torch.ones(w.shape[1], device=w.device) if importance is None else importance.float()
-        imp = self._blocks(imp.expand(w.shape[0], -1))
+    def _range_candidate(self, blocks: torch.Tensor, shrink_lo: float, shrink_hi: float) -> BlockParams:
         # the range must hold 0 so that the integer zero point lies on the grid
-        lo, hi = blocks.amin(-1).clamp(max=0), blocks.amax(-1).clamp(min=0)
-        candidates = []
-        for shrink_lo in np.linspace(0, 0.2, 5):
-            for shrink_hi in np.linspace(0, 0.2, 5):
-                low, high = lo * (1 - shrink_lo), hi * (1 - shrink_hi)
-                scale = _fp16((high - low) / self.qmax)
-                zero = torch.round(-low / scale.clamp_min(1e-30)).clamp(self.qmin, self.qmax)
-                candidates.append(BlockParams(scale, zero))
-        return _best_per_block(candidates, [self._error(w, c, imp) for c in candidates])
+        low = blocks.amin(-1).clamp(max=0) * (1 - shrink_lo)
+        high = blocks.amax(-1).clamp(min=0) * (1 - shrink_hi)
+        scale = _fp16((high - low) / self.qmax)
+        return BlockParams(scale, torch.round(-low / scale.clamp_min(1e-30)).clamp(self.qmin, self.qmax))
 
     def pack(self, codes: torch.Tensor, params: BlockParams) -> np.ndarray:
         raise TypeError("integer grids are packed by a safetensors layout (impq.export.safetensors_layouts)")

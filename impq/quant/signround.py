@@ -68,12 +68,12 @@ class LearnedRounding(nn.Module):
 
 
 def signround_block(layer: nn.Module, inputs: list[tuple[torch.Tensor, dict]], targets: list[torch.Tensor],
-                    initial: dict[str, tuple[BlockParams, LegacyGrid]], *, iterations: int = ITERATIONS,
+                    initial: dict[str, BlockParams], grid: LegacyGrid, *, iterations: int = ITERATIONS,
                     seed: int = 0, on_step: Callable[[int], None] | None = None) -> dict[str, tuple[torch.Tensor, BlockParams]]:
-    """Learn the rounding of the linear layers named in `initial` (name -> fitted parameters, grid) so that the
-    block's outputs on `inputs` approach `targets`. Returns name -> (codes, parameters)."""
+    """Learn the rounding onto `grid` of the linear layers named in `initial` (name -> fitted parameters) so that
+    the block's outputs on `inputs` approach `targets`. Returns name -> (codes, parameters)."""
     modules = {name: LearnedRounding(layer.get_submodule(name).weight.detach(), params, grid)
-               for name, (params, grid) in initial.items()}
+               for name, params in initial.items()}
     trainable = [p for m in modules.values() for p in (m.offset, m.scale_factor) if p.requires_grad]
     frozen = [p for p in layer.parameters() if p.requires_grad]       # only the rounding is trained
     for p in frozen:
