@@ -247,7 +247,8 @@ def test_device_choice(run_cli, models_dir, tmp_path):
     from impq.device import resolve_device
 
     assert resolve_device("cpu").type == "cpu"
-    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else resolve_device("auto").type)
+    expected = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    assert resolve_device("auto").type == expected
     if not torch.cuda.is_available():
         status, _, err = run_cli("quantize", models_dir / "imp-phi2", "--device", "cuda", "--out", tmp_path / "out")
         assert status == 2 and "--device cuda" in err and not (tmp_path / "out").exists()
