@@ -24,13 +24,27 @@ METHODS = ("rtn", "gptq", "awq", "signround")
 AWQ_TOKENS = 4096                # input rows kept per scale group for AWQ's search
 
 
+def _narrowest(codes: torch.Tensor) -> torch.Tensor:
+    """The codes as int8 where they fit (every GGUF grid) or int16: held for the whole model until export,
+    int32 codes of a 2.7B-parameter LLM would take 11 GB beside its weights."""
+    for dtype in (torch.int8, torch.int16):
+        info = torch.iinfo(dtype)
+        if codes.numel() == 0 or (int(codes.min()) >= info.min and int(codes.max()) <= info.max):
+            return codes.to(dtype)
+    return codes
+
+
 @dataclass
 class QuantizedTensor:
-    codes: torch.Tensor
+    stored_codes: torch.Tensor     # narrowed (see _narrowest); `codes` widens them for use
     params: BlockParams
     grid: LegacyGrid
     relative_error: float          # tr(dW H dW^T) / tr(W H W^T): output error on the calibration inputs
     awq_alpha: float | None = None  # the AWQ exponent chosen for this layer's scale group
+
+    @property
+    def codes(self) -> torch.Tensor:
+        return self.stored_codes.to(torch.int32)
 
 
 @dataclass
@@ -144,7 +158,7 @@ def quantize_llm(lmm: LMM, embeddings: list[torch.Tensor], grid: LegacyGrid, met
             error = float(torch.trace(dW @ H @ dW.T) / torch.trace(W @ H @ W.T).clamp_min(1e-30))
             module.weight.copy_(Q.to(module.weight.dtype))
             result.tensors[f"llm.model.layers.{index}.{name}.weight"] = QuantizedTensor(
-                codes.cpu(), params.to("cpu"), grid, error, alphas.get(name))
+                _narrowest(codes.cpu()), params.to("cpu"), grid, error, alphas.get(name))
         inputs = [(layer(hidden, **kwargs), kwargs) for hidden, kwargs in inputs]
         layer.to("cpu")
         if on_layer:
