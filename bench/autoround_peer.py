@@ -24,8 +24,9 @@ from pathlib import Path
 import torch
 
 IMP_CONFIG_PREFIXES = ("image", "mm_")
-# auto-round's format names for impq's GGUF types; the K types take the "_s" presets, whose base type is the
-# type itself (their per-layer mixing is overridden below so that the sizes stay equal)
+# auto-round's format names for impq's GGUF types. The K types exist only as llama.cpp's presets; "_s" is the
+# smallest, and its exporter applies the preset's mixing whatever the layer config says (Q4_K_S: attn_v of the
+# first 4 blocks at Q5_K, all 4 of imp-tiny's), so its Q4_K file is slightly larger than the others'.
 FORMATS = {"q4_0": "gguf:q4_0", "q4_1": "gguf:q4_1", "q4_k": "gguf:q4_k_s", "q3_k": "gguf:q3_k_s",
            "q2_k": "gguf:q2_k_s"}
 
@@ -97,11 +98,8 @@ def autoround_gguf(type_name: str, impq_f16_text: Path, out: Path, nsamples: int
     llm.get_input_embeddings().register_forward_hook(
         lambda module, args, output: torch.cat([by_key[int(row[0])] for row in args[0]]).to(output.dtype))
     _accept_gpt2_pre_tokenizer(llm.config.to_dict())
-    # every block matrix on the type itself (no llama.cpp-preset mixing), token embedding and output head at
-    # Q8_0: the same layout as every other file of the benchmark
-    layer_config = {name: f"gguf:{type_name}" for name, module in llm.model.layers.named_modules(prefix="model.layers")
-                    if isinstance(module, torch.nn.Linear)}
-    layer_config.update({"lm_head": "gguf:q8_0", "model.embed_tokens": "gguf:q8_0"})
+    # token embedding and output head at Q8_0, as in every other file of the benchmark
+    layer_config = {"lm_head": "gguf:q8_0", "model.embed_tokens": "gguf:q8_0"}
     start = time.perf_counter()
     rounder = AutoRound(llm, tokenizer, iters=iters, nsamples=len(batches), seqlen=length, dataset=batches,
                         layer_config=layer_config, device_map="cpu")

@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import platform
+import subprocess
 import sys
 from pathlib import Path
 
@@ -34,7 +35,9 @@ def main() -> None:
     impq = [sys.executable, "-m", "impq.cli"]
     if not (model / "model.safetensors.index.json").is_file():
         run_measured([*impq, "testing", "make-model", "--layout", "imp-phi2", "--full-size", "--out", str(model)])
-    record = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform()}, "nsamples": args.nsamples,
+    commit = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True,
+                            cwd=Path(__file__).parent).stdout.strip()
+    record = {"commit": commit, "machine": {"cpus": os.cpu_count(), "platform": platform.platform()}, "nsamples": args.nsamples,
               "seqlen": args.seqlen, "runs": {}}
     for run in args.runs.split(","):
         method, type_name = run.split(":")
@@ -61,7 +64,7 @@ def main() -> None:
     RESULTS.mkdir(exist_ok=True)
     results.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
     lines = ["# `impq quantize` on the full-size imp-v1-3b (random weights, Phi-2 2.7B + SigLIP so400m)", "",
-             f"Machine: {record['machine']['cpus']} CPUs, {record['machine']['platform']}. Calibration: "
+             f"impq at {commit}. Machine: {record['machine']['cpus']} CPUs, {record['machine']['platform']}. Calibration: "
              f"{args.nsamples} sequences of the shapes calibration split at 384 px (729 image tokens), up to "
              f"{args.seqlen} tokens. Wall time and peak RSS are the whole `impq quantize` process.", "",
              "| method:type | device | wall s | quantize s | peak RSS MB | pair GB | LLM bits/weight (file) | "

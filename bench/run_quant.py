@@ -1,9 +1,10 @@
 """Quantization benchmark on imp-tiny: impq's RTN, AWQ, GPTQ and learned rounding (SignRound) against llama.cpp's
-own quantizer (plain and
-with a text-only importance matrix from the same calibration prompts), on the same GGUF grids and at equal
-file size (token embedding and output head at Q8_0 in every file). Written to bench/results/quant.json, .md.
+own quantizer (plain and with a text-only importance matrix from the same calibration prompts) and against
+AutoRound's own GGUF export (`pip install -e .[bench]`; tuned on impq's multimodal calibration sequences, see
+autoround_peer.py), on the same GGUF grids and at equal file size (token embedding and output head at Q8_0 in
+every file). Written to bench/results/quant.json, .md.
 
-    python bench/run_quant.py --work /tmp/impq-quant --nsamples 64 --limit 350   # ~35 min on 2 cores
+    python bench/run_quant.py --work /tmp/impq-quant --nsamples 64 --limit 350   # ~50 min on 2 cores
 
 Each method runs in its own process (peak RSS is its own). Every artifact is evaluated in llama.cpp on the
 shapes evaluation split: accuracy, and mean KLD / top-1 agreement of the first answer token against the
@@ -13,6 +14,8 @@ PyTorch model at full precision.
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
+import importlib.util
 import json
 import resource
 import time
@@ -66,6 +69,20 @@ def _llamacpp(type_name: str, with_imatrix: bool, f16_dir: str, out: str, nsampl
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
+def _autoround(type_name: str, f16_dir: str, out: str, nsamples: int, iters: int) -> dict:
+    from autoround_peer import autoround_gguf
+
+    from impq.verify import find_pair
+
+    start = time.perf_counter()
+    text_f16, mmproj_f16 = find_pair(Path(f16_dir))
+    target = autoround_gguf(type_name, text_f16, Path(out) / type_name, nsamples, iters)
+    mmproj = target.with_name(f"mmproj-{target.name}")
+    mmproj.write_bytes(mmproj_f16.read_bytes())
+    return {"text_gguf": str(target), "mmproj_gguf": str(mmproj), "quantize_s": time.perf_counter() - start,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
 def _evaluate(text: str, mmproj: str, limit: int | None) -> dict:
     from impq.defaults import default_eval_data, default_model_dir
     from impq.measure.vqa import GGUFAnswerer, TorchAnswerer, evaluate, read_vqa_jsonl
@@ -83,7 +100,9 @@ def main() -> None:
     parser.add_argument("--types", default="q4_k,q4_0,q4_1,q3_k,q2_k", help="every GGUF type of 4 bits and below")
     parser.add_argument("--nsamples", type=int, default=128)
     parser.add_argument("--limit", type=int, default=None, help="evaluation items (default: all 700)")
+    parser.add_argument("--autoround-iters", type=int, default=200, help="AutoRound's tuning steps per block")
     args = parser.parse_args()
+    autoround = importlib.util.find_spec("auto_round") is not None
     from impq.defaults import default_model_dir
     from impq.export.pair import export_pair
     from impq.models.layouts import read_spec
@@ -96,6 +115,9 @@ def main() -> None:
     for type_name in args.types.split(","):
         jobs = {f"llama.cpp {type_name}": (_llamacpp, (type_name, False, str(f16_dir), str(args.work / "llamacpp"), args.nsamples)),
                 f"llama.cpp {type_name} + imatrix": (_llamacpp, (type_name, True, str(f16_dir), str(args.work / "llamacpp"), args.nsamples))}
+        if autoround:
+            jobs[f"AutoRound {type_name}"] = (_autoround, (type_name, str(f16_dir), str(args.work / "autoround"),
+                                                           args.nsamples, args.autoround_iters))
         for method in ("rtn", "awq", "gptq", "signround"):
             jobs[f"impq {method} {type_name}"] = (_impq, (method, type_name, str(args.work / method), args.nsamples))
         for label, (fn, fn_args) in jobs.items():
@@ -108,13 +130,20 @@ def main() -> None:
                                                                    "text_mb", "quantize_s")}), flush=True)
     f16 = _evaluate(*map(str, find_pair(f16_dir)), args.limit)
     RESULTS.mkdir(exist_ok=True)
-    record = {"model": "imp-tiny", "nsamples": args.nsamples, "f16": f16, "rows": rows}
+    versions = {name: importlib.metadata.version(name) for name in ("llama-cpp-python", "auto-round")
+                if importlib.util.find_spec(name.replace("-", "_")) is not None}
+    record = {"model": "imp-tiny", "nsamples": args.nsamples, "autoround_iters": args.autoround_iters,
+              "versions": versions, "f16": f16, "rows": rows}
     (RESULTS / "quant.json").write_text(json.dumps(record, indent=2) + "\n")
     lines = ["# Quantization of imp-tiny's LLM: impq vs llama.cpp on the same grids", "",
              f"Calibration: {args.nsamples} sequences of the shapes calibration split (images + text for impq; "
              "the same prompts' text only for llama.cpp's importance matrix). Evaluation: shapes eval split in "
              "llama.cpp; KLD and top-1 of the first answer token against the PyTorch model at full precision. "
-             "Token embedding and output head are Q8_0 in every file; the mmproj is F16.", "",
+             "Token embedding and output head are Q8_0 in every file; the mmproj is F16. "
+             + (f"AutoRound {versions['auto-round']}: {args.autoround_iters} steps per block on impq's multimodal "
+                "calibration sequences (cut to the shortest), its own GGUF export, tensors copied bit for bit under "
+                "impq's metadata." if autoround else "AutoRound: not installed (`pip install -e .[bench]`)."), "",
+             f"Versions: {json.dumps(versions)}. Times and RSS are per process on this machine.", "",
              f"F16 pair: accuracy {f16['accuracy']:.1%}, mean KLD {f16['mean_kld']:.2e}, text {f16['text_mb']:.2f} MB", "",
              "| method | text MB | accuracy | mean KLD | top-1 agreement | quantize s | peak RSS MB |",
              "|---|---|---|---|---|---|---|"]
@@ -129,6 +158,18 @@ def main() -> None:
         ours, theirs = impq_rows[best]["mean_kld"], rows[f"llama.cpp {type_name} + imatrix"]["mean_kld"]
         lines.append(f"| {type_name.upper()} | {best.split()[1]} | {ours:.2e} | {theirs:.2e} | {ours / theirs:.2f} | "
                      f"{'met' if ours < theirs else 'missed'} |")
+    if autoround:
+        lines += ["", "The goal: impq's best method at AutoRound's KLD or lower, in less time.", "",
+                  "| type | AutoRound KLD | AutoRound s | impq methods at or below it (KLD, s) | goal |",
+                  "|---|---|---|---|---|"]
+        for type_name in args.types.split(","):
+            peer = rows[f"AutoRound {type_name}"]
+            reach = {label.split()[1]: r for label, r in rows.items() if label.startswith("impq ")
+                     and label.endswith(f" {type_name}") and r["mean_kld"] <= peer["mean_kld"]}
+            cells = ", ".join(f"{m} ({r['mean_kld']:.2e}, {r['quantize_s']:.0f} s)" for m, r in reach.items())
+            met = any(r["quantize_s"] < peer["quantize_s"] for r in reach.values())
+            lines.append(f"| {type_name.upper()} | {peer['mean_kld']:.2e} | {peer['quantize_s']:.0f} | "
+                         f"{cells or 'none'} | {'met' if met else 'missed'} |")
     (RESULTS / "quant.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -150,8 +150,9 @@ def quantize_model(model_dir: str | Path, out_dir: str | Path, settings: Quantiz
         module.to("cpu")
     options = {"damp": settings.damp, "block_size": settings.block_size, "act_order": settings.act_order,
                "static_groups": settings.static_groups}
+    # the artifacts are written from the codes: the quantized weights are released block by block
     result = quantize_llm(lmm, embeddings, grid, settings.method, gptq_options=options, device=device,
-                          on_layer=on_layer)
+                          release_weights=True, on_layer=on_layer)
     embeddings = [e.cpu() for e in embeddings]
     if not result.tensors:
         raise ImpqError(spec.folder, f"no linear layer's input width is a multiple of {grid.block}, the "
@@ -195,6 +196,7 @@ def quantize_model(model_dir: str | Path, out_dir: str | Path, settings: Quantiz
         {name: q.relative_error for name, q in result.tensors.items()}, bits_quantized, 8 * llm_bytes / llm_weights,
         len(embeddings), sum(e.shape[1] for e in embeddings), result.seconds, 0.0,
         resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, str(device))
+    del result                                   # the codes are in the artifacts now
     if verify_items:
         # the check builds a full-precision reference: at most one other model may be alive beside it
         if settings.format == "gguf":
@@ -206,7 +208,8 @@ def quantize_model(model_dir: str | Path, out_dir: str | Path, settings: Quantiz
         else:
             (on_status or (lambda _: None))("verifying the written safetensors in PyTorch")
             from .measure.vqa import TorchAnswerer
-            lmm.llm.load_state_dict(read_dequantized_llm(folder), strict=False)   # what the files hold
+            # what the files hold, in place of the released weights
+            lmm.llm.load_state_dict(read_dequantized_llm(folder), strict=False, assign=True)
             report.verification = {"runtime": "pytorch (weights unpacked from the written files)",
                                    **_verify(TorchAnswerer(lmm), model_dir, verify_items)}
     report.total_seconds = time.perf_counter() - start

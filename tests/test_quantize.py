@@ -184,6 +184,22 @@ def _first_block(models_dir, tmp_path, layout="imp-phi2"):
     return lmm.llm.model.layers[0], inputs
 
 
+def test_released_weights_leave_the_codes_unchanged_and_free_the_quantized_matrices(models_dir, tmp_path):
+    spec = read_spec(models_dir / "imp-phi2")
+    kept_model, released_model = LMM(spec), LMM(spec)
+    embeddings = calibration_embeddings(kept_model, read_calibration(_calib_file(tmp_path)), 4, 256)
+    kept = quantize_llm(kept_model, embeddings, GRIDS["q4_0"], "gptq")
+    released = quantize_llm(released_model, embeddings, GRIDS["q4_0"], "gptq", release_weights=True)
+    assert released.tensors.keys() == kept.tensors.keys()
+    for name, q in kept.tensors.items():
+        assert torch.equal(released.tensors[name].codes, q.codes)
+        assert released.tensors[name].stored_codes.dtype == torch.int8
+        assert released_model.llm.get_parameter(name.removeprefix("llm.")).is_meta
+        assert not kept_model.llm.get_parameter(name.removeprefix("llm.")).is_meta
+    others = [n for n, _ in released_model.llm.named_parameters() if f"llm.{n}" not in kept.tensors]
+    assert others and not any(released_model.llm.get_parameter(n).is_meta for n in others)
+
+
 @torch.no_grad()
 def test_signround_lowers_block_output_error_against_its_starting_point(models_dir, tmp_path):
     from torch import nn
@@ -193,16 +209,18 @@ def test_signround_lowers_block_output_error_against_its_starting_point(models_d
     targets = [layer(h, **kw) for h, kw in inputs]
     grid = GRIDS["q4_0"]
     linears = {n: m for n, m in layer.named_modules() if isinstance(m, nn.Linear)}
-    initial = {n: grid.fit(m.weight.float()) for n, m in linears.items()}
+    fitted = {n: grid.fit(m.weight.float()) for n, m in linears.items()}
 
     def block_error(rounded):
         weights = {f"{n}.weight": grid.values(*rounded[n]) for n in rounded}
         return sum(float(((torch.func.functional_call(layer, weights, (h,), kw) - t) ** 2).mean())
                    for (h, kw), t in zip(inputs, targets))
 
-    start = {n: (grid.codes(linears[n].weight.float(), p), p) for n, p in initial.items()}
+    start = {n: (grid.codes(linears[n].weight.float(), p), p) for n, p in fitted.items()}
     with torch.enable_grad():
-        learned = signround_block(layer, inputs, targets, initial, grid, iterations=100)
+        learned = signround_block(layer, inputs, targets, start, grid, iterations=100)
+        # nothing learned: the start comes back as it was
+        assert signround_block(layer, inputs, targets, start, grid, iterations=0) is start
     for n, (codes, params) in learned.items():      # on the grid: codes in range, scales stored as fp16
         assert codes.min() >= 0 and codes.max() <= 15
         assert torch.equal(params.scale, params.scale.half().float())

@@ -82,13 +82,15 @@ def _capture_first_block_inputs(lmm: LMM, embeddings: list[torch.Tensor]) -> lis
 @torch.no_grad()
 def quantize_llm(lmm: LMM, embeddings: list[torch.Tensor], grid: LegacyGrid, method: str, *,
                  gptq_options: dict | None = None, signround_options: dict | None = None,
-                 device: str | torch.device = "cpu",
+                 device: str | torch.device = "cpu", release_weights: bool = False,
                  on_layer: Callable[[int, int], None] | None = None) -> QuantizeResult:
     """Quantize every linear layer of the LLM's decoder blocks in place (weights become their grid values) and
     return the codes and block parameters by canonical tensor name. `method`: rtn, gptq, awq (AWQ's scales,
-    then rounding with the grid's importance-weighted scale search), or signround (rounding and block scales
-    learned against the full-precision block's outputs, from the importance-weighted fit).
-    On a GPU (`device`), one decoder block at a time moves there with the activations; the rest stays on the CPU."""
+    then rounding with the grid's importance-weighted scale search), or signround (GPTQ's rounding, then
+    rounding and block scales learned against the full-precision block's outputs).
+    On a GPU (`device`), one decoder block at a time moves there with the activations; the rest stays on the CPU.
+    `release_weights`: once a block has produced the next block's inputs, its quantized weights move to the meta
+    device (the codes are the record), so a 2.7B LLM's decoder weights are never all held twice."""
     start = time.perf_counter()
     result = QuantizeResult()
     lmm.llm.model.rotary_emb.to(device)
@@ -136,14 +138,12 @@ def quantize_llm(lmm: LMM, embeddings: list[torch.Tensor], grid: LegacyGrid, met
         # a layer whose input width does not fill the grid's blocks stays at the export's float type
         quantizable = {name: m for name, m in linears.items() if m.in_features % grid.block == 0}
         hessian = {name: (hessians[name] / max(1, counts[name])).float() for name in quantizable}
-        if method == "signround":
-            initial = {name: grid.fit(m.weight.float(), torch.diagonal(hessian[name]).clamp_min(1e-8))
-                       for name, m in quantizable.items()}
-            with torch.enable_grad():
-                rounded = signround_block(layer, inputs, outputs, initial, grid, **(signround_options or {}))
-        elif method == "gptq":
+        if method in ("gptq", "signround"):
             rounded = {name: gptq(m.weight.float(), hessian[name], grid, **(gptq_options or {}))
                        for name, m in quantizable.items()}
+            if method == "signround":
+                with torch.enable_grad():
+                    rounded = signround_block(layer, inputs, outputs, rounded, grid, **(signround_options or {}))
         elif method == "awq":
             rounded = {name: rtn(search_clip(name, m.weight.float(), samples[name], grid), hessian[name], grid)
                        for name, m in quantizable.items()}
@@ -161,6 +161,10 @@ def quantize_llm(lmm: LMM, embeddings: list[torch.Tensor], grid: LegacyGrid, met
                 _narrowest(codes.cpu()), params.to("cpu"), grid, error, alphas.get(name))
         inputs = [(layer(hidden, **kwargs), kwargs) for hidden, kwargs in inputs]
         layer.to("cpu")
+        if release_weights:
+            for name in rounded:
+                module = quantizable[name]
+                module.weight = nn.Parameter(module.weight.to("meta"), requires_grad=False)
         if on_layer:
             on_layer(index, len(layers))
     lmm.llm.model.rotary_emb.to("cpu")

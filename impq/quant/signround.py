@@ -3,6 +3,10 @@ decoder block, a rounding offset V in [-0.5, 0.5] (round up or down), and for ev
 multiplier in [0.5, 1.5], by signed gradient descent on the block's output error against the full-precision
 block on the same calibration inputs. Rounding uses the straight-through estimator.
 
+It refines a rounding that is already on the grid (the driver passes GPTQ's): the offsets move each value from
+there to a neighbouring grid point, and the block keeps whichever of the two roundings, start or learned, has the
+lower output error on all calibration inputs, so the refinement never makes a block worse than its start.
+
 Written here rather than taken from auto-round because the result must land on impq's grids: the codes are the
 grid's own rounding of w + V * scale with the grid's own parameters, so the k-quants' integer sub-block scales
 (which cannot move freely) keep their fitted values and only the rounding is learned there.
@@ -30,9 +34,10 @@ def _per_column(t: torch.Tensor, grid: LegacyGrid, cols: int) -> torch.Tensor:
 class LearnedRounding(nn.Module):
     """One linear layer's trainable rounding offsets and block-scale multipliers on a fixed grid."""
 
-    def __init__(self, weight: torch.Tensor, params: BlockParams, grid: LegacyGrid):
+    def __init__(self, codes: torch.Tensor, params: BlockParams, grid: LegacyGrid):
         super().__init__()
-        self.weight, self.params, self.grid = weight.float(), params, grid
+        # the start's grid values: with zero offsets and unit multipliers the rounding reproduces `codes`
+        self.weight, self.params, self.grid = grid.values(codes, params).float(), params, grid
         self.offset = nn.Parameter(torch.zeros_like(self.weight))
         # k-quant sub-block scales are stored as small integers times a super-block scale: they stay as fitted
         self.tune_scale = not isinstance(grid, KQuantGrid)
@@ -67,13 +72,15 @@ class LearnedRounding(nn.Module):
         return self.grid.codes(self.weight + self.offset * step, params), params
 
 
+Rounding = dict[str, tuple[torch.Tensor, BlockParams]]      # linear layer name -> (codes, parameters)
+
+
 def signround_block(layer: nn.Module, inputs: list[tuple[torch.Tensor, dict]], targets: list[torch.Tensor],
-                    initial: dict[str, BlockParams], grid: LegacyGrid, *, iterations: int = ITERATIONS,
-                    seed: int = 0, on_step: Callable[[int], None] | None = None) -> dict[str, tuple[torch.Tensor, BlockParams]]:
-    """Learn the rounding onto `grid` of the linear layers named in `initial` (name -> fitted parameters) so that
-    the block's outputs on `inputs` approach `targets`. Returns name -> (codes, parameters)."""
-    modules = {name: LearnedRounding(layer.get_submodule(name).weight.detach(), params, grid)
-               for name, params in initial.items()}
+                    start: Rounding, grid: LegacyGrid, *, iterations: int = ITERATIONS, seed: int = 0,
+                    on_step: Callable[[int], None] | None = None) -> Rounding:
+    """Refine `start`, a rounding onto `grid` of some of the block's linear layers, so that the block's outputs
+    on `inputs` approach `targets`; returns the learned rounding, or `start` where that was not better."""
+    modules = {name: LearnedRounding(codes, params, grid) for name, (codes, params) in start.items()}
     trainable = [p for m in modules.values() for p in (m.offset, m.scale_factor) if p.requires_grad]
     frozen = [p for p in layer.parameters() if p.requires_grad]       # only the rounding is trained
     for p in frozen:
@@ -83,12 +90,25 @@ def signround_block(layer: nn.Module, inputs: list[tuple[torch.Tensor, dict]], t
     finally:
         for p in frozen:
             p.requires_grad_(True)
-    return {name: m.result() for name, m in modules.items()}
+    learned = {name: m.result() for name, m in modules.items()}
+    with torch.no_grad():
+        # the training loss is measured on 4 sequences at a time: compare the two on every calibration input
+        better = _block_error(layer, inputs, targets, learned, grid) < _block_error(layer, inputs, targets, start, grid)
+    return learned if better else start
+
+
+def _block_error(layer, inputs, targets, rounding: Rounding, grid: LegacyGrid) -> float:
+    weights = {f"{name}.weight": grid.values(codes, params) for name, (codes, params) in rounding.items()}
+    error = 0.0
+    for (hidden, kwargs), target in zip(inputs, targets):
+        out = functional_call(layer, weights, (hidden,), kwargs)
+        out = out[0] if isinstance(out, tuple) else out
+        error += float(torch.nn.functional.mse_loss(out.float(), target.float()))
+    return error
 
 
 def _train(layer, inputs, targets, modules, trainable, iterations, seed, on_step) -> None:
     rng = random.Random(seed)
-    lr = 1.0 / iterations                   # AutoRound's default: 0.005 for 200 steps, decayed linearly
     for step in range(iterations):
         batch = rng.sample(range(len(inputs)), min(BATCH, len(inputs)))
         weights = {f"{name}.weight": m() for name, m in modules.items()}
@@ -102,7 +122,8 @@ def _train(layer, inputs, targets, modules, trainable, iterations, seed, on_step
             p.grad = None
         loss.backward()
         with torch.no_grad():
-            rate = lr * (1 - step / iterations)
+            # AutoRound's default learning rate, 1 / iterations (0.005 for 200 steps), decayed linearly
+            rate = (1 - step / iterations) / iterations
             for p in trainable:
                 if p.grad is not None:
                     p -= rate * p.grad.sign()
