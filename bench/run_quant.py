@@ -4,7 +4,7 @@ AutoRound's own GGUF export (`pip install -e .[bench]`; tuned on impq's multimod
 autoround_peer.py), on the same GGUF grids and at equal file size (token embedding and output head at Q8_0 in
 every file). Written to bench/results/quant.json, .md.
 
-    python bench/run_quant.py --work /tmp/impq-quant --nsamples 64 --limit 350   # ~50 min on 2 cores
+    python bench/run_quant.py --work /tmp/impq-quant --nsamples 64 --limit 200   # ~35 min on 2 cores
 
 Each method runs in its own process (peak RSS is its own). Every artifact is evaluated in llama.cpp on the
 shapes evaluation split: accuracy, and mean KLD / top-1 agreement of the first answer token against the
@@ -110,8 +110,10 @@ def main() -> None:
 
     f16_dir = args.work / "f16"
     export_pair(read_spec(default_model_dir()), f16_dir, "f16")
-    rows = {}
     context = get_context("spawn")
+    with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
+        f16 = pool.submit(_evaluate, *map(str, find_pair(f16_dir)), args.limit).result()
+    rows, done = {}, []
     for type_name in args.types.split(","):
         jobs = {f"llama.cpp {type_name}": (_llamacpp, (type_name, False, str(f16_dir), str(args.work / "llamacpp"), args.nsamples)),
                 f"llama.cpp {type_name} + imatrix": (_llamacpp, (type_name, True, str(f16_dir), str(args.work / "llamacpp"), args.nsamples))}
@@ -128,7 +130,11 @@ def main() -> None:
             rows[label] = {**made, **quality}
             print(label, json.dumps({k: rows[label][k] for k in ("accuracy", "mean_kld", "top1_agreement",
                                                                    "text_mb", "quantize_s")}), flush=True)
-    f16 = _evaluate(*map(str, find_pair(f16_dir)), args.limit)
+        done.append(type_name)
+        _write_results(args, autoround, f16, rows, done)     # after every type: a stopped run keeps what it measured
+
+
+def _write_results(args, autoround: bool, f16: dict, rows: dict, types: list[str]) -> None:
     RESULTS.mkdir(exist_ok=True)
     versions = {name: importlib.metadata.version(name) for name in ("llama-cpp-python", "auto-round")
                 if importlib.util.find_spec(name.replace("-", "_")) is not None}
@@ -152,7 +158,7 @@ def main() -> None:
                      f"{r['top1_agreement']:.1%} | {r['quantize_s']:.1f} | {r['peak_rss_mb']:.0f} |")
     lines += ["", "The bar: impq's best method below llama.cpp with an importance matrix, same type and size.", "",
               "| type | impq best | its KLD | llama.cpp + imatrix KLD | ratio | bar |", "|---|---|---|---|---|---|"]
-    for type_name in args.types.split(","):
+    for type_name in types:
         impq_rows = {label: r for label, r in rows.items() if label.startswith("impq ") and label.endswith(f" {type_name}")}
         best = min(impq_rows, key=lambda label: impq_rows[label]["mean_kld"])
         ours, theirs = impq_rows[best]["mean_kld"], rows[f"llama.cpp {type_name} + imatrix"]["mean_kld"]
@@ -162,7 +168,7 @@ def main() -> None:
         lines += ["", "The goal: impq's best method at AutoRound's KLD or lower, in less time.", "",
                   "| type | AutoRound KLD | AutoRound s | impq methods at or below it (KLD, s) | goal |",
                   "|---|---|---|---|---|"]
-        for type_name in args.types.split(","):
+        for type_name in types:
             peer = rows[f"AutoRound {type_name}"]
             reach = {label.split()[1]: r for label, r in rows.items() if label.startswith("impq ")
                      and label.endswith(f" {type_name}") and r["mean_kld"] <= peer["mean_kld"]}
@@ -171,7 +177,7 @@ def main() -> None:
             lines.append(f"| {type_name.upper()} | {peer['mean_kld']:.2e} | {peer['quantize_s']:.0f} | "
                          f"{cells or 'none'} | {'met' if met else 'missed'} |")
     (RESULTS / "quant.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    print("\n".join(lines), flush=True)
 
 
 if __name__ == "__main__":

@@ -50,8 +50,11 @@ def test_gptq_reduces_layer_error_against_rtn(name):
         return float(torch.trace(d @ h @ d.T) / torch.trace(w @ h @ w.T))
 
     e_rtn = error(*rtn(w, h, grid))
-    e_gptq = error(*gptq(w, h, grid))
+    fit = gptq(w, h, grid)
+    e_gptq = error(fit.codes, fit.params)
     assert e_gptq < 0.6 * e_rtn, (e_gptq, e_rtn)
+    # the error-compensated weights GPTQ rounded (learned rounding's start) round to exactly its codes
+    assert torch.equal(grid.codes(fit.unrounded, fit.params), fit.codes)
 
 
 @pytest.mark.parametrize("layout,method", [("imp-qwen2", "gptq"), ("llava-siglip", "gptq"), ("imp-phi2", "rtn"),
@@ -184,12 +187,13 @@ def _first_block(models_dir, tmp_path, layout="imp-phi2"):
     return lmm.llm.model.layers[0], inputs
 
 
-def test_released_weights_leave_the_codes_unchanged_and_free_the_quantized_matrices(models_dir, tmp_path):
+@pytest.mark.parametrize("method", ["gptq", "signround"])
+def test_released_weights_leave_the_codes_unchanged_and_free_the_quantized_matrices(models_dir, tmp_path, method):
     spec = read_spec(models_dir / "imp-phi2")
     kept_model, released_model = LMM(spec), LMM(spec)
     embeddings = calibration_embeddings(kept_model, read_calibration(_calib_file(tmp_path)), 4, 256)
-    kept = quantize_llm(kept_model, embeddings, GRIDS["q4_0"], "gptq")
-    released = quantize_llm(released_model, embeddings, GRIDS["q4_0"], "gptq", release_weights=True)
+    kept = quantize_llm(kept_model, embeddings, GRIDS["q4_0"], method)
+    released = quantize_llm(released_model, embeddings, GRIDS["q4_0"], method, release_weights=True)
     assert released.tensors.keys() == kept.tensors.keys()
     for name, q in kept.tensors.items():
         assert torch.equal(released.tensors[name].codes, q.codes)
@@ -216,11 +220,13 @@ def test_signround_lowers_block_output_error_against_its_starting_point(models_d
         return sum(float(((torch.func.functional_call(layer, weights, (h,), kw) - t) ** 2).mean())
                    for (h, kw), t in zip(inputs, targets))
 
-    start = {n: (grid.codes(linears[n].weight.float(), p), p) for n, p in fitted.items()}
+    weights = {n: (linears[n].weight.float(), p) for n, p in fitted.items()}
+    start = {n: (grid.codes(w, p), p) for n, (w, p) in weights.items()}
     with torch.enable_grad():
-        learned = signround_block(layer, inputs, targets, start, grid, iterations=100)
-        # nothing learned: the start comes back as it was
-        assert signround_block(layer, inputs, targets, start, grid, iterations=0) is start
+        learned = signround_block(layer, inputs, targets, weights, grid, iterations=100)
+        # nothing learned: the plain rounding of the start comes back
+        unchanged = signround_block(layer, inputs, targets, weights, grid, iterations=0)
+    assert all(torch.equal(unchanged[n][0], start[n][0]) for n in start)
     for n, (codes, params) in learned.items():      # on the grid: codes in range, scales stored as fp16
         assert codes.min() >= 0 and codes.max() <= 15
         assert torch.equal(params.scale, params.scale.half().float())

@@ -86,8 +86,8 @@ def quantize_llm(lmm: LMM, embeddings: list[torch.Tensor], grid: LegacyGrid, met
                  on_layer: Callable[[int, int], None] | None = None) -> QuantizeResult:
     """Quantize every linear layer of the LLM's decoder blocks in place (weights become their grid values) and
     return the codes and block parameters by canonical tensor name. `method`: rtn, gptq, awq (AWQ's scales,
-    then rounding with the grid's importance-weighted scale search), or signround (GPTQ's rounding, then
-    rounding and block scales learned against the full-precision block's outputs).
+    then rounding with the grid's importance-weighted scale search), or signround (rounding and block
+    scales learned against the full-precision block's outputs, from GPTQ's error-compensated weights).
     On a GPU (`device`), one decoder block at a time moves there with the activations; the rest stays on the CPU.
     `release_weights`: once a block has produced the next block's inputs, its quantized weights move to the meta
     device (the codes are the record), so a 2.7B LLM's decoder weights are never all held twice."""
@@ -139,11 +139,13 @@ def quantize_llm(lmm: LMM, embeddings: list[torch.Tensor], grid: LegacyGrid, met
         quantizable = {name: m for name, m in linears.items() if m.in_features % grid.block == 0}
         hessian = {name: (hessians[name] / max(1, counts[name])).float() for name in quantizable}
         if method in ("gptq", "signround"):
-            rounded = {name: gptq(m.weight.float(), hessian[name], grid, **(gptq_options or {}))
-                       for name, m in quantizable.items()}
+            fits = {name: gptq(m.weight.float(), hessian[name], grid, **(gptq_options or {}))
+                    for name, m in quantizable.items()}
+            rounded = {name: (fit.codes, fit.params) for name, fit in fits.items()}
             if method == "signround":
+                unrounded = {name: (fit.unrounded, fit.params) for name, fit in fits.items()}
                 with torch.enable_grad():
-                    rounded = signround_block(layer, inputs, outputs, rounded, grid, **(signround_options or {}))
+                    rounded = signround_block(layer, inputs, outputs, unrounded, grid, **(signround_options or {}))
         elif method == "awq":
             rounded = {name: rtn(search_clip(name, m.weight.float(), samples[name], grid), hessian[name], grid)
                        for name, m in quantizable.items()}

@@ -3,9 +3,11 @@ decoder block, a rounding offset V in [-0.5, 0.5] (round up or down), and for ev
 multiplier in [0.5, 1.5], by signed gradient descent on the block's output error against the full-precision
 block on the same calibration inputs. Rounding uses the straight-through estimator.
 
-It refines a rounding that is already on the grid (the driver passes GPTQ's): the offsets move each value from
-there to a neighbouring grid point, and the block keeps whichever of the two roundings, start or learned, has the
-lower output error on all calibration inputs, so the refinement never makes a block worse than its start.
+It starts from given weights and block parameters, whose plain rounding is the start: the driver passes the
+weights as GPTQ rounded them (after its error compensation) with GPTQ's parameters, so the start is GPTQ's result
+and the weights nearest a rounding boundary are the cheapest to flip. (Starting from GPTQ's grid values instead
+puts every weight half a step from a boundary, and its flips made the block error several times worse.) The block
+keeps whichever rounding, start or learned, has the lower output error on all calibration inputs.
 
 Written here rather than taken from auto-round because the result must land on impq's grids: the codes are the
 grid's own rounding of w + V * scale with the grid's own parameters, so the k-quants' integer sub-block scales
@@ -34,10 +36,9 @@ def _per_column(t: torch.Tensor, grid: LegacyGrid, cols: int) -> torch.Tensor:
 class LearnedRounding(nn.Module):
     """One linear layer's trainable rounding offsets and block-scale multipliers on a fixed grid."""
 
-    def __init__(self, codes: torch.Tensor, params: BlockParams, grid: LegacyGrid):
+    def __init__(self, weight: torch.Tensor, params: BlockParams, grid: LegacyGrid):
         super().__init__()
-        # the start's grid values: with zero offsets and unit multipliers the rounding reproduces `codes`
-        self.weight, self.params, self.grid = grid.values(codes, params).float(), params, grid
+        self.weight, self.params, self.grid = weight.float(), params, grid
         self.offset = nn.Parameter(torch.zeros_like(self.weight))
         # k-quant sub-block scales are stored as small integers times a super-block scale: they stay as fitted
         self.tune_scale = not isinstance(grid, KQuantGrid)
@@ -72,15 +73,17 @@ class LearnedRounding(nn.Module):
         return self.grid.codes(self.weight + self.offset * step, params), params
 
 
+Start = dict[str, tuple[torch.Tensor, BlockParams]]         # linear layer name -> (weights to round, parameters)
 Rounding = dict[str, tuple[torch.Tensor, BlockParams]]      # linear layer name -> (codes, parameters)
 
 
 def signround_block(layer: nn.Module, inputs: list[tuple[torch.Tensor, dict]], targets: list[torch.Tensor],
-                    start: Rounding, grid: LegacyGrid, *, iterations: int = ITERATIONS, seed: int = 0,
+                    start: Start, grid: LegacyGrid, *, iterations: int = ITERATIONS, seed: int = 0,
                     on_step: Callable[[int], None] | None = None) -> Rounding:
-    """Refine `start`, a rounding onto `grid` of some of the block's linear layers, so that the block's outputs
-    on `inputs` approach `targets`; returns the learned rounding, or `start` where that was not better."""
-    modules = {name: LearnedRounding(codes, params, grid) for name, (codes, params) in start.items()}
+    """Learn the rounding onto `grid` of the linear layers in `start` (name -> weights to round, fitted block
+    parameters) so that the block's outputs on `inputs` approach `targets`. Returns name -> (codes, parameters):
+    the learned rounding, or the plain rounding of `start` where that has the lower error."""
+    modules = {name: LearnedRounding(weight, params, grid) for name, (weight, params) in start.items()}
     trainable = [p for m in modules.values() for p in (m.offset, m.scale_factor) if p.requires_grad]
     frozen = [p for p in layer.parameters() if p.requires_grad]       # only the rounding is trained
     for p in frozen:
@@ -91,10 +94,11 @@ def signround_block(layer: nn.Module, inputs: list[tuple[torch.Tensor, dict]], t
         for p in frozen:
             p.requires_grad_(True)
     learned = {name: m.result() for name, m in modules.items()}
+    plain = {name: (grid.codes(m.weight, m.params), m.params) for name, m in modules.items()}
     with torch.no_grad():
         # the training loss is measured on 4 sequences at a time: compare the two on every calibration input
-        better = _block_error(layer, inputs, targets, learned, grid) < _block_error(layer, inputs, targets, start, grid)
-    return learned if better else start
+        better = _block_error(layer, inputs, targets, learned, grid) < _block_error(layer, inputs, targets, plain, grid)
+    return learned if better else plain
 
 
 def _block_error(layer, inputs, targets, rounding: Rounding, grid: LegacyGrid) -> float:
