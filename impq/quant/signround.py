@@ -101,14 +101,18 @@ def signround_block(layer: nn.Module, inputs: list[tuple[torch.Tensor, dict]], t
     return learned if better else plain
 
 
+def _output_error(layer, weights: dict[str, torch.Tensor], sample: tuple[torch.Tensor, dict],
+                  target: torch.Tensor) -> torch.Tensor:
+    """Mean square error of the block's output with `weights` in place of its own, against `target`."""
+    hidden, kwargs = sample
+    out = functional_call(layer, weights, (hidden,), kwargs)
+    out = out[0] if isinstance(out, tuple) else out
+    return torch.nn.functional.mse_loss(out.float(), target.float())
+
+
 def _block_error(layer, inputs, targets, rounding: Rounding, grid: LegacyGrid) -> float:
     weights = {f"{name}.weight": grid.values(codes, params) for name, (codes, params) in rounding.items()}
-    error = 0.0
-    for (hidden, kwargs), target in zip(inputs, targets):
-        out = functional_call(layer, weights, (hidden,), kwargs)
-        out = out[0] if isinstance(out, tuple) else out
-        error += float(torch.nn.functional.mse_loss(out.float(), target.float()))
-    return error
+    return sum(float(_output_error(layer, weights, sample, target)) for sample, target in zip(inputs, targets))
 
 
 def _train(layer, inputs, targets, modules, trainable, iterations, seed, on_step) -> None:
@@ -116,12 +120,7 @@ def _train(layer, inputs, targets, modules, trainable, iterations, seed, on_step
     for step in range(iterations):
         batch = rng.sample(range(len(inputs)), min(BATCH, len(inputs)))
         weights = {f"{name}.weight": m() for name, m in modules.items()}
-        loss = 0.0
-        for i in batch:
-            hidden, kwargs = inputs[i]
-            out = functional_call(layer, weights, (hidden,), kwargs)
-            out = out[0] if isinstance(out, tuple) else out
-            loss = loss + torch.nn.functional.mse_loss(out.float(), targets[i].float())
+        loss = sum(_output_error(layer, weights, inputs[i], targets[i]) for i in batch)
         for p in trainable:
             p.grad = None
         loss.backward()
