@@ -26,6 +26,19 @@ from pathlib import Path
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
+def _made(text_gguf, mmproj_gguf, start: float) -> dict:
+    """A quantizer job's result: its pair, its time since `start` and this process's peak RSS."""
+    return {"text_gguf": str(text_gguf), "mmproj_gguf": str(mmproj_gguf), "quantize_s": time.perf_counter() - start,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def _copy_mmproj(mmproj_f16: Path, text_gguf: Path) -> Path:
+    """The F16 mmproj beside a text GGUF written by another quantizer, named as its pair."""
+    mmproj = text_gguf.with_name(f"mmproj-{text_gguf.name}")
+    mmproj.write_bytes(mmproj_f16.read_bytes())
+    return mmproj
+
+
 def _impq(method: str, type_name: str, out: str, nsamples: int) -> dict:
     from impq.defaults import default_calib_data, default_model_dir
     from impq.quant.grids import GRIDS
@@ -35,9 +48,7 @@ def _impq(method: str, type_name: str, out: str, nsamples: int) -> dict:
                                           calib=str(default_calib_data()), nsamples=nsamples)
     start = time.perf_counter()
     report = quantize_model(default_model_dir(), out, settings, verify_items=0)
-    return {"text_gguf": report.artifacts["text_gguf"], "mmproj_gguf": report.artifacts["mmproj_gguf"],
-            "quantize_s": time.perf_counter() - start,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    return _made(report.artifacts["text_gguf"], report.artifacts["mmproj_gguf"], start)
 
 
 def _llamacpp(type_name: str, with_imatrix: bool, f16_dir: str, out: str, nsamples: int) -> dict:
@@ -63,10 +74,7 @@ def _llamacpp(type_name: str, with_imatrix: bool, f16_dir: str, out: str, nsampl
     # equal size to impq's files: 8-bit token embedding and output head
     llamacpp_baseline.llamacpp_quantize(text_f16, target, type_name, imatrix,
                                         head_type=llama_cpp.GGML_TYPE_Q8_0)
-    mmproj = Path(out) / f"mmproj-{stem}.gguf"
-    mmproj.write_bytes(mmproj_f16.read_bytes())
-    return {"text_gguf": str(target), "mmproj_gguf": str(mmproj), "quantize_s": time.perf_counter() - start,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    return _made(target, _copy_mmproj(mmproj_f16, target), start)
 
 
 def _autoround(type_name: str, f16_dir: str, out: str, nsamples: int, iters: int) -> dict:
@@ -77,10 +85,7 @@ def _autoround(type_name: str, f16_dir: str, out: str, nsamples: int, iters: int
     start = time.perf_counter()
     text_f16, mmproj_f16 = find_pair(Path(f16_dir))
     target = autoround_gguf(type_name, text_f16, Path(out) / type_name, nsamples, iters)
-    mmproj = target.with_name(f"mmproj-{target.name}")
-    mmproj.write_bytes(mmproj_f16.read_bytes())
-    return {"text_gguf": str(target), "mmproj_gguf": str(mmproj), "quantize_s": time.perf_counter() - start,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    return _made(target, _copy_mmproj(mmproj_f16, target), start)
 
 
 def _evaluate(text: str, mmproj: str, limit: int | None) -> dict:
@@ -136,8 +141,12 @@ def main() -> None:
 
 def _write_results(args, autoround: bool, f16: dict, rows: dict, types: list[str]) -> None:
     RESULTS.mkdir(exist_ok=True)
-    versions = {name: importlib.metadata.version(name) for name in ("llama-cpp-python", "auto-round")
-                if importlib.util.find_spec(name.replace("-", "_")) is not None}
+    versions = {}
+    for name in ("llama-cpp-python", "auto-round"):
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            pass
     record = {"model": "imp-tiny", "nsamples": args.nsamples, "autoround_iters": args.autoround_iters,
               "versions": versions, "f16": f16, "rows": rows}
     (RESULTS / "quant.json").write_text(json.dumps(record, indent=2) + "\n")
