@@ -3,13 +3,13 @@ so that the LLM's layers are calibrated on the activations they will see on the 
 
 Accepted files: JSONL with {"image": path or null, "prompt": text} (the prompt goes into the model's
 template after the image), JSONL in the VQA format ({"image", "question", "answer"}: the answer is appended
-after the template, as in training), or a plain text file (one text-only sample per paragraph).
+after the template, as in training), or a plain text file (one text-only sample per paragraph). A file whose
+first non-empty line is a JSON object is JSONL whatever its name; every line of it must be a usable sample.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from .errors import ImpqError
+from .fileio import jsonl_image, looks_like_jsonl, read_jsonl
 from .models.lmm import LMM
 from .models.preprocess import load_image
 
@@ -32,32 +33,23 @@ def read_calibration(path: str | Path) -> list[CalibSample]:
     path = Path(path)
     if not path.is_file():
         raise ImpqError(path, "calibration file not found")
-    raw = path.read_text(encoding="utf-8", errors="replace")
     samples: list[CalibSample] = []
-    if path.suffix == ".jsonl":
-        for number, line in enumerate(raw.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue                       # counted as unusable below
-            if not isinstance(record, dict):
-                continue
+    if looks_like_jsonl(path):
+        for number, record in read_jsonl(path):
             text = record.get("prompt", record.get("question"))
             if not isinstance(text, str) or not text.strip():
-                continue
-            image = record.get("image")
-            if image is not None:
-                image = Path(image) if Path(image).is_absolute() else path.parent / image
-                if not image.is_file():
-                    continue
-            samples.append(CalibSample(image, text, record.get("answer")))
+                raise ImpqError(path, f"line {number}: no non-empty 'prompt' (or 'question') text")
+            answer = record.get("answer")
+            if answer is not None and not isinstance(answer, str):
+                raise ImpqError(path, f"line {number}: 'answer' must be text")
+            image = None if record.get("image") is None else jsonl_image(path, number, record["image"])
+            samples.append(CalibSample(image, text, answer))
     else:
+        raw = path.read_text(encoding="utf-8", errors="replace")
         samples = [CalibSample(None, para.strip(), None) for para in raw.split("\n\n") if para.strip()]
     if not samples:
-        raise ImpqError(path, "no usable calibration samples (need JSONL lines with an existing image or null and a "
-                              "non-empty prompt/question, or paragraphs of text)")
+        raise ImpqError(path, "no calibration samples (need JSONL lines with an image path or null and a prompt, "
+                              "or paragraphs of text)")
     return samples
 
 

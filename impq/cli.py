@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-import click
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -30,6 +29,15 @@ console = Console(stderr=True)
 def _progress() -> Progress:
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                     console=console, transient=True)
+
+
+def _text_option():
+    return typer.Option(None, "--text", help="The pair's text-model GGUF, whatever its name (the mmproj is found "
+                                             "beside it unless --mmproj names it).")
+
+
+def _mmproj_option():
+    return typer.Option(None, "--mmproj", help="The pair's mmproj GGUF, whatever its name.")
 
 
 def _emit(as_json: bool, payload: dict, table: Table | None = None) -> None:
@@ -105,12 +113,15 @@ def export_cmd(
 
 @app.command("verify")
 def verify_cmd(
-    export_dir: Path = typer.Argument(..., help="Folder holding one exported GGUF pair."),
+    export_dir: Optional[Path] = typer.Argument(None, help="Folder holding one GGUF pair (one text GGUF and one "
+                                                           "mmproj, any names); or name the files with --text/--mmproj."),
     reference: Path = typer.Option(..., "--reference", help="The checkpoint folder the pair was exported from."),
+    text: Optional[Path] = _text_option(),
+    mmproj: Optional[Path] = _mmproj_option(),
     image: Optional[list[Path]] = typer.Option(None, "--image", help="Image(s) to test; default: bundled samples."),
     prompt: Optional[list[str]] = typer.Option(None, "--prompt", help="Question(s); default: bundled prompts."),
-    max_new_tokens: int = typer.Option(16, help="Greedy tokens compared per image and prompt."),
-    threads: Optional[int] = typer.Option(None, help="llama.cpp threads (default: all cores)."),
+    max_new_tokens: int = typer.Option(16, min=1, help="Greedy tokens compared per image and prompt."),
+    threads: Optional[int] = typer.Option(None, min=1, help="llama.cpp threads (default: all cores)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ):
     """Run the pair in llama.cpp and the checkpoint in PyTorch on the same inputs; exit 1 if F16/Q8_0 disagree."""
@@ -119,7 +130,7 @@ def verify_cmd(
     with _progress() as progress:
         task = progress.add_task("verifying", total=None)
         report = verify_pair(export_dir, reference, image, prompt, max_new_tokens, threads,
-                             on_case=lambda _: progress.advance(task))
+                             on_case=lambda _: progress.advance(task), text=text, mmproj=mmproj)
     table = Table("metric", "value", title=f"{Path(report.text_gguf).name} vs PyTorch ({report.weight_type})")
     for key in ("top1_agreement", "max_abs_logit_diff", "max_abs_image_embedding_diff", "mean_kld",
                 "generations_matched", "passed"):
@@ -135,7 +146,7 @@ def verify_cmd(
 @data_app.command("shapes")
 def shapes_cmd(
     split: str = typer.Option(..., help="eval | calib (disjoint seed ranges; training uses seeds from 0)."),
-    n: int = typer.Option(..., help="Number of items."),
+    n: int = typer.Option(..., min=1, help="Number of items."),
     out: Path = typer.Option(..., help="Folder for images/ and <split>.jsonl."),
 ):
     """Write a split of the shapes task: PNG images and a JSONL index, balanced over question types."""
@@ -150,12 +161,14 @@ def shapes_cmd(
 def eval_cmd(
     model: Optional[Path] = typer.Argument(None, help="Checkpoint folder (PyTorch) or GGUF pair folder (llama.cpp); "
                                                       "default: the embedded imp-tiny."),
+    text: Optional[Path] = _text_option(),
+    mmproj: Optional[Path] = _mmproj_option(),
     data: Optional[Path] = typer.Option(None, help="VQA JSONL; default: eval/shapes/eval.jsonl."),
     reference: Optional[Path] = typer.Option(None, help="Full-precision checkpoint: adds mean KLD and top-1 agreement."),
     limit: Optional[int] = typer.Option(None, min=1, help="Evaluate the first N items only."),
-    image_size: Optional[int] = typer.Option(None, help="Input resolution for a checkpoint (interpolated position "
+    image_size: Optional[int] = typer.Option(None, min=1, help="Input resolution for a checkpoint (interpolated position "
                                                         "embeddings); default: native."),
-    threads: Optional[int] = typer.Option(None, help="llama.cpp threads (default: all cores)."),
+    threads: Optional[int] = typer.Option(None, min=1, help="llama.cpp threads (default: all cores)."),
     results: Optional[Path] = typer.Option(None, help="Write the full report (every item) to this JSON file."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ):
@@ -164,22 +177,23 @@ def eval_cmd(
     from .fileio import atomic_output, ensure_writable_dir
     from .measure.vqa import evaluate, load_answerer, read_vqa_jsonl
 
-    model = model or default_model_dir()
+    model = model or (None if text or mmproj else default_model_dir())
     data = data or default_eval_data()
     items = read_vqa_jsonl(data)[:limit]
     if results is not None:
         ensure_writable_dir(results.parent)
-    answerer = load_answerer(model, image_size, threads)
+    answerer = load_answerer(model, image_size, threads, text, mmproj)
+    name = Path(model or text or mmproj).name
     ref = load_answerer(reference) if reference else None
     with _progress() as progress:
-        task = progress.add_task(f"evaluating {model.name}", total=len(items))
-        report = evaluate(answerer, items, model=str(model), dataset=str(data), reference=ref,
+        task = progress.add_task(f"evaluating {name}", total=len(items))
+        report = evaluate(answerer, items, model=str(model or text or mmproj), dataset=str(data), reference=ref,
                           on_item=lambda _: progress.advance(task))
     if results is not None:
         with atomic_output(results) as tmp:
             tmp.write_text(json.dumps(report.to_dict(), indent=2) + "\n")
     summary = {k: v for k, v in report.to_dict().items() if k != "items"}
-    table = Table("type", "n", "accuracy", title=f"{model.name} on {data.name}: {report.accuracy:.1%}")
+    table = Table("type", "n", "accuracy", title=f"{name} on {data.name}: {report.accuracy:.1%}")
     for qtype, row in report.per_type.items():
         table.add_row(qtype, str(row["n"]), f"{row['accuracy']:.1%}")
     if report.mean_kld is not None:
@@ -191,31 +205,34 @@ def eval_cmd(
 def bench_cmd(
     export_dir: Optional[Path] = typer.Argument(None, help="Folder with one GGUF pair; default: the embedded imp-tiny "
                                                            "exported with --type to a temporary folder."),
+    text: Optional[Path] = _text_option(),
+    mmproj: Optional[Path] = _mmproj_option(),
     type_name: str = typer.Option("f16", "--type", help="Export type when no folder is given."),
     image: Optional[Path] = typer.Option(None, help="Image for the prompt; default: a bundled sample."),
     question: str = typer.Option("What is in the image?", help="Question for the prompt."),
     runs: int = typer.Option(5, min=1, help="Timed runs (after the warm-up)."),
     warmup: int = typer.Option(1, min=0, help="Untimed warm-up runs."),
     decode_tokens: int = typer.Option(32, min=2, help="Tokens generated per run (end-of-sequence ignored)."),
-    threads: Optional[int] = typer.Option(None, help="llama.cpp threads (default: all cores)."),
+    threads: Optional[int] = typer.Option(None, min=1, help="llama.cpp threads (default: all cores)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ):
     """Image encode time, prompt and decode tokens/s, time to first token, peak RSS and file sizes in llama.cpp."""
     import tempfile
 
     from .measure.bench import bench_pair
-    from .verify import default_images, find_pair
+    from .runtime.gguf_pair import resolve_pair
+    from .verify import default_images
 
     image = image or default_images()[0]
     with tempfile.TemporaryDirectory(prefix="impq-bench-") as scratch:
-        if export_dir is None:
+        if export_dir is None and text is None and mmproj is None:
             from .defaults import default_model_dir
             from .export.pair import export_pair
             from .models.layouts import read_spec
 
             export_dir = Path(scratch)
             export_pair(read_spec(default_model_dir()), export_dir, type_name)
-        text_path, mmproj_path = find_pair(export_dir)
+        text_path, mmproj_path = resolve_pair(export_dir, text, mmproj)
         with console.status(f"benchmarking {text_path.name} ({warmup} warm-up + {runs} runs)"):
             figures = bench_pair(text_path, mmproj_path, image, question, runs, warmup, decode_tokens, threads)
     figures = {"text_gguf": str(text_path.name), "mmproj_gguf": str(mmproj_path.name), **figures}
@@ -233,16 +250,18 @@ def bench_cmd(
 def estimate_cmd(
     export_dir: Optional[Path] = typer.Argument(None, help="Folder with one GGUF pair; default: the Imp-v1.5-3B-196 "
                                                            "4-bit estimate recorded by bench/run_speed.py."),
+    text: Optional[Path] = _text_option(),
+    mmproj: Optional[Path] = _mmproj_option(),
     device: Optional[list[str]] = typer.Option(None, help="Device profile(s); default: all."),
     fit: Optional[Path] = typer.Option(None, help="Results of bench/run_speed.py with the fitted efficiency; "
                                                   "default: bench/results/speed.json."),
-    text_tokens: int = typer.Option(40, help="Text tokens in the prompt besides the image."),
+    text_tokens: int = typer.Option(40, min=0, help="Text tokens in the prompt besides the image."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ):
     """Roofline estimate of decode tokens/s, image encode time and time to first token on phone profiles."""
     from .defaults import REPO
     from .measure.phone import DEVICES, PUBLISHED, Efficiency, ModelCost, estimate
-    from .verify import find_pair
+    from .runtime.gguf_pair import resolve_pair
 
     fit = fit or REPO / "bench" / "results" / "speed.json"
     from .models.checkpoint import read_json
@@ -251,15 +270,16 @@ def estimate_cmd(
     unknown = [n for n in names if n not in DEVICES]
     if unknown:
         raise ImpqError(None, f"unknown device {unknown[0]!r}; choose from {', '.join(DEVICES)}")
-    if export_dir is None:
+    if export_dir is None and text is None and mmproj is None:
         rows = {n: record["imp_v1_5_3b_196_q4_0"][n] for n in names}
         title = "Imp-v1.5-3B-196, 4-bit (published: ~13 tok/s decode on Snapdragon 8 Gen 3)"
     else:
-        cost = ModelCost.from_gguf_pair(*find_pair(export_dir))
+        pair = resolve_pair(export_dir, text, mmproj)
+        cost = ModelCost.from_gguf_pair(*pair)
         eff = Efficiency(**record["efficiency"])
         rows = {n: estimate(cost, DEVICES[n].bandwidth_gbs, DEVICES[n].peak_gflops, eff, text_tokens).to_dict()
                 for n in names}
-        title = f"{export_dir}"
+        title = f"{pair[0].name} + {pair[1].name}"
     table = Table("device", "decode tok/s", "image encode s", "TTFT s", title=title)
     for name, row in rows.items():
         table.add_row(DEVICES[name].name, f"{row['decode_tokens_per_s']:.1f}", f"{row['image_encode_s']:.2f}",
@@ -280,7 +300,7 @@ def quantize_cmd(
                                                                  "q4_1 q3_k q2_k; default from --bits (4: q4_k)."),
     layout: Optional[str] = typer.Option(None, help="safetensors layout: compressed-tensors (default; transformers "
                                                     "loads it) | gptq | awq."),
-    group_size: Optional[int] = typer.Option(None, help="safetensors: input columns per scale (default 128)."),
+    group_size: Optional[int] = typer.Option(None, min=1, help="safetensors: input columns per scale (default 128)."),
     embeddings: Optional[str] = typer.Option(None, help="GGUF type of the token embedding and output head: q8_0 "
                                                         "(default), f16, f32."),
     vision: Optional[str] = typer.Option(None, help="GGUF type of the mmproj (vision tower, projector): f16 "
@@ -296,7 +316,7 @@ def quantize_cmd(
     static_groups: bool = typer.Option(False, "--static-groups", help="GPTQ: block scales from the original weights."),
     device: str = typer.Option("auto", help="Where calibration and quantization run: auto (a CUDA GPU when torch "
                                             "sees one, else the CPU), cpu, cuda, cuda:N, mps."),
-    verify_items: int = typer.Option(140, help="Eval items for the llama.cpp check (embedded model); 0 skips it."),
+    verify_items: int = typer.Option(140, min=0, help="Eval items for the llama.cpp check (embedded model); 0 skips it."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ):
     """Calibrated low-bit quantization of the LLM backbone onto an exact GGUF or safetensors grid, with recipe and
@@ -327,16 +347,39 @@ def quantize_cmd(
     _emit(as_json, summary, table)
 
 
+# typer >= 0.29 raises its own copy of click's exceptions, older typer raises click's: find the class through typer
+_CLICK_EXCEPTION = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+
+
+def _usage_line(err) -> str:
+    """click's usage error as one line: the command it concerns, then click's own message."""
+    message = " ".join(err.format_message().split())
+    ctx = getattr(err, "ctx", None)
+    command = ctx.command_path if ctx is not None and ctx.command_path != "impq" else ""
+    return f"{command.removeprefix('impq ')}: {message}" if command else message
+
+
+@app.callback(invoke_without_command=True)
+def _root(version: bool = typer.Option(False, "--version", is_eager=True, help="Print impq's version and exit.")):
+    if version:
+        from . import __version__
+        print(f"impq {__version__}")
+        raise typer.Exit(0)
+
+
 def main() -> None:
     try:
         code = app(standalone_mode=False)
     except ImpqError as err:
         print(f"impq: error: {err}", file=sys.stderr)
         sys.exit(2)
-    except click.ClickException as err:
-        err.show()
+    except _CLICK_EXCEPTION as err:
+        if type(err).__name__ == "NoArgsIsHelpError":     # `impq` or a group alone: its help, as --help would
+            print(err.format_message())
+            sys.exit(0)
+        print(f"impq: error: {_usage_line(err)}", file=sys.stderr)
         sys.exit(2)
-    except (click.exceptions.Abort, KeyboardInterrupt):
+    except (typer.Abort, KeyboardInterrupt):
         print("impq: interrupted; no partial outputs were kept", file=sys.stderr)
         sys.exit(130)
     sys.exit(code if isinstance(code, int) else 0)

@@ -12,3 +12,7 @@ class ImpqError(Exception):
         self.path = None if path is None else str(path)
         self.problem = problem
         super().__init__(f"{self.path}: {problem}" if self.path else problem)
+
+    def __reduce__(self):
+        # rebuilt from both fields, so that the error survives a trip back from a worker process
+        return type(self), (self.path, self.problem)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import shutil
 import tempfile
@@ -42,6 +43,26 @@ def atomic_output(final: Path) -> Iterator[Path]:
                 tmp.unlink()
 
 
+@contextlib.contextmanager
+def artifact_set(out_dir: Path, last: str) -> Iterator[Path]:
+    """Yield a staging folder inside `out_dir` for all the files of one artifact. When the block completes, each is
+    moved into `out_dir` (replacing a stale set of the same names), the one named `last`, which marks a set as
+    complete, after the others; on any failure or interrupt the staging folder and everything in it is removed."""
+    stage = out_dir / f".impq-stage-{os.getpid()}"
+    shutil.rmtree(stage, ignore_errors=True)
+    stage.mkdir()
+    try:
+        yield stage
+        (out_dir / last).unlink(missing_ok=True)      # a stale set stops looking complete before any file moves
+        for entry in sorted(stage.iterdir(), key=lambda p: p.name == last):
+            final = out_dir / entry.name
+            if entry.is_dir() and final.is_dir():
+                shutil.rmtree(final)
+            os.replace(entry, final)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
 def sha256_files(paths: list[Path], chunk: int = 1 << 20) -> str:
     """Digest of several files' bytes, in the given order (the checkpoint's provenance id)."""
     digest = hashlib.sha256()
@@ -51,3 +72,47 @@ def sha256_files(paths: list[Path], chunk: int = 1 << 20) -> str:
             while block := handle.read(chunk):
                 digest.update(block)
     return digest.hexdigest()
+
+
+def looks_like_jsonl(path: Path) -> bool:
+    """A .jsonl file, or any file whose first non-empty line is a JSON object."""
+    if path.suffix == ".jsonl":
+        return True
+    with open(path, encoding="utf-8", errors="replace") as handle:
+        for line in handle:
+            if line.strip():
+                try:
+                    return isinstance(json.loads(line), dict)
+                except json.JSONDecodeError:
+                    return False
+    return False
+
+
+def read_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
+    """(line number, object) for every non-empty line, in order; a line that is not a JSON object is an error
+    naming it, raised when the reader reaches it (so the first bad line of any kind is the one reported)."""
+    number = 0
+    try:
+        with open(path, encoding="utf-8") as handle:
+            for number, line in enumerate(handle, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise ImpqError(path, f"line {number}: not JSON ({err.msg})") from None
+                if not isinstance(record, dict):
+                    raise ImpqError(path, f"line {number}: expected a JSON object")
+                yield number, record
+    except UnicodeDecodeError:
+        raise ImpqError(path, f"line {number + 1}: not UTF-8 text") from None
+
+
+def jsonl_image(path: Path, number: int, value) -> Path:
+    """A JSONL line's image path (relative to the JSONL's folder, or absolute), which must exist."""
+    if not isinstance(value, str) or not value.strip():
+        raise ImpqError(path, f"line {number}: 'image' must be a path")
+    image = Path(value) if Path(value).is_absolute() else path.parent / value
+    if not image.is_file():
+        raise ImpqError(path, f"line {number}: image {image} not found")
+    return image

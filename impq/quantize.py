@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import json
 import resource
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -20,12 +19,12 @@ from . import __version__
 from .calib import calibration_embeddings, file_digest, read_calibration
 from .device import resolve_device
 from .errors import ImpqError
-from .export.gguf_file import QType
+from .export.gguf_file import QType, canonical_type_name
 from .export.gguf_mmproj import write_mmproj_gguf
 from .export.gguf_text import gguf_vocab, text_tensors, write_text_gguf
 from .export.safetensors_layouts import LAYOUTS
 from .export.safetensors_model import read_dequantized_llm, write_safetensors_model
-from .fileio import atomic_output, ensure_writable_dir, sha256_files
+from .fileio import artifact_set, ensure_writable_dir, sha256_files
 from .models.layouts import read_spec
 from .models.lmm import LMM
 from .quant.driver import METHODS, quantize_llm
@@ -76,17 +75,14 @@ class QuantizeSettings:
             return settings
         if layout is not None or group_size is not None:
             raise ImpqError(None, "--layout and --group-size apply to --format safetensors; GGUF types fix their blocks")
-        for option, value in (("--embeddings", embeddings), ("--vision", vision)):
-            if value not in (None, *UNQUANTIZED_TYPES):
-                raise ImpqError(None, f"{option} {value}: choose one of {', '.join(UNQUANTIZED_TYPES)}")
-        kwargs.update({k: v for k, v in (("embeddings", embeddings), ("vision", vision)) if v is not None})
+        kwargs.update({key: canonical_type_name(value, UNQUANTIZED_TYPES, f"--{key}")
+                       for key, value in (("embeddings", embeddings), ("vision", vision)) if value is not None})
         if type_name is None:
             if bits not in DEFAULT_TYPE_FOR_BITS:
                 raise ImpqError(None, f"--bits {bits}: the GGUF grids implemented hold "
                                       f"{', '.join(f'{b} ({t})' for b, t in DEFAULT_TYPE_FOR_BITS.items())} bits")
             type_name = DEFAULT_TYPE_FOR_BITS[bits]
-        if type_name not in GRIDS:
-            raise ImpqError(None, f"--type {type_name}: GGUF grids implemented: {', '.join(GRIDS)}")
+        type_name = canonical_type_name(type_name, GRIDS, "--type")
         if GRIDS[type_name].bits != bits:
             raise ImpqError(None, f"--type {type_name} holds {GRIDS[type_name].bits} bits, not --bits {bits}")
         return cls(bits=bits, type=type_name, **kwargs)
@@ -163,18 +159,19 @@ def quantize_model(model_dir: str | Path, out_dir: str | Path, settings: Quantiz
         stem += f"-{settings.layout}"
     digest = sha256_files([spec.folder / "config.json", *spec.checkpoint.files])
     recorded = {**asdict(settings), "calib_digest": file_digest(Path(settings.calib))}
-    if settings.format == "gguf":
-        artifacts = _write_gguf_pair(lmm, out_dir, stem, settings, result, digest, recorded)
-        llm_bytes = Path(artifacts["text_gguf"]).stat().st_size
-        block, block_bytes = gguf.GGML_QUANT_SIZES[grid.qtype]
-        bits_quantized = 8 * block_bytes / block
-    else:
-        folder, bits_quantized = write_safetensors_model(lmm, out_dir / stem, LAYOUTS[settings.layout], grid,
-                                                         result.tensors, recorded, digest)
-        artifacts = {"safetensors": folder}
-        llm_bytes = (folder / "model.safetensors").stat().st_size
-    try:
-        recipe_path = out_dir / f"{stem}.recipe.yaml"
+    # every file of the artifact is written and checked in a staging folder, then moved in together, report last
+    with artifact_set(out_dir, f"{stem}.report.json") as stage:
+        if settings.format == "gguf":
+            artifacts = _write_gguf_pair(lmm, stage, stem, settings, result, digest, recorded)
+            llm_bytes = Path(artifacts["text_gguf"]).stat().st_size
+            block, block_bytes = gguf.GGML_QUANT_SIZES[grid.qtype]
+            bits_quantized = 8 * block_bytes / block
+        else:
+            folder, bits_quantized = write_safetensors_model(lmm, stage / stem, LAYOUTS[settings.layout], grid,
+                                                             result.tensors, recorded, digest)
+            artifacts = {"safetensors": folder}
+            llm_bytes = (folder / "model.safetensors").stat().st_size
+        recipe_path = stage / f"{stem}.recipe.yaml"
         target = settings.type.upper() if settings.format == "gguf" else f"{grid.name} in the {settings.layout} layout"
         recipe = {"impq_version": __version__, "model": {"path": str(spec.folder.resolve()), "digest": digest},
                   "calibration": {"path": str(Path(settings.calib).resolve()), "digest": recorded["calib_digest"]},
@@ -183,39 +180,34 @@ def quantize_model(model_dir: str | Path, out_dir: str | Path, settings: Quantiz
                               "token embedding and output head": settings.embeddings.upper(),
                               "norms and biases": "F32" if settings.format == "gguf" else "F16",
                               "vision tower and projector": settings.vision.upper()}}
-        with atomic_output(recipe_path) as tmp:
-            tmp.write_text(yaml.safe_dump(recipe, sort_keys=False))
-    except BaseException:
-        _remove(artifacts)
-        raise
+        recipe_path.write_text(yaml.safe_dump(recipe, sort_keys=False))
 
-    llm_weights = sum(spec.numel(name) for name in spec.tensors if name.startswith("llm."))
-    total_bytes = sum(_size(Path(p)) for p in artifacts.values())
-    report = QuantizeReport(
-        {k: str(v) for k, v in artifacts.items()}, total_bytes, str(recipe_path), recorded,
-        {name: q.relative_error for name, q in result.tensors.items()}, bits_quantized, 8 * llm_bytes / llm_weights,
-        len(embeddings), sum(e.shape[1] for e in embeddings), result.seconds, 0.0,
-        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, str(device))
-    del result                                   # the codes are in the artifacts now
-    if verify_items:
-        # the check builds a full-precision reference: at most one other model may be alive beside it
-        if settings.format == "gguf":
-            del lmm
-            (on_status or (lambda _: None))("verifying in llama.cpp")
-            from .measure.vqa import GGUFAnswerer
-            candidate = GGUFAnswerer(artifacts["text_gguf"], artifacts["mmproj_gguf"])
-            report.verification = {"runtime": "llama.cpp", **_verify(candidate, model_dir, verify_items)}
-        else:
-            (on_status or (lambda _: None))("verifying the written safetensors in PyTorch")
-            from .measure.vqa import TorchAnswerer
-            # what the files hold, in place of the released weights
-            lmm.llm.load_state_dict(read_dequantized_llm(folder), strict=False, assign=True)
-            report.verification = {"runtime": "pytorch (weights unpacked from the written files)",
-                                   **_verify(TorchAnswerer(lmm), model_dir, verify_items)}
-    report.total_seconds = time.perf_counter() - start
-    report_path = out_dir / f"{stem}.report.json"
-    with atomic_output(report_path) as tmp:
-        tmp.write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+        llm_weights = sum(spec.numel(name) for name in spec.tensors if name.startswith("llm."))
+        total_bytes = sum(_size(Path(p)) for p in artifacts.values())
+        report = QuantizeReport(
+            {k: str(out_dir / Path(v).name) for k, v in artifacts.items()}, total_bytes,
+            str(out_dir / recipe_path.name), recorded,
+            {name: q.relative_error for name, q in result.tensors.items()}, bits_quantized,
+            8 * llm_bytes / llm_weights, len(embeddings), sum(e.shape[1] for e in embeddings), result.seconds, 0.0,
+            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, str(device))
+        del result                                   # the codes are in the artifacts now
+        if verify_items:
+            # the check builds a full-precision reference: at most one other model may be alive beside it
+            if settings.format == "gguf":
+                del lmm
+                (on_status or (lambda _: None))("verifying in llama.cpp")
+                from .measure.vqa import GGUFAnswerer
+                candidate = GGUFAnswerer(artifacts["text_gguf"], artifacts["mmproj_gguf"])
+                report.verification = {"runtime": "llama.cpp", **_verify(candidate, model_dir, verify_items)}
+            else:
+                (on_status or (lambda _: None))("verifying the written safetensors in PyTorch")
+                from .measure.vqa import TorchAnswerer
+                # what the files hold, in place of the released weights
+                lmm.llm.load_state_dict(read_dequantized_llm(folder), strict=False, assign=True)
+                report.verification = {"runtime": "pytorch (weights unpacked from the written files)",
+                                       **_verify(TorchAnswerer(lmm), model_dir, verify_items)}
+        report.total_seconds = time.perf_counter() - start
+        (stage / f"{stem}.report.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")
     return report
 
 
@@ -226,24 +218,12 @@ def _write_gguf_pair(lmm: LMM, out_dir: Path, stem: str, settings: QuantizeSetti
     state = {f"llm.{k}": v for k, v in lmm.llm.state_dict().items()}
     write_text_gguf(spec, text_path, GRIDS[settings.type].qtype, digest, recorded, quantized=result.tensors,
                     source=state.__getitem__, head_type=QType[settings.embeddings.upper()])
-    try:
-        write_mmproj_gguf(spec, mmproj_path, QType[settings.vision.upper()], digest, recorded)
-    except BaseException:
-        text_path.unlink(missing_ok=True)
-        raise
+    write_mmproj_gguf(spec, mmproj_path, QType[settings.vision.upper()], digest, recorded)
     return {"text_gguf": text_path, "mmproj_gguf": mmproj_path}
 
 
 def _size(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else path.stat().st_size
-
-
-def _remove(artifacts: dict) -> None:
-    for path in map(Path, artifacts.values()):
-        if path.is_dir():
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            path.unlink(missing_ok=True)
 
 
 def _verify(candidate, model_dir, n_items: int) -> dict:

@@ -10,10 +10,10 @@ from pathlib import Path
 import gguf
 import numpy as np
 
-from .errors import ImpqError
 from .measure.divergence import Divergence
 from .models.lmm import LMM
 from .models.preprocess import load_image
+from .runtime.gguf_pair import read_gguf_header, resolve_pair
 from .runtime.llamacpp import PairRunner
 
 DEFAULT_PROMPTS = ("What is in the image?", "What color is the largest shape? Answer in one word.")
@@ -64,30 +64,15 @@ class VerifyReport:
         return asdict(self)
 
 
-def find_pair(folder: Path) -> tuple[Path, Path]:
-    """The one `<name>-<TYPE>.gguf` + `mmproj-<name>-<TYPE>.gguf` pair in an export folder."""
-    if not folder.is_dir():
-        raise ImpqError(folder, "export folder does not exist")
-    mmprojs = sorted(folder.glob("mmproj-*.gguf"))
-    pairs = [(folder / m.name[len("mmproj-"):], m) for m in mmprojs if (folder / m.name[len("mmproj-"):]).is_file()]
-    if len(pairs) != 1:
-        raise ImpqError(folder, f"expected one GGUF pair (<name>.gguf + mmproj-<name>.gguf), found {len(pairs)}")
-    return pairs[0]
-
-
 def weight_type(path: Path) -> str:
-    try:
-        reader = gguf.GGUFReader(path)
-    except Exception as err:  # GGUFReader raises ValueError/struct errors for damaged files
-        raise ImpqError(path, f"not a readable GGUF file ({err})") from None
-    file_type = int(reader.fields["general.file_type"].contents())
+    file_type = int(read_gguf_header(path, ("general.file_type",)).fields["general.file_type"])
     return gguf.LlamaFileType(file_type).name.replace("MOSTLY_", "").replace("ALL_", "")
 
 
-def verify_pair(export_dir: str | Path, reference_dir: str | Path, images: list[Path] | None = None,
+def verify_pair(export_dir: str | Path | None, reference_dir: str | Path, images: list[Path] | None = None,
                 prompts: list[str] | None = None, max_new_tokens: int = 16, n_threads: int | None = None,
-                on_case=None) -> VerifyReport:
-    text_path, mmproj_path = find_pair(Path(export_dir))
+                on_case=None, text: Path | None = None, mmproj: Path | None = None) -> VerifyReport:
+    text_path, mmproj_path = resolve_pair(export_dir, text, mmproj)
     image_paths = images or default_images()
     loaded = [(p, load_image(p)) for p in image_paths]      # unreadable images fail before any model loads
     prompts = prompts or list(DEFAULT_PROMPTS)

@@ -4,6 +4,7 @@ holds one tensor in memory at a time and renames the file into place only when i
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -13,6 +14,7 @@ import numpy as np
 import torch
 
 from .. import __version__
+from ..errors import ImpqError
 from ..fileio import atomic_output
 
 QType = gguf.GGMLQuantizationType
@@ -23,6 +25,27 @@ FILE_TYPES = {QType.F32: gguf.LlamaFileType.ALL_F32, QType.F16: gguf.LlamaFileTy
               QType.Q5_1: gguf.LlamaFileType.MOSTLY_Q5_1, QType.Q4_K: gguf.LlamaFileType.MOSTLY_Q4_K_S,
               QType.Q5_K: gguf.LlamaFileType.MOSTLY_Q5_K_S, QType.Q6_K: gguf.LlamaFileType.MOSTLY_Q6_K,
               QType.Q3_K: gguf.LlamaFileType.MOSTLY_Q3_K_S, QType.Q2_K: gguf.LlamaFileType.MOSTLY_Q2_K}
+
+
+# llama-quantize's names for its fixed per-tensor mixes; the _S mixes are closest to impq's uniform K-quant types
+_LLAMA_CPP_MIX = re.compile(r"(q[2-6]_k)_(xs|s|m|l)")
+
+
+def canonical_type_name(value: str, choices, option: str) -> str:
+    """A type name as users write it (Q4_0, q4_k, Q4_K_M: any case) -> impq's lower-case name among `choices`.
+    llama.cpp's mix names get the uniform equivalent (the _S mixes) or a pointer to the options that mix types."""
+    name = value.strip().lower()
+    if name in choices:
+        return name
+    mix = _LLAMA_CPP_MIX.fullmatch(name)
+    if mix and mix.group(2) == "s" and mix.group(1) in choices:
+        return mix.group(1)
+    if mix:
+        raise ImpqError(None, f"{option} {value}: llama.cpp's {value.upper()} is a fixed mix of types; "
+                              f"impq quantize writes one grid for the LLM's decoder layers (--type {mix.group(1)}, the "
+                              f"{mix.group(1).upper()}_S file type), with --embeddings and --vision for the embedding/"
+                              "output head and the mmproj; per-tensor mixes under a size budget are not in this version")
+    raise ImpqError(None, f"{option} {value}: choose one of {', '.join(choices)}")
 
 
 @dataclass

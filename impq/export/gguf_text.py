@@ -4,11 +4,12 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import gguf
+from gguf.vocab import SentencePieceVocab
 import torch
 
 from ..errors import ImpqError
@@ -39,45 +40,110 @@ def _pre_tokenizer(raw: dict, path: Path) -> str:
             if r"\p{N}" in regex:
                 return "qwen2"
     raise ImpqError(path, "unsupported pre-tokenizer: impq exports GPT-2-style byte-level BPE tokenizers "
-                          "(Phi-2, Qwen, Llama-3 style); SentencePiece vocabularies are not supported yet")
+                          "(Phi-2, Qwen, Llama-3 style) and SentencePiece (byte-fallback) ones")
 
 
 @dataclass
 class GGUFVocab:
-    pre: str
+    model: str                     # llama.cpp's tokenizer.ggml.model: "gpt2" (byte-level BPE) or "llama" (SentencePiece)
     tokens: list[str]
     types: list[int]
-    merges: list[str]
+    merges: list[str] = field(default_factory=list)    # gpt2 only
+    pre: str | None = None                              # gpt2 only: the pre-tokenization regex's name
+    scores: list[float] = field(default_factory=list)   # llama only: SentencePiece piece scores
+    add_space_prefix: bool = False                      # llama only
+    unk_id: int | None = None
+
+
+def _padded(n_rows: int) -> tuple[list[str], list[int], list[float]]:
+    # the token list must have exactly the embedding's row count: pad with unused entries
+    return [f"[PAD{i}]" for i in range(n_rows)], [gguf.TokenType.UNUSED] * n_rows, [-1000.0] * n_rows
 
 
 def gguf_vocab(tok: TextTokenizer, n_rows: int) -> GGUFVocab:
-    """The tokenizer as llama.cpp's "gpt2" vocabulary, padded to the embedding's row count."""
+    """The tokenizer as llama.cpp's vocabulary, padded to the embedding's row count."""
     raw = tok.tokenizer_json
-    if raw.get("model", {}).get("type") != "BPE" or raw["model"].get("byte_fallback"):
-        raise ImpqError(tok.path, "unsupported tokenizer model: impq exports byte-level BPE tokenizers only")
+    model = raw.get("model", {})
+    if model.get("type") == "BPE" and model.get("byte_fallback"):
+        return _sentencepiece_vocab(tok, n_rows)
+    if model.get("type") != "BPE":
+        raise ImpqError(tok.path, f"unsupported tokenizer model {model.get('type')!r}: impq exports byte-level BPE "
+                                  "(GPT-2 style) and SentencePiece (byte-fallback BPE) tokenizers")
     pre = _pre_tokenizer(raw, tok.path)
     vocab = tok.tokenizer.get_vocab(with_added_tokens=True)
     if max(vocab.values()) >= n_rows:
         raise ImpqError(tok.path, f"tokenizer has ids up to {max(vocab.values())} but the embedding has {n_rows} rows")
     special = {t["id"] for t in raw.get("added_tokens", []) if t.get("special")}
     added = {t["id"] for t in raw.get("added_tokens", [])}
-    # the token list must have exactly the embedding's row count: pad with unused entries
-    tokens = [f"[PAD{i}]" for i in range(n_rows)]
-    types = [gguf.TokenType.UNUSED] * n_rows
+    tokens, types, _ = _padded(n_rows)
     for text, idx in vocab.items():
         tokens[idx] = text
         types[idx] = (gguf.TokenType.CONTROL if idx in special else
                       gguf.TokenType.USER_DEFINED if idx in added else gguf.TokenType.NORMAL)
-    merges = [m if isinstance(m, str) else " ".join(m) for m in raw["model"].get("merges", [])]
-    return GGUFVocab(pre, tokens, types, merges)
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    return GGUFVocab("gpt2", tokens, types, merges=merges, pre=pre)
+
+
+def _sentencepiece_vocab(tok: TextTokenizer, n_rows: int) -> GGUFVocab:
+    """llama.cpp's "llama" vocabulary: the pieces, scores and types of the SentencePiece model (read by gguf-py's
+    SentencePieceVocab, as convert_hf_to_gguf does), then tokenizer.json's added tokens (chat tokens, <image>)."""
+    model_path = tok.path.parent / "tokenizer.model"
+    if not model_path.is_file():
+        raise ImpqError(tok.path, "SentencePiece-style tokenizer (byte-fallback BPE) without its tokenizer.model: "
+                                  "llama.cpp's vocabulary needs the SentencePiece model's scores; copy the base "
+                                  "model's tokenizer.model beside tokenizer.json")
+    try:
+        pieces = list(SentencePieceVocab(model_path.parent).sentencepiece_tokens())
+    except Exception as err:  # sentencepiece raises RuntimeError/OSError on damaged models
+        raise ImpqError(model_path, f"cannot read the SentencePiece model ({err})") from None
+    vocab = tok.tokenizer.get_vocab(with_added_tokens=True)
+    if max(vocab.values()) >= n_rows:
+        raise ImpqError(tok.path, f"tokenizer has ids up to {max(vocab.values())} but the embedding has {n_rows} rows")
+    tokens, types, scores = _padded(n_rows)
+    for idx, (text, score, token_type) in enumerate(pieces):
+        piece = text.decode("utf-8")
+        if vocab.get(piece) != idx:
+            raise ImpqError(model_path, f"piece {idx} {piece!r} is id {vocab.get(piece)} in tokenizer.json: the two "
+                                        "files describe different vocabularies")
+        tokens[idx], scores[idx], types[idx] = piece, score, token_type
+    for added in _added_tokens(tok):
+        if added["id"] >= len(pieces):
+            tokens[added["id"]] = added["content"]
+            types[added["id"]] = gguf.TokenType.CONTROL if added.get("special") else gguf.TokenType.USER_DEFINED
+    unk = next((i for i, (_, _, t) in enumerate(pieces) if t == gguf.TokenType.UNKNOWN), None)
+    return GGUFVocab("llama", tokens, types, scores=scores, add_space_prefix=_adds_space_prefix(tok.tokenizer_json),
+                     unk_id=unk)
+
+
+def _added_tokens(tok: TextTokenizer) -> list[dict]:
+    return [t for t in tok.tokenizer_json.get("added_tokens", []) if isinstance(t, dict) and "id" in t]
+
+
+def _adds_space_prefix(raw: dict) -> bool:
+    """Whether the tokenizer puts "▁" before the text: Llama-2/Phi-3's normalizer Prepend("▁"), or a Metaspace
+    pre-tokenizer that prepends."""
+    def steps(node: dict | None, key: str) -> list[dict]:
+        node = node or {}
+        return node.get(key, []) if node.get("type") == "Sequence" else [node]
+    if any(n.get("type") == "Prepend" and n.get("prepend") == "\u2581" for n in steps(raw.get("normalizer"), "normalizers")):
+        return True
+    return any(n.get("type") == "Metaspace" and n.get("prepend_scheme", "always") != "never"
+               for n in steps(raw.get("pre_tokenizer"), "pretokenizers"))
 
 
 def add_tokenizer(writer: gguf.GGUFWriter, tok: TextTokenizer, vocab: GGUFVocab) -> None:
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(vocab.pre)
+    writer.add_tokenizer_model(vocab.model)
+    if vocab.pre:
+        writer.add_tokenizer_pre(vocab.pre)
     writer.add_token_list(vocab.tokens)
     writer.add_token_types(vocab.types)
-    writer.add_token_merges(vocab.merges)
+    if vocab.model == "gpt2":
+        writer.add_token_merges(vocab.merges)
+    else:
+        writer.add_token_scores(vocab.scores)
+        writer.add_add_space_prefix(vocab.add_space_prefix)
+        if vocab.unk_id is not None:
+            writer.add_unk_token_id(vocab.unk_id)
     if tok.bos_id is not None:
         writer.add_bos_token_id(tok.bos_id)
     if tok.eos_id is not None:

@@ -6,10 +6,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import ImpqError
-from ..fileio import ensure_writable_dir, sha256_files
+from ..fileio import artifact_set, ensure_writable_dir, sha256_files
 from ..models.layouts import ModelSpec
-from .gguf_file import EXPORT_TYPES
+from .gguf_file import EXPORT_TYPES, canonical_type_name
 from .gguf_mmproj import mmproj_tensors, write_mmproj_gguf
 from .gguf_text import gguf_vocab, text_tensors, write_text_gguf
 
@@ -29,11 +28,8 @@ def pair_paths(out_dir: Path, name: str, type_name: str) -> tuple[Path, Path]:
 
 def export_pair(spec: ModelSpec, out_dir: str | Path, type_name: str = "f16", mmproj_type: str | None = None,
                 on_tensor=None) -> ExportResult:
-    if type_name not in EXPORT_TYPES:
-        raise ImpqError(None, f"unknown export type {type_name!r}; choose one of {', '.join(EXPORT_TYPES)}")
-    mmproj_type = mmproj_type or type_name
-    if mmproj_type not in EXPORT_TYPES:
-        raise ImpqError(None, f"unknown mmproj type {mmproj_type!r}; choose one of {', '.join(EXPORT_TYPES)}")
+    type_name = canonical_type_name(type_name, EXPORT_TYPES, "--type")
+    mmproj_type = canonical_type_name(mmproj_type or type_name, EXPORT_TYPES, "--mmproj-type")
     out_dir = ensure_writable_dir(Path(out_dir))
     start = time.perf_counter()
     digest = sha256_files([spec.folder / "config.json", *spec.checkpoint.files])
@@ -45,10 +41,8 @@ def export_pair(spec: ModelSpec, out_dir: str | Path, type_name: str = "f16", mm
     text_tensors(spec, text_qtype)
     gguf_vocab(spec.tokenizer, spec.text_config.vocab_size)
     mmproj_tensors(spec, mmproj_qtype)
-    write_text_gguf(spec, text_path, text_qtype, digest, settings, on_tensor)
-    try:
-        write_mmproj_gguf(spec, mmproj_path, mmproj_qtype, digest, settings, on_tensor)
-    except BaseException:
-        text_path.unlink(missing_ok=True)      # a pair is complete or absent
-        raise
+    # both files are written in a staging folder and moved in together: a pair is complete or absent
+    with artifact_set(out_dir, mmproj_path.name) as stage:
+        write_text_gguf(spec, stage / text_path.name, text_qtype, digest, settings, on_tensor)
+        write_mmproj_gguf(spec, stage / mmproj_path.name, mmproj_qtype, digest, settings, on_tensor)
     return ExportResult(text_path, mmproj_path, time.perf_counter() - start, digest)

@@ -9,12 +9,15 @@ from __future__ import annotations
 import resource
 import statistics
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from multiprocessing import get_context
 from pathlib import Path
 
 from PIL import Image
 
+from ..errors import ImpqError
 from ..models.preprocess import load_image
+from ..runtime.gguf_pair import read_gguf_header
 
 
 def _summary(values: list[float]) -> dict:
@@ -52,6 +55,13 @@ def _bench_in_process(text_path: str, mmproj_path: str, image_path: str, questio
 def bench_pair(text_path: Path, mmproj_path: Path, image_path: Path, question: str = "What is in the image?",
                runs: int = 5, warmup: int = 1, decode_tokens: int = 32, n_threads: int | None = None) -> dict:
     load_image(image_path)                       # a bad image fails here, with one line, before any process starts
+    read_gguf_header(Path(text_path))            # so do damaged GGUF files
+    read_gguf_header(Path(mmproj_path))
     with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
-        return pool.submit(_bench_in_process, str(text_path), str(mmproj_path), str(image_path), question, runs,
-                           warmup, decode_tokens, n_threads).result()
+        job = pool.submit(_bench_in_process, str(text_path), str(mmproj_path), str(image_path), question, runs,
+                          warmup, decode_tokens, n_threads)
+        try:
+            return job.result()
+        except BrokenProcessPool:
+            raise ImpqError(text_path, f"llama.cpp's process died while running this pair (with {Path(mmproj_path).name})"
+                            ) from None

@@ -17,6 +17,12 @@ def kl_divergence(ref_logits: np.ndarray, test_logits: np.ndarray) -> float:
     return float(np.sum(np.exp(log_p) * (log_p - log_q)))
 
 
+# Reference logits closer than this to the reference's best are the same choice: a near-tie (seen at a margin of
+# 1e-4 in a random test model) is flipped by any change in summation order, while a real error moves logits by
+# far more (F16's tolerance is 0.05).
+TIE_MARGIN = 1e-3
+
+
 @dataclass
 class Divergence:
     """Accumulates per-position comparisons."""
@@ -26,7 +32,7 @@ class Divergence:
 
     def add(self, ref_logits: np.ndarray, test_logits: np.ndarray) -> bool:
         self.klds.append(kl_divergence(ref_logits, test_logits))
-        same = int(np.argmax(ref_logits)) == int(np.argmax(test_logits))
+        same = bool(ref_logits[int(np.argmax(test_logits))] >= ref_logits.max() - TIE_MARGIN)
         self.top1.append(same)
         self.max_abs_diff = max(self.max_abs_diff, float(np.max(np.abs(ref_logits - test_logits))))
         return same

@@ -8,7 +8,6 @@ stripping spaces and final punctuation (exact match, as in GQA-style one-word ev
 
 from __future__ import annotations
 
-import json
 import string
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
@@ -19,6 +18,7 @@ import numpy as np
 from PIL import Image
 
 from ..errors import ImpqError
+from ..fileio import jsonl_image, read_jsonl
 from ..models.preprocess import load_image
 from .divergence import Divergence
 
@@ -37,24 +37,12 @@ def read_vqa_jsonl(path: str | Path) -> list[VQAItem]:
     if not path.is_file():
         raise ImpqError(path, "dataset file not found")
     items = []
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ImpqError(path, f"line {number}: not JSON ({err.msg})") from None
-            if not isinstance(record, dict):
-                raise ImpqError(path, f"line {number}: expected a JSON object")
-            for key in ("image", "question", "answer"):
-                if not isinstance(record.get(key), str):
-                    raise ImpqError(path, f"line {number}: missing or non-text '{key}' field")
-            image = Path(record["image"])
-            image = image if image.is_absolute() else path.parent / image
-            if not image.is_file():
-                raise ImpqError(path, f"line {number}: image {image} not found")
-            items.append(VQAItem(image, record["question"], record["answer"], str(record.get("type", "all")), number))
+    for number, record in read_jsonl(path):
+        for key in ("image", "question", "answer"):
+            if not isinstance(record.get(key), str):
+                raise ImpqError(path, f"line {number}: missing or non-text '{key}' field")
+        image = jsonl_image(path, number, record["image"])
+        items.append(VQAItem(image, record["question"], record["answer"], str(record.get("type", "all")), number))
     if not items:
         raise ImpqError(path, "empty dataset: no items")
     return items
@@ -106,17 +94,20 @@ class GGUFAnswerer:
         return text, run.prompt_logits
 
 
-def load_answerer(path: str | Path, image_size: int | None = None, n_threads: int | None = None) -> Answerer:
-    """A checkpoint folder (config.json) runs in PyTorch; a folder with a GGUF pair runs in llama.cpp."""
-    path = Path(path)
-    if (path / "config.json").is_file():
+def load_answerer(path: str | Path | None, image_size: int | None = None, n_threads: int | None = None,
+                  text: Path | None = None, mmproj: Path | None = None) -> Answerer:
+    """A checkpoint folder (config.json) runs in PyTorch; a GGUF pair (a folder holding one, or --text/--mmproj)
+    runs in llama.cpp."""
+    files_named = text is not None or mmproj is not None
+    if not files_named and (Path(path) / "config.json").is_file():
         return TorchAnswerer(path, image_size)
-    if path.is_dir() and any(path.glob("mmproj-*.gguf")):
-        if image_size:
-            raise ImpqError(path, "--image-size applies to checkpoints; a GGUF pair's resolution is in its mmproj")
-        from ..verify import find_pair
-        return GGUFAnswerer(*find_pair(path), n_threads=n_threads)
-    raise ImpqError(path, "neither a checkpoint folder (config.json) nor a GGUF pair folder (mmproj-*.gguf)")
+    if not files_named and not (Path(path).is_dir() and any(Path(path).glob("*.gguf"))):
+        raise ImpqError(path, "neither a checkpoint folder (config.json) nor a folder holding a GGUF pair")
+    if image_size:
+        raise ImpqError(path or text or mmproj, "--image-size applies to checkpoints; a GGUF pair's resolution is in "
+                                                "its mmproj")
+    from ..runtime.gguf_pair import resolve_pair
+    return GGUFAnswerer(*resolve_pair(path, text, mmproj), n_threads=n_threads)
 
 
 @dataclass

@@ -108,8 +108,14 @@ class SafetensorsCheckpoint:
         info = self.tensors[key]
         try:
             with safe_open(info.file, framework="pt") as handle:
-                if rows is None:
-                    return handle.get_tensor(key)
-                return handle.get_slice(key)[rows[0]:rows[1]]
+                tensor = handle.get_tensor(key) if rows is None else handle.get_slice(key)[rows[0]:rows[1]]
         except Exception as err:  # safetensors raises its own error types for damaged files
             raise ImpqError(info.file, f"cannot read tensor '{key}' ({err})") from None
+        # a NaN or infinity would be exported, quantized and run without a word: refuse it where it is read
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            index = (~torch.isfinite(tensor)).nonzero()[0].tolist()
+            value = tensor[tuple(index)].item()
+            if rows is not None:
+                index[0] += rows[0]
+            raise ImpqError(info.file, f"tensor '{key}' holds {value} at index {index}: the checkpoint is damaged")
+        return tensor

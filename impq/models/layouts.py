@@ -49,27 +49,68 @@ PROMPT_TEMPLATES = {
 
 _SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
            "detailed, and polite answers to the user's questions.")
-# Jinja chat templates embedded in the GGUF (stock llama-mtmd-cli refuses to run without one). They render
-# the same text as PROMPT_TEMPLATES for one user turn.
-_SYSTEM_JINJA = '{% set default_system = "' + _SYSTEM + '" %}'
+
+# Jinja chat templates embedded in the GGUF (stock llama-mtmd-cli refuses to run without one). For one user turn
+# with one image they render exactly PROMPT_TEMPLATES, whatever form the client sends the message in:
+# - a string (llama-mtmd-cli puts mtmd's marker "<__media__>" in front of the prompt; llama-server joins text and
+#   its own random "<__media_XXXX__>" marker into one string, without a newline between them);
+# - a list of parts (llama-cpp-python's MTMDChatHandler: {"type": "text"} parts, images already replaced by the
+#   marker; OpenAI-style {"type": "image_url"} and transformers-style {"type": "image"} parts).
+# Every media marker found is moved to where the family's template puts <image>, followed by the text that
+# separates <image> from the question there (a newline for every Imp template), then the message's text.
+MEDIA_MARKER = "<__media__>"          # llama.cpp's mtmd_default_marker()
+_MARKER_HEAD, _MARKER_TAIL = "<__media", "__>"
+
+
+def _message_content_jinja(separator: str) -> str:
+    """Jinja that sets `content` for the message `m`: its media markers first, each followed by `separator`."""
+    sep = separator.replace("\n", "\\n")
+    return (
+        "{%- set ns = namespace(images='', text='') -%}"
+        "{%- set parts = [{'type': 'text', 'text': m['content']}] if m['content'] is string else m['content'] -%}"
+        "{%- for p in parts -%}"
+        "{%- if p['type'] == 'image' -%}{%- set ns.images = ns.images + '<image>" + sep + "' -%}"
+        "{%- elif p['type'] == 'image_url' -%}{%- set ns.images = ns.images + '" + MEDIA_MARKER + sep + "' -%}"
+        "{%- elif p['type'] == 'text' -%}"
+        "{%- set pieces = p['text'].split('" + _MARKER_HEAD + "') -%}"
+        "{%- set ns.text = ns.text + ('\\n' if ns.text and pieces[0] else '') + pieces[0] -%}"
+        "{%- for piece in pieces[1:] -%}"
+        "{%- set tail = piece.split('" + _MARKER_TAIL + "', 1) -%}"
+        "{%- set ns.images = ns.images + '" + _MARKER_HEAD + "' + tail[0] + '" + _MARKER_TAIL + sep + "' -%}"
+        "{%- set ns.text = ns.text + (tail[1] if tail | length > 1 else '') -%}"
+        "{%- endfor -%}{%- endif -%}{%- endfor -%}"
+        "{%- set content = ns.images + (ns.text | trim) -%}")
+
+
+def _chat_template(family: str, default_system: str | None, system: str, user: str, assistant: str,
+                   generation: str, bos: str = "") -> str:
+    """A chat template from the family's pieces: each a Jinja expression over `content` (and `m['role']`)."""
+    separator = PROMPT_TEMPLATES[family].split("<image>")[1].split("{question}")[0]
+    first = ("" if default_system is None else
+             "{%- if loop.first and m['role'] != 'system' -%}{{ " + default_system + " }}{%- endif -%}")
+    return (
+        '{%- set default_system = "' + _SYSTEM + '" -%}' + bos +
+        "{%- for m in messages -%}" + _message_content_jinja(separator) + first +
+        "{%- if m['role'] == 'system' -%}{{ " + system + " }}"
+        "{%- elif m['role'] == 'user' -%}{{ " + user + " }}"
+        "{%- else -%}{{ " + assistant + " }}{%- endif -%}"
+        "{%- endfor -%}"
+        "{%- if add_generation_prompt -%}{{ " + generation + " }}{%- endif -%}")
+
+
 CHAT_TEMPLATES = {
-    "phi2": _SYSTEM_JINJA + (
-        "{% if messages[0]['role'] == 'system' %}{{ messages[0]['content'] }}{% set rest = messages[1:] %}"
-        "{% else %}{{ default_system }}{% set rest = messages %}{% endif %}"
-        "{% for m in rest %}{% if m['role'] == 'user' %}{{ ' USER: ' + m['content'] }}"
-        "{% else %}{{ ' ASSISTANT: ' + m['content'] + '</s>' }}{% endif %}{% endfor %}"
-        "{% if add_generation_prompt %}{{ ' ASSISTANT:' }}{% endif %}"),
-    "qwen2": _SYSTEM_JINJA + (
-        "{% if messages[0]['role'] != 'system' %}{{ '<|im_start|>system\\n' + default_system + '<|im_end|>\\n' }}"
-        "{% endif %}{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + "
-        "'<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"),
-    "phi3": _SYSTEM_JINJA + (
-        "{% if messages[0]['role'] != 'system' %}{{ '<|system|>\\n' + default_system + '<|end|>\\n' }}{% endif %}"
-        "{% for m in messages %}{{ '<|' + m['role'] + '|>\\n' + m['content'] + '<|end|>\\n' }}{% endfor %}"
-        "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}"),
-    "llama": ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}{{ 'USER: ' + m['content'] + ' ' }}"
-              "{% elif m['role'] == 'assistant' %}{{ 'ASSISTANT: ' + m['content'] + eos_token }}{% endif %}"
-              "{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"),
+    "phi2": _chat_template("phi2", "default_system", "content", "' USER: ' + content",
+                           "' ASSISTANT: ' + content + '</s>'", "' ASSISTANT:'"),
+    "qwen2": _chat_template("qwen2", "'<|im_start|>system\\n' + default_system + '<|im_end|>\\n'",
+                            "'<|im_start|>system\\n' + content + '<|im_end|>\\n'",
+                            "'<|im_start|>user\\n' + content + '<|im_end|>\\n'",
+                            "'<|im_start|>assistant\\n' + content + '<|im_end|>\\n'", "'<|im_start|>assistant\\n'"),
+    "phi3": _chat_template("phi3", "'<|system|>\\n' + default_system + '<|end|>\\n'",
+                           "'<|system|>\\n' + content + '<|end|>\\n'", "'<|user|>\\n' + content + '<|end|>\\n'",
+                           "'<|assistant|>\\n' + content + '<|end|>\\n'", "'<|assistant|>\\n'"),
+    # no {{ bos_token }}: llama.cpp adds BOS itself (tokenizer.ggml.add_bos_token), as the PyTorch side does
+    "llama": _chat_template("llama", None, "content + ' '", "'USER: ' + content + ' '",
+                            "'ASSISTANT: ' + content + eos_token", "'ASSISTANT:'"),
 }
 
 
@@ -141,6 +182,8 @@ class ModelSpec:
 
 # ---- tensor-name rules: (source regex, canonical template(s)); a list of templates splits fused rows evenly.
 _VISION = r"(vision_model\.(?:embeddings|encoder|pre_layrnorm)\..*)"
+# transformers 5 saves a LLaVA model's SigLIP tower without the `vision_model.` level that hub checkpoints have
+_VISION_BARE = r"((?:embeddings|encoder|pre_layrnorm)\..*)"
 _RULES = {
     "imp-phi2-msft": [
         (r"transformer\.embd\.wte\.weight", "llm.model.embed_tokens.weight"),
@@ -165,18 +208,20 @@ _RULES = {
         # transformers >= 4.52 names, then the older ones
         (r"model\.language_model\.(.*)", r"llm.model.\1"),
         (r"model\.vision_tower\." + _VISION, r"vision.\1"),
+        (r"model\.vision_tower\." + _VISION_BARE, r"vision.vision_model.\1"),
         (r"model\.multi_modal_projector\.linear_1\.(weight|bias)", r"projector.0.\1"),
         (r"model\.multi_modal_projector\.linear_2\.(weight|bias)", r"projector.2.\1"),
         (r"lm_head\.(weight|bias)", r"llm.lm_head.\1"),
         (r"language_model\.model\.(.*)", r"llm.model.\1"),
         (r"language_model\.lm_head\.(weight|bias)", r"llm.lm_head.\1"),
         (r"vision_tower\." + _VISION, r"vision.\1"),
+        (r"vision_tower\." + _VISION_BARE, r"vision.vision_model.\1"),
         (r"multi_modal_projector\.linear_1\.(weight|bias)", r"projector.0.\1"),
         (r"multi_modal_projector\.linear_2\.(weight|bias)", r"projector.2.\1"),
     ],
 }
 # Tensors a layout may hold that the model never uses (Imp drops SigLIP's post-layernorm and pooling head).
-_UNUSED = re.compile(r".*(vision_model\.(post_layernorm|head)\.|rotary_emb\.inv_freq)")
+_UNUSED = re.compile(r".*((vision_model|vision_tower)\.(post_layernorm|head)\.|rotary_emb\.inv_freq)")
 
 
 def detect_layout(config: dict, keys: list[str], config_path: Path) -> str:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import (AutoModelForCausalLM, CLIPVisionConfig, LlamaConfig, Phi3Config, PhiConfig, Qwen2Config,
                           SiglipVisionConfig)
 
@@ -53,6 +53,21 @@ _SPECIALS = {
 }
 
 
+# the families whose real checkpoints carry a SentencePiece vocabulary (Phi-3-mini's and Llama-2's tokenizer.model)
+SENTENCEPIECE_FAMILIES = ("phi3", "llama")
+# text the SentencePiece test vocabulary also covers: repeated spaces and non-ASCII words. Lines hold no newline, as
+# in Llama-2's training text: "\n" is left to byte fallback (<0x0A>), as in the real vocabularies.
+_SPM_EXTRA = ["Two  spaces,   three spaces.", "Café crème, naïve façade, 東京 and Zürich."]
+
+
+def _add_specials(tok: Tokenizer, family: str) -> Tokenizer:
+    # Phi-3's chat tokens strip the whitespace after them (llama.cpp applies the same rule to Phi-3 vocabularies)
+    rstrip = {"<unk>", "<s>", "<|endoftext|>"} if family == "phi3" else None
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False, rstrip=rstrip is not None and t not in rstrip)
+                            for t in _SPECIALS[family][0]])
+    return tok
+
+
 def build_tokenizer(family: str, vocab_size: int = 320, corpus: list[str] | None = None) -> Tokenizer:
     """A GPT-2-style byte-level BPE trained (deterministically) on a small text; specials appended last."""
     tok = Tokenizer(models.BPE())
@@ -61,11 +76,31 @@ def build_tokenizer(family: str, vocab_size: int = 320, corpus: list[str] | None
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                   show_progress=False, special_tokens=[])
     tok.train_from_iterator(corpus or _CORPUS.splitlines(), trainer)
-    # Phi-3's chat tokens strip the whitespace after them (llama.cpp applies the same rule to Phi-3 vocabularies)
-    rstrip = {"<unk>", "<s>", "<|endoftext|>"} if family == "phi3" else None
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False, rstrip=rstrip is not None and t not in rstrip)
-                            for t in _SPECIALS[family][0]])
-    return tok
+    return _add_specials(tok, family)
+
+
+def build_sentencepiece_tokenizer(family: str, vocab_size: int = 420) -> tuple[Tokenizer, bytes]:
+    """A SentencePiece BPE model trained with Llama-2's settings (byte fallback, digits split, whitespace kept,
+    "▁" word boundary), and its tokenizer.json as transformers' LlamaConverter writes it (legacy normalizer):
+    (the tokenizers Tokenizer with the family's specials added, the tokenizer.model bytes)."""
+    import io
+
+    import sentencepiece
+    from transformers.convert_slow_tokenizer import generate_merges
+
+    proto = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(_CORPUS.splitlines() + _SPM_EXTRA), model_writer=proto, model_type="bpe",
+        vocab_size=vocab_size, byte_fallback=True, split_digits=True, allow_whitespace_only_pieces=True,
+        remove_extra_whitespaces=False, normalization_rule_name="identity", character_coverage=1.0,
+        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, num_threads=1, minloglevel=2)
+    processor = sentencepiece.SentencePieceProcessor(model_proto=proto.getvalue())
+    vocab = {processor.id_to_piece(i): i for i in range(processor.get_piece_size())}
+    tok = Tokenizer(models.BPE(vocab, generate_merges(vocab), unk_token="<unk>", fuse_unk=True, byte_fallback=True))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    return _add_specials(tok, family), proto.getvalue()
 
 
 @dataclass(frozen=True)
@@ -225,6 +260,9 @@ def make_model(layout: str, out: str | Path, *, full_size: bool = False, seed: i
     family, naming, kind, truncated_tower = _LAYOUT_KINDS[layout]
     dims = dims or (IMP_V1_3B if full_size else SMALL)
     out = ensure_writable_dir(Path(out))
+    sentencepiece_model = None
+    if tokenizer is None and family in SENTENCEPIECE_FAMILIES:
+        tokenizer, sentencepiece_model = build_sentencepiece_tokenizer(family)
     tokenizer = tokenizer or build_tokenizer(family)
     specials, bos, eos, add_bos = _SPECIALS[family]
     n_tokens = tokenizer.get_vocab_size()
@@ -261,6 +299,8 @@ def make_model(layout: str, out: str | Path, *, full_size: bool = False, seed: i
             config = _to_msft_keys(config, text_cfg)
     (out / "config.json").write_text(json.dumps(config, indent=2, default=str))
     tokenizer.save(str(out / "tokenizer.json"))
+    if sentencepiece_model is not None:
+        (out / "tokenizer.model").write_bytes(sentencepiece_model)
     (out / "tokenizer_config.json").write_text(json.dumps({
         "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": bos, "eos_token": eos,
         "add_bos_token": add_bos, "model_max_length": 2048, "chat_template": CHAT_TEMPLATES[family]}, indent=2))

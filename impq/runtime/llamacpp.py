@@ -10,7 +10,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import gguf
 import llama_cpp
 import llama_cpp._logger as llama_logger
 import numpy as np
@@ -19,15 +18,11 @@ from PIL import Image
 
 from ..errors import ImpqError
 from ..models.preprocess import to_model_square
+from .gguf_pair import read_gguf_header
 
 llama_logger.set_verbose(False)
 mtmd_cpp.mtmd_log_set(llama_logger.llama_log_callback, ctypes.c_void_p(0))
 mtmd_cpp.mtmd_helper_log_set(llama_logger.llama_log_callback, ctypes.c_void_p(0))
-
-
-def _gguf_string(reader: gguf.GGUFReader, key: str, path: Path) -> str | None:
-    entry = reader.fields.get(key)
-    return None if entry is None else entry.contents()
 
 
 @dataclass
@@ -47,16 +42,12 @@ class PairRunner:
     def __init__(self, text_path: str | Path, mmproj_path: str | Path, *, n_ctx: int = 0,
                  n_threads: int | None = None, use_gpu: bool = False):
         self.text_path, self.mmproj_path = Path(text_path), Path(mmproj_path)
-        for path in (self.text_path, self.mmproj_path):
-            if not path.is_file():
-                raise ImpqError(path, "GGUF file not found")
-        try:
-            mmproj_meta = gguf.GGUFReader(self.mmproj_path)
-        except Exception as err:  # GGUFReader raises ValueError/struct errors for bad files
-            raise ImpqError(self.mmproj_path, f"not a readable GGUF file ({err})") from None
-        self.image_size = int(mmproj_meta.fields["clip.vision.image_size"].contents())
-        self.image_resize = _gguf_string(mmproj_meta, "impq.image_resize", self.mmproj_path) or "squash"
-        del mmproj_meta
+        read_gguf_header(self.text_path)          # damaged files fail here with one line, not inside llama.cpp
+        mmproj_meta = read_gguf_header(self.mmproj_path, ("clip.vision.image_size", "impq.image_resize")).fields
+        if "clip.vision.image_size" not in mmproj_meta:
+            raise ImpqError(self.mmproj_path, "not an mmproj: no clip.vision.image_size")
+        self.image_size = int(mmproj_meta["clip.vision.image_size"])
+        self.image_resize = mmproj_meta.get("impq.image_resize", "squash")
         threads = self.n_threads = n_threads or os.cpu_count() or 1
         try:
             self.llama = llama_cpp.Llama(str(self.text_path), n_ctx=n_ctx, n_batch=2048, n_ubatch=512,
