@@ -133,7 +133,7 @@ def verify_cmd(
                              on_case=lambda _: progress.advance(task), text=text, mmproj=mmproj)
     table = Table("metric", "value", title=f"{Path(report.text_gguf).name} vs PyTorch ({report.weight_type})")
     for key in ("top1_agreement", "max_abs_logit_diff", "max_abs_image_embedding_diff", "mean_kld",
-                "generations_matched", "passed"):
+                "generations_matched", "near_ties", "passed"):
         value = getattr(report, key)
         table.add_row(key, f"{value:.6g}" if isinstance(value, float) else str(value))
     _emit(as_json, report.to_dict(), table)

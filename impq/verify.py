@@ -22,6 +22,9 @@ DEFAULT_PROMPTS = ("What is in the image?", "What color is the largest shape? An
 # (F16 KV cache, kernel order): about 1e-2 in logits on the small test models, so every greedy token must
 # match. Q8_0 also rounds the weights (8-bit, both files): on small random models about 0.3-0.6 in logits and
 # a KLD of 1-3e-3, enough to flip near-ties, so agreement is bounded instead of required everywhere.
+# Reference logits closer than this (a fifth of F16's logit tolerance) are a tie that no runtime's arithmetic decides:
+# random test models have shown top-2 margins of 1e-4 and 2.5e-3 with F16 logit errors of 0.01-0.02.
+TIE_MARGIN = 0.01
 TOLERANCES = {
     "F32": {"max_abs_logit_diff": 0.05, "mean_kld": 1e-4, "min_top1_agreement": 1.0, "generation_match": True},
     "F16": {"max_abs_logit_diff": 0.05, "mean_kld": 1e-4, "min_top1_agreement": 1.0, "generation_match": True},
@@ -56,6 +59,7 @@ class VerifyReport:
     mean_kld: float
     generation_match: bool
     generations_matched: str
+    near_ties: int                               # steps counted as agreeing because the reference's top two tie
     tolerance: dict | None
     passed: bool | None
     cases: list[CaseResult] = field(default_factory=list)
@@ -78,7 +82,7 @@ def verify_pair(export_dir: str | Path | None, reference_dir: str | Path, images
     prompts = prompts or list(DEFAULT_PROMPTS)
     wtype = weight_type(text_path)
     reference = LMM.from_folder(reference_dir)
-    divergence = Divergence()
+    divergence = Divergence(tie_margin=TIE_MARGIN)
     cases: list[CaseResult] = []
     embedding_diff = 0.0
     with PairRunner(text_path, mmproj_path, n_threads=n_threads) as runner:
@@ -104,4 +108,4 @@ def verify_pair(export_dir: str | Path | None, reference_dir: str | Path, images
                   and divergence.mean_kld <= tolerance["mean_kld"])
     return VerifyReport(str(text_path), str(mmproj_path), str(reference_dir), wtype, divergence.top1_agreement,
                         divergence.max_abs_diff, embedding_diff, divergence.mean_kld, matched == len(cases),
-                        f"{matched}/{len(cases)}", tolerance, passed, cases)
+                        f"{matched}/{len(cases)}", divergence.near_ties, tolerance, passed, cases)
