@@ -355,8 +355,8 @@ def _usage_line(err) -> str:
     """click's usage error as one line: the command it concerns, then click's own message."""
     message = " ".join(err.format_message().split())
     ctx = getattr(err, "ctx", None)
-    command = ctx.command_path if ctx is not None and ctx.command_path != "impq" else ""
-    return f"{command.removeprefix('impq ')}: {message}" if command else message
+    command = ctx.command_path.removeprefix("impq").strip() if ctx is not None else ""
+    return f"{command}: {message}" if command else message
 
 
 @app.callback(invoke_without_command=True)
@@ -369,7 +369,7 @@ def _root(version: bool = typer.Option(False, "--version", is_eager=True, help="
 
 def main() -> None:
     try:
-        code = app(standalone_mode=False)
+        code = app(standalone_mode=False, prog_name="impq")
     except ImpqError as err:
         print(f"impq: error: {err}", file=sys.stderr)
         sys.exit(2)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections import defaultdict
 from pathlib import Path
 
 import jinja2
@@ -16,7 +15,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from impq.defaults import default_eval_data, default_model_dir
 from impq.export.pair import export_pair
 from impq.measure.clients import answers_llama_cpp_python, answers_mtmd_cli, answers_openai, openai_server
-from impq.measure.vqa import GGUFAnswerer, evaluate, normalize_answer, read_vqa_jsonl
+from impq.measure.vqa import GGUFAnswerer, evaluate, first_per_type, normalize_answer, read_vqa_jsonl
 from impq.models.layouts import CHAT_TEMPLATES, MEDIA_MARKER, PROMPT_TEMPLATES, read_spec
 
 QUESTION = "What color is the  circle?\nAnswer in one word."
@@ -74,11 +73,7 @@ def shipped_pair(tmp_path_factory):
 @pytest.fixture(scope="module")
 def eval_slice():
     """Two items of each question type from the shipped eval split."""
-    per_type = defaultdict(list)
-    for item in read_vqa_jsonl(default_eval_data()):
-        if len(per_type[item.type]) < 2:
-            per_type[item.type].append(item)
-    return [item for items in per_type.values() for item in items]
+    return first_per_type(read_vqa_jsonl(default_eval_data()), 2)
 
 
 @pytest.fixture(scope="module")

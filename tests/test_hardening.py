@@ -56,7 +56,8 @@ def _assert_one_line_error(status: int, stderr: str, *names) -> str:
 def test_usage_errors_are_one_line(tmp_path, args, names):
     """The real entry point in a fresh process, as a user runs it, with the typer/click installed here."""
     done = subprocess.run([sys.executable, "-m", "impq.cli", *args], capture_output=True, text=True, cwd=tmp_path)
-    _assert_one_line_error(done.returncode, done.stderr, *names)
+    line = _assert_one_line_error(done.returncode, done.stderr).lower()
+    assert all(name.lower() in line for name in names), line      # older click writes argument names in capitals
     assert _files(tmp_path) == []
 
 

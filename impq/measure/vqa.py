@@ -48,6 +48,15 @@ def read_vqa_jsonl(path: str | Path) -> list[VQAItem]:
     return items
 
 
+def first_per_type(items: list[VQAItem], n: int) -> list[VQAItem]:
+    """The first `n` items of each question type, grouped by type in order of first appearance."""
+    groups: dict[str, list[VQAItem]] = defaultdict(list)
+    for item in items:
+        if len(groups[item.type]) < n:
+            groups[item.type].append(item)
+    return [item for group in groups.values() for item in group]
+
+
 def normalize_answer(text: str) -> str:
     return text.strip().lower().strip(string.punctuation + " ")
 
