@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from .errors import ImpqError
-from .fileio import jsonl_image, looks_like_jsonl, read_jsonl
+from .datasets.jsonl import jsonl_image, looks_like_jsonl, read_jsonl
 from .models.lmm import LMM
 from .models.preprocess import load_image
 

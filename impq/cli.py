@@ -183,17 +183,17 @@ def eval_cmd(
     if results is not None:
         ensure_writable_dir(results.parent)
     answerer = load_answerer(model, image_size, threads, text, mmproj)
-    name = Path(model or text or mmproj).name
+    evaluated = Path(model or text or mmproj)
     ref = load_answerer(reference) if reference else None
     with _progress() as progress:
-        task = progress.add_task(f"evaluating {name}", total=len(items))
-        report = evaluate(answerer, items, model=str(model or text or mmproj), dataset=str(data), reference=ref,
+        task = progress.add_task(f"evaluating {evaluated.name}", total=len(items))
+        report = evaluate(answerer, items, model=str(evaluated), dataset=str(data), reference=ref,
                           on_item=lambda _: progress.advance(task))
     if results is not None:
         with atomic_output(results) as tmp:
             tmp.write_text(json.dumps(report.to_dict(), indent=2) + "\n")
     summary = {k: v for k, v in report.to_dict().items() if k != "items"}
-    table = Table("type", "n", "accuracy", title=f"{name} on {data.name}: {report.accuracy:.1%}")
+    table = Table("type", "n", "accuracy", title=f"{evaluated.name} on {data.name}: {report.accuracy:.1%}")
     for qtype, row in report.per_type.items():
         table.add_row(qtype, str(row["n"]), f"{row['accuracy']:.1%}")
     if report.mean_kld is not None:

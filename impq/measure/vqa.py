@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image
 
 from ..errors import ImpqError
-from ..fileio import jsonl_image, read_jsonl
+from ..datasets.jsonl import jsonl_image, read_jsonl
 from ..models.preprocess import load_image
 from .divergence import Divergence
 
