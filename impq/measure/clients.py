@@ -122,13 +122,15 @@ def answers_openai(url: str, items: list[VQAItem], timeout_s: float = 120.0) -> 
 
 def answers_mtmd_cli(mtmd_cli: Path, text_gguf: Path, mmproj_gguf: Path, items: list[VQAItem],
                      n_threads: int = 2) -> list[str]:
-    """llama.cpp's `llama-mtmd-cli -m TEXT --mmproj MMPROJ --image IMG -p QUESTION` (greedy), one run an item."""
+    """llama.cpp's `llama-mtmd-cli -m TEXT --mmproj MMPROJ --image IMG -p QUESTION --jinja` (greedy), one run an item.
+    `--jinja` makes it render the GGUF's own chat template; without it, llama-mtmd-cli matches the template against
+    its built-in formats by keywords, takes Imp's for Vicuna's and drops the system prompt and the newline."""
     answers = []
     for item in items:
         done = subprocess.run(
             [str(mtmd_cli), "-m", str(text_gguf), "--mmproj", str(mmproj_gguf), "--image", str(item.image), "-p",
              item.question, "-n", str(MAX_TOKENS), "--temp", "0", "--repeat-penalty", "1.0", "-t", str(n_threads),
-             "--no-warmup"], capture_output=True, text=True, timeout=300, env=_library_env(mtmd_cli))
+             "--no-warmup", "--jinja"], capture_output=True, text=True, timeout=300, env=_library_env(mtmd_cli))
         if done.returncode != 0:
             raise ImpqError(mtmd_cli, f"exit status {done.returncode} ({done.stderr[-400:]})")
         answers.append(done.stdout)
