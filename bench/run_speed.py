@@ -49,7 +49,7 @@ def main() -> None:
         spec = read_spec(folder)
         for type_name in TYPES:
             out = args.work / f"{label}-{type_name}"
-            text, mmproj = pair_paths(out, spec.name, type_name)
+            text, mmproj = pair_paths(out, spec, type_name)
             if not (text.is_file() and mmproj.is_file()):
                 export_pair(spec, out, type_name)
             figures = bench_pair(text, mmproj, image, runs=args.runs, warmup=1, decode_tokens=32)

@@ -40,6 +40,17 @@ def _mmproj_option():
     return typer.Option(None, "--mmproj", help="The pair's mmproj GGUF, whatever its name.")
 
 
+def _image_size_option():
+    return typer.Option(None, "--image-size", min=1, help="Input resolution (a multiple of the patch size, at most "
+                                                          "the native one; position embeddings interpolated "
+                                                          "bicubically); default: native.")
+
+
+def _token_reduction_option():
+    return typer.Option("none", "--token-reduction", help="none | pool2 (2x2 average pooling of the projected "
+                                                          "tokens; llama.cpp runs it for a 24x24 patch grid only).")
+
+
 def _emit(as_json: bool, payload: dict, table: Table | None = None) -> None:
     if as_json:
         print(json.dumps(payload, indent=2, default=str))
@@ -92,16 +103,21 @@ def export_cmd(
     out: Path = typer.Option(..., "--out", help="Folder for <name>-<TYPE>.gguf and mmproj-<name>-<TYPE>.gguf."),
     type_name: str = typer.Option("f16", "--type", help="f32 | f16 | q8_0 | q4_0 (round-to-nearest)."),
     mmproj_type: Optional[str] = typer.Option(None, "--mmproj-type", help="Type of the mmproj; default: --type."),
+    image_size: Optional[int] = _image_size_option(),
+    token_reduction: str = _token_reduction_option(),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ):
     """Export a checkpoint to the GGUF pair llama.cpp loads (text model + mmproj)."""
     from .export.pair import export_pair
     from .models.layouts import read_spec
+    from .models.reduction import vision_reduction
 
     spec = read_spec(model)
+    reduction = vision_reduction(spec.vision, image_size, token_reduction)
     with _progress() as progress:
         task = progress.add_task(f"exporting {spec.name} ({type_name})", total=len(spec.tensors))
-        result = export_pair(spec, out, type_name, mmproj_type, on_tensor=lambda _: progress.advance(task))
+        result = export_pair(spec, out, type_name, mmproj_type, on_tensor=lambda _: progress.advance(task),
+                             reduction=reduction)
     payload = {"text_gguf": str(result.text_path), "mmproj_gguf": str(result.mmproj_path),
                "text_bytes": result.text_path.stat().st_size, "mmproj_bytes": result.mmproj_path.stat().st_size,
                "seconds": round(result.seconds, 3), "layout": spec.layout, "source_digest": result.source_digest}
@@ -166,8 +182,8 @@ def eval_cmd(
     data: Optional[Path] = typer.Option(None, help="VQA JSONL; default: eval/shapes/eval.jsonl."),
     reference: Optional[Path] = typer.Option(None, help="Full-precision checkpoint: adds mean KLD and top-1 agreement."),
     limit: Optional[int] = typer.Option(None, min=1, help="Evaluate the first N items only."),
-    image_size: Optional[int] = typer.Option(None, min=1, help="Input resolution for a checkpoint (interpolated position "
-                                                        "embeddings); default: native."),
+    image_size: Optional[int] = _image_size_option(),
+    token_reduction: str = _token_reduction_option(),
     threads: Optional[int] = typer.Option(None, min=1, help="llama.cpp threads (default: all cores)."),
     results: Optional[Path] = typer.Option(None, help="Write the full report (every item) to this JSON file."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
@@ -182,7 +198,7 @@ def eval_cmd(
     items = read_vqa_jsonl(data)[:limit]
     if results is not None:
         ensure_writable_dir(results.parent)
-    answerer = load_answerer(model, image_size, threads, text, mmproj)
+    answerer = load_answerer(model, image_size, threads, text, mmproj, token_reduction)
     evaluated = Path(model or text or mmproj)
     ref = load_answerer(reference) if reference else None
     with _progress() as progress:

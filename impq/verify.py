@@ -13,6 +13,7 @@ import numpy as np
 from .measure.divergence import Divergence
 from .models.lmm import LMM
 from .models.preprocess import load_image
+from .models.reduction import VisionReduction
 from .runtime.gguf_pair import read_gguf_header, resolve_pair
 from .runtime.llamacpp import PairRunner
 
@@ -86,10 +87,13 @@ def verify_pair(export_dir: str | Path | None, reference_dir: str | Path, images
     cases: list[CaseResult] = []
     embedding_diff = 0.0
     with PairRunner(text_path, mmproj_path, n_threads=n_threads) as runner:
+        # the reference runs the mmproj's vision reduction (its input size; ldpv2 is the pooled projector)
+        reduction = VisionReduction(runner.image_size, reference.spec.vision.patch_size,
+                                    runner.projector_type == "ldpv2")
         for path, image in loaded:
-            ref_embeddings = reference.encode_image(image).float().numpy()
+            ref_embeddings = reference.encode_image(image, reduction).float().numpy()
             for prompt in prompts:
-                ref = reference.generate(image, prompt, max_new_tokens)
+                ref = reference.generate(image, prompt, max_new_tokens, reduction)
                 # Teacher forcing along the reference's greedy tokens: llama.cpp's free-running greedy output is
                 # identical exactly when its argmax agrees with the reference at every one of these steps.
                 run = runner.run(image, prompt, follow=ref.tokens)

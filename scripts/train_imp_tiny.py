@@ -26,6 +26,7 @@ import torch
 from impq.datasets import shapes
 from impq.models.layouts import PROMPT_TEMPLATES, read_spec
 from impq.models.lmm import LMM
+from impq.models.reduction import vision_reduction
 from impq.models.testing import Dims, build_tokenizer, make_model
 
 DIMS = Dims(hidden=256, layers=4, heads=4, kv_heads=4, intermediate=1024, v_hidden=192, v_intermediate=768,
@@ -119,7 +120,8 @@ def quick_accuracy(lmm: LMM, n: int, size: int | None = None) -> float:
     correct = 0
     for i in range(n):
         image, qas = shapes.sample(30_000_000 + i, n_questions=1)
-        gen = lmm.generate(image, qas[0]["question"], max_new_tokens=4, size=size)
+        gen = lmm.generate(image, qas[0]["question"], max_new_tokens=4,
+                           reduction=vision_reduction(lmm.spec.vision, size))
         answer = lmm.tokenizer.decode([t for t in gen.tokens if t != lmm.tokenizer.eos_id]).strip().lower()
         correct += answer == qas[0]["answer"]
     lmm.train()

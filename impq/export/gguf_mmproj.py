@@ -4,6 +4,11 @@ Depth: the file stores exactly the tower layers that run and names the last with
 (llama.cpp's default without it would run `block_count - 1` layers). This covers both checkpoint conventions:
 a full tower with select layer -2, and Imp's tower saved without its last layer.
 No `v.post_ln` is written: Imp and LLaVA take features before SigLIP's/CLIP's post-layernorm.
+
+Vision reductions (models/reduction.py): a lower resolution stores its `clip.vision.image_size` and the
+interpolated position table (F32); 2x2 token pooling is written as llama.cpp's `ldpv2` projector (Linear, GELU,
+Linear, 2x2 average pooling of a 24x24 grid, then a depthwise 3x3 convolution added back) with the convolution's
+weight and bias zero, which is exactly Imp's mlp2x_gelu followed by 2x2 pooling.
 """
 
 from __future__ import annotations
@@ -11,22 +16,39 @@ from __future__ import annotations
 from pathlib import Path
 
 import gguf
+import torch
 
 from ..errors import ImpqError
 from ..models.layouts import ModelSpec
+from ..models.reduction import LLAMA_CPP_POOL_GRID, VisionReduction, interpolate_positions, vision_reduction
 from .gguf_file import FILE_TYPES, PlannedTensor, QType, add_provenance, matrix_type, write_gguf
 
-PROJECTOR_NAMES = {"projector.0.weight": "mm.0.weight", "projector.0.bias": "mm.0.bias",
-                   "projector.2.weight": "mm.2.weight", "projector.2.bias": "mm.2.bias"}
+# projector tensors by llama.cpp projector type: "mlp" (Imp's mlp2x_gelu) and "ldpv2" (the same MLP, then pooling)
+PROJECTOR_NAMES = {"mlp": {"projector.0.weight": "mm.0.weight", "projector.0.bias": "mm.0.bias",
+                           "projector.2.weight": "mm.2.weight", "projector.2.bias": "mm.2.bias"},
+                   "ldpv2": {"projector.0.weight": "mm.model.mlp.0.weight", "projector.0.bias": "mm.model.mlp.0.bias",
+                             "projector.2.weight": "mm.model.mlp.2.weight", "projector.2.bias": "mm.model.mlp.2.bias"}}
 
 
-def mmproj_tensors(spec: ModelSpec, qtype: QType) -> list[PlannedTensor]:
+def projector_type(reduction: VisionReduction) -> str:
+    if not reduction.pool:
+        return "mlp"
+    if not reduction.runs_in_llama_cpp:
+        raise ImpqError(None, f"token reduction pool2 at {reduction.image_size} px ({reduction.grid}x{reduction.grid} "
+                              f"patches): stock llama.cpp pools only a {LLAMA_CPP_POOL_GRID}x{LLAMA_CPP_POOL_GRID} grid "
+                              "(its ldpv2 projector); this reduction runs in PyTorch only")
+    return "ldpv2"
+
+
+def mmproj_tensors(spec: ModelSpec, qtype: QType, reduction: VisionReduction | None = None) -> list[PlannedTensor]:
     vision = spec.vision
+    reduction = reduction or vision_reduction(vision)
+    projector = projector_type(reduction)
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.MMPROJ, vision.config.num_hidden_layers)
     planned = []
     for canonical, src in spec.tensors.items():
         if canonical.startswith("projector."):
-            name = PROJECTOR_NAMES[canonical]
+            name = PROJECTOR_NAMES[projector][canonical]
         elif canonical.startswith("vision."):
             # gguf's map knows the LLaVA-style "vision_tower.vision_model.*" names
             name = names.get_name("vision_tower." + canonical[len("vision."):], try_suffixes=(".weight", ".bias"))
@@ -37,19 +59,31 @@ def mmproj_tensors(spec: ModelSpec, qtype: QType) -> list[PlannedTensor]:
         else:
             continue
         shape = spec.shape(canonical)
+        produce = lambda c=canonical: spec.load(c)
+        if name.startswith("v.position_embd") and reduction.image_size != vision.image_size:
+            shape = (reduction.grid ** 2 + int(vision.has_class_token), shape[1])
+            produce = lambda c=canonical: interpolate_positions(spec.load(c), reduction.grid, vision.has_class_token)
         if name.startswith("v.position_embd") or len(shape) == 1:
             tensor_type = QType.F32
         elif name.startswith("v.patch_embd"):
             tensor_type = QType.F32 if qtype == QType.F32 else QType.F16   # convolution kernel: F16/F32 only
         else:
             tensor_type = matrix_type(shape, qtype)
-        planned.append(PlannedTensor(name, tuple(shape), tensor_type, lambda c=canonical: spec.load(c)))
+        planned.append(PlannedTensor(name, tuple(shape), tensor_type, produce))
+    if projector == "ldpv2":
+        # the positional convolution, zero: its output added back is nothing, leaving the plain 2x2 average
+        hidden = spec.text_config.hidden_size
+        planned.append(PlannedTensor("mm.model.peg.0.weight", (hidden, 1, 3, 3), QType.F16,
+                                     lambda: torch.zeros(hidden, 1, 3, 3)))
+        planned.append(PlannedTensor("mm.model.peg.0.bias", (hidden,), QType.F32, lambda: torch.zeros(hidden)))
     return planned
 
 
 def write_mmproj_gguf(spec: ModelSpec, path: Path, qtype: QType, source_digest: str, settings: dict,
-                      on_tensor=None) -> Path:
+                      on_tensor=None, reduction: VisionReduction | None = None) -> Path:
     vision = spec.vision
+    reduction = reduction or vision_reduction(vision)
+    tensors = mmproj_tensors(spec, qtype, reduction)
     cfg = vision.config
     layers = cfg.num_hidden_layers
     act = cfg.hidden_act
@@ -60,7 +94,7 @@ def write_mmproj_gguf(spec: ModelSpec, path: Path, qtype: QType, source_digest: 
         writer.add_file_type(FILE_TYPES[qtype])
         if qtype not in (QType.F32, QType.F16):
             writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        writer.add_clip_projector_type("mlp")
+        writer.add_clip_projector_type(projector_type(reduction))
         writer.add_clip_has_vision_encoder(True)
         writer.add_bool("clip.has_text_encoder", False)        # read by older llama.cpp
         writer.add_bool(gguf.Keys.Clip.HAS_LLAVA_PROJECTOR, True)
@@ -71,7 +105,7 @@ def write_mmproj_gguf(spec: ModelSpec, path: Path, qtype: QType, source_digest: 
         writer.add_vision_block_count(layers)
         writer.add_vision_head_count(cfg.num_attention_heads)
         writer.add_vision_projection_dim(spec.text_config.hidden_size)
-        writer.add_vision_image_size(vision.image_size)
+        writer.add_vision_image_size(reduction.image_size)
         writer.add_vision_patch_size(vision.patch_size)
         writer.add_vision_attention_layernorm_eps(cfg.layer_norm_eps)
         writer.add_vision_image_mean(list(vision.image_mean))
@@ -81,4 +115,4 @@ def write_mmproj_gguf(spec: ModelSpec, path: Path, qtype: QType, source_digest: 
         writer.add_string("impq.image_resize", vision.resize)
         add_provenance(writer, source_digest, settings)
 
-    return write_gguf(path, "clip", metadata, mmproj_tensors(spec, qtype), on_tensor)
+    return write_gguf(path, "clip", metadata, tensors, on_tensor)

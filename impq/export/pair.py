@@ -8,6 +8,7 @@ from pathlib import Path
 
 from ..fileio import artifact_set, ensure_writable_dir, sha256_files
 from ..models.layouts import ModelSpec
+from ..models.reduction import VisionReduction, vision_reduction
 from .gguf_file import EXPORT_TYPES, canonical_type_name
 from .gguf_mmproj import mmproj_tensors, write_mmproj_gguf
 from .gguf_text import gguf_vocab, text_tensors, write_text_gguf
@@ -21,28 +22,35 @@ class ExportResult:
     source_digest: str
 
 
-def pair_paths(out_dir: Path, name: str, type_name: str) -> tuple[Path, Path]:
+def pair_paths(out_dir: Path, spec: ModelSpec, type_name: str, reduction: VisionReduction | None = None
+               ) -> tuple[Path, Path]:
+    """`<name>-<TYPE>.gguf` and `mmproj-<name>-<TYPE>.gguf`; a reduced mmproj's name ends in its reduction
+    (`-196px`, `-336px-pool2`)."""
     suffix = type_name.upper()
-    return out_dir / f"{name}-{suffix}.gguf", out_dir / f"mmproj-{name}-{suffix}.gguf"
+    reduced = reduction is not None and reduction != vision_reduction(spec.vision)
+    return (out_dir / f"{spec.name}-{suffix}.gguf",
+            out_dir / f"mmproj-{spec.name}-{suffix}{'-' + reduction.label if reduced else ''}.gguf")
 
 
 def export_pair(spec: ModelSpec, out_dir: str | Path, type_name: str = "f16", mmproj_type: str | None = None,
-                on_tensor=None) -> ExportResult:
+                on_tensor=None, reduction: VisionReduction | None = None) -> ExportResult:
+    """The pair; `reduction` (models/reduction.py) writes the mmproj at a lower resolution or with pooled tokens."""
     type_name = canonical_type_name(type_name, EXPORT_TYPES, "--type")
     mmproj_type = canonical_type_name(mmproj_type or type_name, EXPORT_TYPES, "--mmproj-type")
-    out_dir = ensure_writable_dir(Path(out_dir))
     start = time.perf_counter()
     digest = sha256_files([spec.folder / "config.json", *spec.checkpoint.files])
     settings = {"type": type_name, "mmproj_type": mmproj_type, "layout": spec.layout, "family": spec.family,
-                "source": str(spec.folder.resolve())}
-    text_path, mmproj_path = pair_paths(out_dir, spec.name, type_name)
+                "source": str(spec.folder.resolve()),
+                "vision_reduction": (reduction or vision_reduction(spec.vision)).label}
+    text_path, mmproj_path = pair_paths(Path(out_dir), spec, type_name, reduction)
     text_qtype, mmproj_qtype = EXPORT_TYPES[type_name], EXPORT_TYPES[mmproj_type]
     # plan both files before writing either, so that a model that cannot be exported leaves nothing behind
     text_tensors(spec, text_qtype)
     gguf_vocab(spec.tokenizer, spec.text_config.vocab_size)
-    mmproj_tensors(spec, mmproj_qtype)
+    mmproj_tensors(spec, mmproj_qtype, reduction)
+    out_dir = ensure_writable_dir(Path(out_dir))
     # both files are written in a staging folder and moved in together: a pair is complete or absent
     with artifact_set(out_dir, mmproj_path.name) as stage:
         write_text_gguf(spec, stage / text_path.name, text_qtype, digest, settings, on_tensor)
-        write_mmproj_gguf(spec, stage / mmproj_path.name, mmproj_qtype, digest, settings, on_tensor)
+        write_mmproj_gguf(spec, stage / mmproj_path.name, mmproj_qtype, digest, settings, on_tensor, reduction)
     return ExportResult(text_path, mmproj_path, time.perf_counter() - start, digest)

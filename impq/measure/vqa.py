@@ -67,17 +67,18 @@ class Answerer(Protocol):
 
 
 class TorchAnswerer:
-    """The PyTorch reference forward of a checkpoint folder (or an LMM already built), optionally at another input
-    resolution."""
+    """The PyTorch reference forward of a checkpoint folder (or an LMM already built), optionally with a vision
+    reduction (another input resolution, pooled tokens: see models/reduction.py)."""
 
-    def __init__(self, model, image_size: int | None = None):
+    def __init__(self, model, image_size: int | None = None, token_reduction: str = "none"):
         from ..models.lmm import LMM      # torch is imported only for this backend
+        from ..models.reduction import vision_reduction
 
         self.lmm = model if isinstance(model, LMM) else LMM.from_folder(model)
-        self.image_size = image_size
+        self.reduction = vision_reduction(self.lmm.spec.vision, image_size, token_reduction)
 
     def answer(self, image, question, max_new_tokens):
-        gen = self.lmm.generate(image, question, max_new_tokens, size=self.image_size)
+        gen = self.lmm.generate(image, question, max_new_tokens, reduction=self.reduction)
         tokens = [t for t in gen.tokens if t != self.lmm.tokenizer.eos_id]
         return self.lmm.tokenizer.decode(tokens), gen.logits[0].numpy()
 
@@ -104,17 +105,17 @@ class GGUFAnswerer:
 
 
 def load_answerer(path: str | Path | None, image_size: int | None = None, n_threads: int | None = None,
-                  text: Path | None = None, mmproj: Path | None = None) -> Answerer:
+                  text: Path | None = None, mmproj: Path | None = None, token_reduction: str = "none") -> Answerer:
     """A checkpoint folder (config.json) runs in PyTorch; a GGUF pair (a folder holding one, or --text/--mmproj)
     runs in llama.cpp."""
     files_named = text is not None or mmproj is not None
     if not files_named and (Path(path) / "config.json").is_file():
-        return TorchAnswerer(path, image_size)
+        return TorchAnswerer(path, image_size, token_reduction)
     if not files_named and not (Path(path).is_dir() and any(Path(path).glob("*.gguf"))):
         raise ImpqError(path, "neither a checkpoint folder (config.json) nor a folder holding a GGUF pair")
-    if image_size:
-        raise ImpqError(path or text or mmproj, "--image-size applies to checkpoints; a GGUF pair's resolution is in "
-                                                "its mmproj")
+    if image_size or token_reduction != "none":
+        raise ImpqError(path or text or mmproj, "--image-size and --token-reduction apply to checkpoints; a GGUF "
+                                                "pair's reduction is in its mmproj")
     from ..runtime.gguf_pair import resolve_pair
     return GGUFAnswerer(*resolve_pair(path, text, mmproj), n_threads=n_threads)
 

@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM, CLIPVisionModel, SiglipVisionMode
 
 from .layouts import ModelSpec, VisionSpec, read_spec
 from .preprocess import normalized, to_model_square
+from .reduction import VisionReduction, pool_tokens
 
 
 def build_vision_model(vision: VisionSpec) -> nn.Module:
@@ -60,10 +61,12 @@ class LMM(nn.Module):
     def from_folder(cls, folder) -> "LMM":
         return cls(read_spec(folder))
 
-    def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
+    def image_features(self, pixels: torch.Tensor, pool: bool = False) -> torch.Tensor:
         """[B, n_tokens, llm_hidden] from [B, 3, S, S] pixels: the selected vision layer (no post-layernorm),
-        projected. A size other than the native one interpolates the position embeddings (bicubic)."""
-        return self.projector(self.vision_states(pixels))
+        projected, then 2x2-pooled if asked. A size other than the native one interpolates the position embeddings
+        (models/reduction.py states the method)."""
+        features = self.projector(self.vision_states(pixels))
+        return pool_tokens(features) if pool else features
 
     def vision_states(self, pixels: torch.Tensor) -> torch.Tensor:
         """[B, n_tokens, vision_hidden]: the selected vision layer's output, before the projector."""
@@ -83,9 +86,10 @@ class LMM(nn.Module):
         return torch.from_numpy(normalized(square, vision.image_mean, vision.image_std)).unsqueeze(0)
 
     @torch.no_grad()
-    def encode_image(self, image: Image.Image, size: int | None = None) -> torch.Tensor:
-        """[n_tokens, llm_hidden] for one image, at the native input size unless `size` is given."""
-        return self.image_features(self.pixels(image, size))[0]
+    def encode_image(self, image: Image.Image, reduction: VisionReduction | None = None) -> torch.Tensor:
+        """[n_tokens, llm_hidden] for one image, at the native input size unless a reduction is given."""
+        size = reduction.image_size if reduction else None
+        return self.image_features(self.pixels(image, size), pool=bool(reduction and reduction.pool))[0]
 
     @property
     def vision_device(self) -> torch.device:
@@ -96,23 +100,24 @@ class LMM(nn.Module):
         return self.llm.model.embed_tokens.weight.dtype
 
     @torch.no_grad()
-    def prompt_embeddings(self, image: Image.Image | None, question: str, size: int | None = None) -> torch.Tensor:
+    def prompt_embeddings(self, image: Image.Image | None, question: str,
+                          reduction: VisionReduction | None = None) -> torch.Tensor:
         """[1, seq, hidden] input embeddings with the image's projected features at `<image>`."""
         pieces = self.tokenizer.encode_prompt(self.spec.prompt(question), self.spec.image_token)
         embed = self.llm.get_input_embeddings()
         parts: list[torch.Tensor] = []
         for i, ids in enumerate(pieces):
             if i > 0 and image is not None:
-                parts.append(self.encode_image(image, size))
+                parts.append(self.encode_image(image, reduction))
             if ids:
                 parts.append(embed(torch.tensor(ids, device=embed.weight.device)))
         return torch.cat(parts).unsqueeze(0)
 
     @torch.no_grad()
     def generate(self, image: Image.Image | None, question: str, max_new_tokens: int = 16,
-                 size: int | None = None) -> Generation:
+                 reduction: VisionReduction | None = None) -> Generation:
         """Greedy decoding; stops early at the end-of-sequence token."""
-        embeds = self.prompt_embeddings(image, question, size)
+        embeds = self.prompt_embeddings(image, question, reduction)
         out = self.llm(inputs_embeds=embeds, use_cache=True)
         cache, step_logits, tokens = out.cache, [out.logits[0, -1].float()], []
         for _ in range(max_new_tokens):

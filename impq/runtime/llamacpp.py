@@ -43,11 +43,13 @@ class PairRunner:
                  n_threads: int | None = None, use_gpu: bool = False):
         self.text_path, self.mmproj_path = Path(text_path), Path(mmproj_path)
         read_gguf_header(self.text_path)          # damaged files fail here with one line, not inside llama.cpp
-        mmproj_meta = read_gguf_header(self.mmproj_path, ("clip.vision.image_size", "impq.image_resize")).fields
+        mmproj_meta = read_gguf_header(self.mmproj_path, ("clip.vision.image_size", "impq.image_resize",
+                                                          "clip.projector_type")).fields
         if "clip.vision.image_size" not in mmproj_meta:
             raise ImpqError(self.mmproj_path, "not an mmproj: no clip.vision.image_size")
         self.image_size = int(mmproj_meta["clip.vision.image_size"])
         self.image_resize = mmproj_meta.get("impq.image_resize", "squash")
+        self.projector_type = mmproj_meta.get("clip.projector_type", "mlp")
         threads = self.n_threads = n_threads or os.cpu_count() or 1
         try:
             self.llama = llama_cpp.Llama(str(self.text_path), n_ctx=n_ctx, n_batch=2048, n_ubatch=512,
