@@ -63,7 +63,7 @@ def main() -> None:
     eff = fit_efficiency(costs[fit_key], cases[fit_key], machine["bandwidth_gbs"], machine["peak_gflops"])
     errors = {}
     for key, figures in cases.items():
-        text_tokens = figures["prompt_tokens"] - costs[key].vision_tokens
+        text_tokens = figures["prompt_tokens"] - costs[key].llm_image_tokens
         pred = estimate(costs[key], machine["bandwidth_gbs"], machine["peak_gflops"], eff, text_tokens)
         measured = {"decode_tokens_per_s": figures["decode_tokens_per_s"]["median"],
                     "prefill_tokens_per_s": figures["prompt_tokens_per_s"]["median"],

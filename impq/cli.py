@@ -51,6 +51,12 @@ def _token_reduction_option():
                                                           "tokens; llama.cpp runs it for a 24x24 patch grid only).")
 
 
+def _flash_attn_option():
+    return typer.Option("off", "--flash-attn", help="on | off | auto (llama.cpp's default, which is on for its CPU "
+                                                    "backend): it speeds up image encoding and prefill but can slow "
+                                                    "decoding with many image tokens in the context.")
+
+
 def _emit(as_json: bool, payload: dict, table: Table | None = None) -> None:
     if as_json:
         print(json.dumps(payload, indent=2, default=str))
@@ -230,6 +236,7 @@ def bench_cmd(
     warmup: int = typer.Option(1, min=0, help="Untimed warm-up runs."),
     decode_tokens: int = typer.Option(32, min=2, help="Tokens generated per run (end-of-sequence ignored)."),
     threads: Optional[int] = typer.Option(None, min=1, help="llama.cpp threads (default: all cores)."),
+    flash_attn: str = _flash_attn_option(),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ):
     """Image encode time, prompt and decode tokens/s, time to first token, peak RSS and file sizes in llama.cpp."""
@@ -237,8 +244,10 @@ def bench_cmd(
 
     from .measure.bench import bench_pair
     from .runtime.gguf_pair import resolve_pair
+    from .runtime.llamacpp import resolve_flash_attn
     from .verify import default_images
 
+    resolve_flash_attn(flash_attn)
     image = image or default_images()[0]
     with tempfile.TemporaryDirectory(prefix="impq-bench-") as scratch:
         if export_dir is None and text is None and mmproj is None:
@@ -250,10 +259,12 @@ def bench_cmd(
             export_pair(read_spec(default_model_dir()), export_dir, type_name)
         text_path, mmproj_path = resolve_pair(export_dir, text, mmproj)
         with console.status(f"benchmarking {text_path.name} ({warmup} warm-up + {runs} runs)"):
-            figures = bench_pair(text_path, mmproj_path, image, question, runs, warmup, decode_tokens, threads)
+            figures = bench_pair(text_path, mmproj_path, image, question, runs, warmup, decode_tokens, threads,
+                                 flash_attn)
     figures = {"text_gguf": str(text_path.name), "mmproj_gguf": str(mmproj_path.name), **figures}
     table = Table("figure", "median", "min", "max", title=f"{text_path.name}: {figures['prompt_tokens']} prompt tokens, "
-                                                           f"{figures['threads']} threads")
+                                                           f"{figures['threads']} threads, flash attention "
+                                                           f"{figures['flash_attn']}")
     for key in ("image_encode_s", "prefill_s", "ttft_s", "prompt_tokens_per_s", "decode_tokens_per_s"):
         row = figures[key]
         table.add_row(key, *(f"{row[k]:.4g}" for k in ("median", "min", "max")))
@@ -361,6 +372,72 @@ def quantize_cmd(
     for key, value in report.verification.items():
         table.add_row(f"verification {key}", f"{value:.4g}" if isinstance(value, float) else str(value))
     _emit(as_json, summary, table)
+
+
+def _comma_list(value: str, option: str, kind=str) -> list:
+    try:
+        return [kind(part.strip()) for part in value.split(",") if part.strip()]
+    except ValueError:
+        raise ImpqError(None, f"{option} {value}: expected a comma-separated list of {kind.__name__} values") from None
+
+
+@app.command("sweep-resolution")
+def sweep_resolution_cmd(
+    model: Optional[Path] = typer.Argument(None, help="Checkpoint folder; default: the embedded imp-tiny."),
+    resolutions: Optional[str] = typer.Option(None, help="Input sizes in pixels, comma-separated (multiples of the "
+                                                         "patch size, at most the native one); default: native, 3/4 "
+                                                         "and 1/2."),
+    token_reduction: str = typer.Option("none", "--token-reduction", help="Comma-separated: none, pool2 (2x2 "
+                                                                          "pooling; PyTorch-only unless the grid is "
+                                                                          "24x24)."),
+    types: str = typer.Option("f16,q4_k", help="Weight types of the LLM, comma-separated: f16 and the GGUF grids "
+                                               "(q8_0 q6_k q5_k q5_0 q5_1 q4_k q4_0 q4_1 q3_k q2_k)."),
+    method: str = typer.Option("gptq", help="Quantization method for the quantized types."),
+    budget_ttft: Optional[float] = typer.Option(None, "--budget-ttft", min=0, help="Largest time to first token on "
+                                                                                 "the phone estimate, in ms."),
+    budget_size: Optional[float] = typer.Option(None, "--budget-size", min=0, help="Largest text GGUF + mmproj, MB."),
+    device_profile: str = typer.Option("snapdragon-8-gen-3", "--device-profile", help="Phone profile of the "
+                                                                                     "estimate (impq estimate)."),
+    flash_attn: str = _flash_attn_option(),
+    data: Optional[Path] = typer.Option(None, help="VQA JSONL; default: eval/shapes/eval.jsonl."),
+    limit: Optional[int] = typer.Option(140, min=1, help="Eval items per point."),
+    runs: int = typer.Option(3, min=1, help="Timed bench runs per point."),
+    calib: Optional[Path] = typer.Option(None, help="Calibration file for the quantized types."),
+    nsamples: int = typer.Option(64, min=1, help="Calibration sequences."),
+    threads: Optional[int] = typer.Option(None, min=1, help="llama.cpp threads (default: all cores)."),
+    out: Path = typer.Option(Path("sweep"), help="Output folder (cache, CSV, JSON, plots, recommended pair)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+):
+    """Accuracy, speed, size and phone estimate over resolution x token reduction x weight type, with plots and
+    the best configuration under the budgets; resumable."""
+    from .defaults import default_eval_data, default_model_dir
+    from .models.layouts import read_spec
+    from .sweep.resolution import SweepSettings, plan_points, run_sweep
+
+    model = model or default_model_dir()
+    settings = SweepSettings(
+        resolutions=None if resolutions is None else _comma_list(resolutions, "--resolutions", int),
+        token_reductions=_comma_list(token_reduction, "--token-reduction"), types=_comma_list(types, "--types"),
+        method=method, calib=None if calib is None else str(calib), nsamples=nsamples, limit=limit, runs=runs,
+        threads=threads, flash_attn=flash_attn, device_profile=device_profile, budget_ttft_ms=budget_ttft,
+        budget_size_mb=budget_size)
+    points = plan_points(read_spec(model), settings)           # every value is checked before anything is written
+    with _progress() as progress:
+        task = progress.add_task("sweep", total=len(points))
+        result = run_sweep(model, out, settings, data or default_eval_data(),
+                           on_point=lambda i, n, label: progress.update(task, completed=i, description=label))
+    table = Table("point", "runtime", "accuracy", "KLD", "TTFT s", "phone TTFT s", "MB",
+                  title=f"{len(result.rows)} points in {out}")
+    for row in result.rows:
+        table.add_row(f"{row['type']} {row['image_size']}px {row['token_reduction']}", row["runtime"],
+                      f"{row['accuracy']:.1%}", f"{row['mean_kld']:.3g}",
+                      "-" if row["ttft_s"] is None else f"{row['ttft_s']:.3f}", f"{row['phone_ttft_s']:.3f}",
+                      f"{row['total_mb']:.1f}")
+    best = result.recommended
+    table.caption = ("no llama.cpp point meets the budgets" if best is None else
+                     f"recommended: {best['type']} at {best['image_size']} px, token reduction {best['token_reduction']}"
+                     f", flash attention {best['flash_attn']} -> {result.files['recommended']}")
+    _emit(as_json, {"points": result.rows, "recommended": best, "files": result.files}, table)
 
 
 # typer >= 0.29 raises its own copy of click's exceptions, older typer raises click's: find the class through typer

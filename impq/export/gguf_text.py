@@ -224,6 +224,25 @@ def text_tensors(spec: ModelSpec, qtype: QType, quantized: dict | None = None,
     return planned
 
 
+def read_text_gguf_weights(spec: ModelSpec, path: Path) -> dict[str, torch.Tensor]:
+    """The LLM's tensors as a text GGUF stores them, dequantized by gguf-py, by canonical name: the weights llama.cpp
+    computes with, for measurements that must run in PyTorch (a reduction llama.cpp has no graph for)."""
+    stored = {t.name: t for t in gguf.GGUFReader(path).tensors}
+    cfg = spec.text_config
+    heads = cfg.num_attention_heads
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    weights = {}
+    for planned in text_tensors(spec, QType.F16):
+        tensor = stored[planned.name]
+        values = torch.from_numpy(gguf.quants.dequantize(tensor.data, tensor.tensor_type).copy()).reshape(planned.shape)
+        if spec.family == "llama" and re.search(r"self_attn\.[qk]_proj\.", planned.canonical):
+            n = heads if ".q_proj." in planned.canonical else kv_heads     # undo _llama_permute
+            values = values.reshape(n, values.shape[0] // n // 2, 2, *values.shape[1:]).swapaxes(1, 2).reshape(
+                values.shape)
+        weights[planned.canonical] = values.float()
+    return weights
+
+
 def write_text_gguf(spec: ModelSpec, path: Path, qtype: QType, source_digest: str, settings: dict,
                     on_tensor=None, quantized: dict | None = None,
                     source: Callable[[str], torch.Tensor] | None = None, head_type: QType = QType.Q8_0) -> Path:

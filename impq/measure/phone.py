@@ -59,7 +59,12 @@ class ModelCost:
     vision_matmul_params: float        # per patch, tower + projector
     vision_layers: int
     vision_hidden: int
-    vision_tokens: int
+    vision_tokens: int                 # patches the tower encodes
+    pooled: bool = False               # the projector pools 2x2: the LLM prefills a quarter of the patches
+
+    @property
+    def llm_image_tokens(self) -> int:
+        return self.vision_tokens // 4 if self.pooled else self.vision_tokens
 
     def decode_s(self, device_bandwidth_gbs: float, efficiency: float) -> float:
         return self.text_bytes_per_token / (device_bandwidth_gbs * 1e9 * efficiency)
@@ -96,7 +101,8 @@ class ModelCost:
         patch = int(mmproj.fields["clip.vision.patch_size"].contents())
         v_params = sum(int(t.n_elements) for t in mmproj.tensors
                        if len(t.shape) == 2 and (t.name.startswith("v.blk.") or t.name.startswith("mm.")))
-        return cls(bytes_per_token, params, layers, hidden, v_params, v_layers, v_hidden, (size // patch) ** 2)
+        pooled = mmproj.fields["clip.projector_type"].contents() == "ldpv2"
+        return cls(bytes_per_token, params, layers, hidden, v_params, v_layers, v_hidden, (size // patch) ** 2, pooled)
 
 
 @dataclass(frozen=True)
@@ -119,7 +125,7 @@ class Estimate:
 
 def estimate(cost: ModelCost, bandwidth_gbs: float, peak_gflops: float, eff: Efficiency,
              prompt_text_tokens: int) -> Estimate:
-    n_prompt = prompt_text_tokens + cost.vision_tokens
+    n_prompt = prompt_text_tokens + cost.llm_image_tokens
     prefill_s = cost.prefill_flops(n_prompt) / (peak_gflops * 1e9 * eff.prefill)
     encode_s = cost.vision_flops() / (peak_gflops * 1e9 * eff.vision)
     return Estimate(1.0 / cost.decode_s(bandwidth_gbs, eff.decode), n_prompt / prefill_s, encode_s,

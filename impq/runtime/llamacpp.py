@@ -25,6 +25,17 @@ mtmd_cpp.mtmd_log_set(llama_logger.llama_log_callback, ctypes.c_void_p(0))
 mtmd_cpp.mtmd_helper_log_set(llama_logger.llama_log_callback, ctypes.c_void_p(0))
 
 
+FLASH_ATTN = ("on", "off", "auto")
+
+
+def resolve_flash_attn(setting: str, use_gpu: bool = False) -> str:
+    """on | off. llama.cpp's own "auto" turns flash attention on wherever the backend has it, which includes its
+    CPU backend; llama-cpp-python's Llama takes only on or off (default off), so impq resolves auto itself."""
+    if setting not in FLASH_ATTN:
+        raise ImpqError(None, f"--flash-attn {setting}: choose one of {', '.join(FLASH_ATTN)}")
+    return "on" if setting == "auto" else setting
+
+
 @dataclass
 class RunResult:
     prompt_logits: np.ndarray                     # [vocab] after the whole prompt
@@ -40,7 +51,7 @@ class RunResult:
 
 class PairRunner:
     def __init__(self, text_path: str | Path, mmproj_path: str | Path, *, n_ctx: int = 0,
-                 n_threads: int | None = None, use_gpu: bool = False):
+                 n_threads: int | None = None, use_gpu: bool = False, flash_attn: str = "off"):
         self.text_path, self.mmproj_path = Path(text_path), Path(mmproj_path)
         read_gguf_header(self.text_path)          # damaged files fail here with one line, not inside llama.cpp
         mmproj_meta = read_gguf_header(self.mmproj_path, ("clip.vision.image_size", "impq.image_resize",
@@ -50,11 +61,13 @@ class PairRunner:
         self.image_size = int(mmproj_meta["clip.vision.image_size"])
         self.image_resize = mmproj_meta.get("impq.image_resize", "squash")
         self.projector_type = mmproj_meta.get("clip.projector_type", "mlp")
+        self.flash_attn = resolve_flash_attn(flash_attn, use_gpu)
         threads = self.n_threads = n_threads or os.cpu_count() or 1
         try:
             self.llama = llama_cpp.Llama(str(self.text_path), n_ctx=n_ctx, n_batch=2048, n_ubatch=512,
                                          n_threads=threads, n_threads_batch=threads,
-                                         n_gpu_layers=-1 if use_gpu else 0, verbose=False)
+                                         n_gpu_layers=-1 if use_gpu else 0, flash_attn=self.flash_attn == "on",
+                                         verbose=False)
         except ValueError as err:
             raise ImpqError(self.text_path, f"llama.cpp cannot load this model ({err})") from None
         meta = self.llama.metadata
@@ -67,6 +80,8 @@ class PairRunner:
         params.print_timings = False
         params.n_threads = threads
         params.warmup = False
+        params.flash_attn_type = (llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if self.flash_attn == "on"
+                                  else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED)
         self.mtmd = mtmd_cpp.mtmd_init_from_file(str(self.mmproj_path).encode(), self.llama.model, params)
         if not self.mtmd:
             raise ImpqError(self.mmproj_path, "llama.cpp's mtmd cannot load this mmproj")

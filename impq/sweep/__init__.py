@@ -1,0 +1,1 @@
+"""Searches over what the phone runs: resolution, vision tokens and weight precision together."""

@@ -1,0 +1,57 @@
+"""The sweep's PNG plots: accuracy against time to first token (measured here, and estimated on the phone
+profile) and against artifact size, with the Pareto frontier drawn and the original configuration marked.
+PyTorch-only points (a reduction stock llama.cpp has no graph for) are drawn hollow and say so in the legend."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
+
+from ..fileio import atomic_output  # noqa: E402
+from .resolution import pareto_front  # noqa: E402
+
+PLOTS = {
+    "accuracy_vs_ttft.png": ("ttft_s", "time to first token measured here (s)"),
+    "accuracy_vs_phone_ttft.png": ("phone_ttft_s", "time to first token estimated on {device} (s)"),
+    "accuracy_vs_size.png": ("total_mb", "text GGUF + mmproj (MB)"),
+}
+
+
+def write_plots(out: Path, rows: list[dict], device: str) -> dict:
+    files = {}
+    types = sorted({r["type"] for r in rows})
+    colours = dict(zip(types, plt.get_cmap("tab10").colors))
+    for name, (cost, label) in PLOTS.items():
+        figure, axes = plt.subplots(figsize=(7, 4.5))
+        for row in rows:
+            if row.get(cost) is None:
+                continue
+            hollow = row["runtime"] != "llama.cpp"
+            axes.scatter(row[cost], row["accuracy"], s=40, marker="^" if row["token_reduction"] == "pool2" else "o",
+                         facecolors="none" if hollow else colours[row["type"]], edgecolors=colours[row["type"]])
+            axes.annotate(f"{row['image_size']}", (row[cost], row["accuracy"]), fontsize=7, xytext=(3, 3),
+                          textcoords="offset points")
+        front = pareto_front(rows, cost)
+        axes.plot([r[cost] for r in front], [r["accuracy"] for r in front], "k--", lw=1, label="Pareto frontier")
+        for row in rows:
+            if row["original"] and row.get(cost) is not None:
+                axes.scatter(row[cost], row["accuracy"], s=220, marker="*", facecolors="none", edgecolors="black",
+                             label="original (F16, native, all tokens)")
+        for type_name in types:
+            axes.scatter([], [], color=colours[type_name], label=type_name)
+        axes.scatter([], [], marker="^", facecolors="none", edgecolors="grey", label="2x2 pooled, hollow: PyTorch-only")
+        skipped = sum(r.get(cost) is None for r in rows)
+        axes.set_xlabel(label.format(device=device) + (f" ({skipped} PyTorch-only points have none)" if skipped else ""))
+        axes.set_ylabel("accuracy")
+        axes.grid(alpha=0.3)
+        axes.legend(fontsize=7, loc="lower right")
+        figure.tight_layout()
+        with atomic_output(out / name) as tmp:
+            figure.savefig(tmp, format="png", dpi=110)
+        plt.close(figure)
+        files[name.removesuffix(".png")] = str(out / name)
+    return files

@@ -1,0 +1,310 @@
+"""`impq sweep-resolution`: input resolution x vision-token reduction x weight type, each point measured in the
+runtime a phone uses.
+
+For every weight type the LLM is quantized once (F16: exported as it is) and its text GGUF reused at every
+resolution; an mmproj (F16) is written per resolution and reduction. Each point is evaluated on the VQA split in
+llama.cpp (accuracy, and KLD / top-1 agreement against the full-precision model at the native resolution, so that
+the loss of resolution and of precision add up in one number), timed with `impq bench` (one run after another,
+never concurrently), sized, and estimated on a phone profile. A reduction that stock llama.cpp cannot run (2x2
+pooling of a grid other than 24x24) is measured in PyTorch with the GGUF's own dequantized weights and labelled
+`pytorch-only`: it has no measured speed, only the phone estimate.
+
+Every finished point is cached under a key of its configuration and input digests (`OUT/points/<key>.json`), as
+is each type's text GGUF and each mmproj; a re-run computes only what is missing.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from .. import __version__
+from ..errors import ImpqError
+from ..export.gguf_file import QType, canonical_type_name
+from ..export.gguf_mmproj import write_mmproj_gguf
+from ..export.gguf_text import read_text_gguf_weights, write_text_gguf
+from ..fileio import atomic_output, ensure_writable_dir, sha256_files
+from ..measure.phone import DEVICES, Efficiency, ModelCost, estimate
+from ..measure.vqa import VQAItem, evaluate, read_vqa_jsonl
+from ..models.layouts import ModelSpec, read_spec
+from ..models.reduction import TOKEN_REDUCTIONS, VisionReduction, vision_reduction
+from ..quant.grids import GRIDS
+from ..runtime.llamacpp import resolve_flash_attn
+
+SWEEP_TYPES = ("f16", *GRIDS)
+PROMPT_TEXT_TOKENS = 40             # text tokens beside the image in the phone estimate (impq estimate's default)
+
+
+@dataclass
+class SweepSettings:
+    resolutions: list[int] | None = None         # None: native, three quarters and half (multiples of the patch)
+    token_reductions: list[str] = field(default_factory=lambda: ["none"])
+    types: list[str] = field(default_factory=lambda: ["f16", "q4_k"])
+    method: str = "gptq"
+    calib: str | None = None
+    nsamples: int = 64
+    limit: int | None = 140                       # eval items per point; None: the whole split
+    runs: int = 3                                 # timed bench runs per point
+    decode_tokens: int = 16
+    threads: int | None = None
+    flash_attn: str = "off"
+    device_profile: str = "snapdragon-8-gen-3"
+    budget_ttft_ms: float | None = None           # on the phone estimate of device_profile
+    budget_size_mb: float | None = None           # text GGUF + mmproj
+
+
+@dataclass(frozen=True)
+class Point:
+    type: str
+    reduction: VisionReduction
+
+    @property
+    def runtime(self) -> str:
+        return "llama.cpp" if self.reduction.runs_in_llama_cpp else "pytorch-only"
+
+    @property
+    def label(self) -> str:
+        return f"{self.type.upper()} {self.reduction.label}"
+
+
+def default_resolutions(spec: ModelSpec) -> list[int]:
+    native, patch = spec.vision.image_size, spec.vision.patch_size
+    sizes = {native, max(patch, round(native * 3 / 4 / patch) * patch), max(patch, native // 2 // patch * patch)}
+    return sorted(sizes, reverse=True)
+
+
+def plan_points(spec: ModelSpec, settings: SweepSettings) -> list[Point]:
+    """Every point of the grid, each value checked before any work: one-line errors name the bad value."""
+    if settings.device_profile not in DEVICES:
+        raise ImpqError(None, f"--device-profile {settings.device_profile}: choose one of {', '.join(DEVICES)}")
+    resolve_flash_attn(settings.flash_attn)
+    types = [canonical_type_name(t, SWEEP_TYPES, "--types") for t in settings.types]
+    resolutions = default_resolutions(spec) if settings.resolutions is None else settings.resolutions
+    for value in settings.token_reductions:
+        if value not in TOKEN_REDUCTIONS:
+            raise ImpqError(None, f"--token-reduction {value}: choose from {', '.join(TOKEN_REDUCTIONS)}")
+    points = [Point(t, vision_reduction(spec.vision, size, reduction)) for t in dict.fromkeys(types)
+              for size in dict.fromkeys(resolutions) for reduction in dict.fromkeys(settings.token_reductions)]
+    if not points:
+        raise ImpqError(None, "empty grid of points: give at least one --resolutions, --token-reduction and --types value")
+    return points
+
+
+def _digest(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _dataset_digest(path: Path, items: list[VQAItem]) -> str:
+    return sha256_files([path, *sorted({item.image for item in items})])
+
+
+class _MemoAnswerer:
+    """The full-precision reference's answers, computed once per item for all points."""
+
+    def __init__(self, answerer):
+        self.answerer, self.memo = answerer, {}
+
+    def answer(self, image, question, max_new_tokens):
+        key = (hashlib.sha256(image.tobytes()).hexdigest(), question, max_new_tokens)
+        if key not in self.memo:
+            self.memo[key] = self.answerer.answer(image, question, max_new_tokens)
+        return self.memo[key]
+
+
+@dataclass
+class SweepResult:
+    rows: list[dict]
+    recommended: dict | None
+    files: dict
+
+
+def run_sweep(model_dir: str | Path, out_dir: str | Path, settings: SweepSettings, data: Path,
+              on_point: Callable[[int, int, str], None] | None = None) -> SweepResult:
+    from ..calib import file_digest
+    from ..defaults import REPO, default_calib_data
+    from ..measure.bench import bench_pair
+    from ..measure.vqa import GGUFAnswerer, TorchAnswerer
+    from ..verify import default_images
+
+    spec = read_spec(model_dir)
+    points = plan_points(spec, settings)
+    items = read_vqa_jsonl(data)[:settings.limit]
+    calib = Path(settings.calib or default_calib_data(model_dir))
+    fit = json.loads((REPO / "bench" / "results" / "speed.json").read_text())
+    out = ensure_writable_dir(Path(out_dir))
+    model_digest = sha256_files([spec.folder / "config.json", *spec.checkpoint.files])
+    data_digest = _dataset_digest(Path(data), items)
+    calib_digest = file_digest(calib)
+    image = default_images()[0]
+    device = DEVICES[settings.device_profile]
+    efficiency = Efficiency(**fit["efficiency"])
+
+    texts: dict[str, Path] = {}
+
+    def text_gguf(type_name: str) -> Path:
+        """The type's text GGUF, quantized once and reused at every resolution."""
+        if type_name in texts:
+            return texts[type_name]
+        key = _digest(model_digest, type_name, settings.method, calib_digest, settings.nsamples, __version__)
+        path = out / "llm" / f"{spec.name}-{type_name.upper()}-{key}.gguf"
+        if not path.is_file():
+            path.parent.mkdir(exist_ok=True)
+            if type_name == "f16":
+                write_text_gguf(spec, path, QType.F16, model_digest, {"type": "f16"})
+            else:
+                _quantize_text(model_dir, spec, type_name, settings, calib, path)
+        texts[type_name] = path
+        return path
+
+    def mmproj_gguf(reduction: VisionReduction) -> Path:
+        runnable = VisionReduction(reduction.image_size, reduction.patch_size, reduction.pool and
+                                   reduction.runs_in_llama_cpp)
+        key = _digest(model_digest, runnable.label, __version__)
+        path = out / "mmproj" / f"mmproj-{spec.name}-F16-{runnable.label}-{key}.gguf"
+        if not path.is_file():
+            path.parent.mkdir(exist_ok=True)
+            write_mmproj_gguf(spec, path, QType.F16, model_digest, {"vision_reduction": runnable.label},
+                              reduction=runnable)
+        return path
+
+    reference = None
+    rows = []
+    (out / "points").mkdir(exist_ok=True)
+    for index, point in enumerate(points):
+        if on_point:
+            on_point(index, len(points), point.label)
+        key = _digest(model_digest, data_digest, calib_digest, point.type, point.reduction.label, settings.method,
+                      settings.nsamples, settings.runs, settings.decode_tokens, settings.threads, settings.flash_attn,
+                      settings.device_profile, len(items), __version__)
+        cached = out / "points" / f"{key}.json"
+        if cached.is_file():
+            rows.append(json.loads(cached.read_text()))
+            continue
+        if reference is None:
+            reference = _MemoAnswerer(TorchAnswerer(model_dir))
+        text, mmproj = text_gguf(point.type), mmproj_gguf(point.reduction)
+        row = {"type": point.type.upper(), "image_size": point.reduction.image_size,
+               "token_reduction": "pool2" if point.reduction.pool else "none", "image_tokens": point.reduction.n_tokens,
+               "runtime": point.runtime, "method": "export" if point.type == "f16" else settings.method,
+               "text_gguf_mb": text.stat().st_size / 1e6, "mmproj_gguf_mb": mmproj.stat().st_size / 1e6,
+               "flash_attn": resolve_flash_attn(settings.flash_attn), "key": key}
+        row["total_mb"] = row["text_gguf_mb"] + row["mmproj_gguf_mb"]
+        if point.runtime == "llama.cpp":
+            with GGUFAnswerer(text, mmproj, n_threads=settings.threads) as answerer:
+                report = evaluate(answerer, items, model=point.label, dataset=str(data), reference=reference)
+            figures = bench_pair(text, mmproj, image, runs=settings.runs, warmup=1,
+                                 decode_tokens=settings.decode_tokens, n_threads=settings.threads,
+                                 flash_attn=settings.flash_attn)
+            row.update({name: figures[name]["median"] for name in
+                        ("image_encode_s", "ttft_s", "prompt_tokens_per_s", "decode_tokens_per_s")})
+            row["peak_rss_mb"] = figures["peak_rss_mb"]
+        else:
+            answerer = TorchAnswerer(_lmm_with_gguf_weights(spec, text), point.reduction.image_size, "pool2")
+            report = evaluate(answerer, items, model=point.label, dataset=str(data), reference=reference)
+            row.update(image_encode_s=None, ttft_s=None, prompt_tokens_per_s=None, decode_tokens_per_s=None,
+                       peak_rss_mb=None)
+        cost = ModelCost.from_gguf_pair(text, mmproj)
+        if point.reduction.pool:
+            cost = ModelCost(**{**asdict(cost), "pooled": True})
+        phone = estimate(cost, device.bandwidth_gbs, device.peak_gflops, efficiency, PROMPT_TEXT_TOKENS)
+        row.update(accuracy=report.accuracy, mean_kld=report.mean_kld, top1_agreement=report.top1_agreement,
+                   eval_items=report.n_items, phone_image_encode_s=phone.image_encode_s,
+                   phone_ttft_s=phone.ttft_s, phone_decode_tokens_per_s=phone.decode_tokens_per_s,
+                   phone_prompt_tokens_per_s=phone.prefill_tokens_per_s)
+        with atomic_output(cached) as tmp:
+            tmp.write_text(json.dumps(row, indent=2) + "\n")
+        rows.append(row)
+    if on_point:
+        on_point(len(points), len(points), "done")
+
+    native = vision_reduction(spec.vision)
+    for row in rows:
+        row["original"] = (row["type"] == "F16" and row["image_size"] == native.image_size
+                           and row["token_reduction"] == "none")
+    recommended = recommend(rows, settings)
+    files = _write_outputs(out, spec, rows, recommended, settings, text_gguf, mmproj_gguf, points)
+    return SweepResult(rows, recommended, files)
+
+
+def _quantize_text(model_dir, spec: ModelSpec, type_name: str, settings: SweepSettings, calib: Path,
+                   path: Path) -> None:
+    """impq quantize for one type (no verification: the sweep measures every point itself); keeps its text GGUF."""
+    import tempfile
+
+    from ..quantize import QuantizeSettings, quantize_model
+
+    quantize = QuantizeSettings.from_bits(GRIDS[type_name].bits, type_name, method=settings.method, calib=str(calib),
+                                          nsamples=settings.nsamples)
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".quantize-") as scratch:
+        report = quantize_model(model_dir, scratch, quantize, verify_items=0)
+        shutil.move(report.artifacts["text_gguf"], path)
+
+
+def _lmm_with_gguf_weights(spec: ModelSpec, text: Path):
+    from ..models.lmm import LMM
+
+    lmm = LMM(spec)
+    weights = read_text_gguf_weights(spec, text)
+    lmm.llm.load_state_dict({name[len("llm."):]: value for name, value in weights.items()}, strict=False)
+    return lmm
+
+
+def recommend(rows: list[dict], settings: SweepSettings) -> dict | None:
+    """The most accurate point that llama.cpp runs within the budgets (phone time to first token, file size);
+    ties go to the lower KLD, then the faster estimate."""
+    fits = [r for r in rows if r["runtime"] == "llama.cpp"
+            and (settings.budget_ttft_ms is None or r["phone_ttft_s"] * 1000 <= settings.budget_ttft_ms)
+            and (settings.budget_size_mb is None or r["total_mb"] <= settings.budget_size_mb)]
+    return min(fits, key=lambda r: (-r["accuracy"], r["mean_kld"], r["phone_ttft_s"]), default=None)
+
+
+def pareto_front(rows: list[dict], cost: str) -> list[dict]:
+    """Points no other point beats on both accuracy (higher) and `cost` (lower), by increasing cost."""
+    candidates = sorted((r for r in rows if r.get(cost) is not None), key=lambda r: (r[cost], -r["accuracy"]))
+    front, best = [], -1.0
+    for row in candidates:
+        if row["accuracy"] > best:
+            front.append(row)
+            best = row["accuracy"]
+    return front
+
+
+COLUMNS = ("type", "image_size", "token_reduction", "image_tokens", "runtime", "method", "accuracy", "mean_kld",
+           "top1_agreement", "eval_items", "image_encode_s", "ttft_s", "prompt_tokens_per_s", "decode_tokens_per_s",
+           "peak_rss_mb", "text_gguf_mb", "mmproj_gguf_mb", "total_mb", "phone_image_encode_s", "phone_ttft_s",
+           "phone_prompt_tokens_per_s", "phone_decode_tokens_per_s", "flash_attn", "original", "key")
+
+
+def _write_outputs(out: Path, spec: ModelSpec, rows: list[dict], recommended: dict | None, settings: SweepSettings,
+                   text_gguf, mmproj_gguf, points: list[Point]) -> dict:
+    from .plots import write_plots
+
+    with atomic_output(out / "sweep.csv") as tmp:
+        with open(tmp, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=COLUMNS, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(rows)
+    record = {"model": spec.name, "impq": __version__, "settings": asdict(settings),
+              "device_profile": DEVICES[settings.device_profile].name, "points": rows,
+              "recommended": recommended and {k: recommended[k] for k in COLUMNS}}
+    with atomic_output(out / "sweep.json") as tmp:
+        tmp.write_text(json.dumps(record, indent=2) + "\n")
+    files = {"csv": str(out / "sweep.csv"), "json": str(out / "sweep.json"),
+             **write_plots(out, rows, DEVICES[settings.device_profile].name)}
+    if recommended is not None:
+        point = next(p for p in points if p.type.upper() == recommended["type"] and
+                     p.reduction.label == VisionReduction(recommended["image_size"], spec.vision.patch_size,
+                                                          recommended["token_reduction"] == "pool2").label)
+        stem = f"{spec.name}-{point.type.upper()}-{point.reduction.label}"
+        with atomic_output(out / "recommended") as tmp:
+            tmp.mkdir()
+            shutil.copy(text_gguf(point.type), tmp / f"{stem}.gguf")
+            shutil.copy(mmproj_gguf(point.reduction), tmp / f"mmproj-{stem}.gguf")
+            (tmp / "point.json").write_text(json.dumps({k: recommended[k] for k in COLUMNS}, indent=2) + "\n")
+        files["recommended"] = str(out / "recommended")
+    return files

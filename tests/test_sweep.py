@@ -1,0 +1,83 @@
+"""`impq sweep-resolution`: a two-point sweep on the shipped model writes its CSV, JSON and plots and a recommended
+pair, a re-run recomputes nothing, and bad grids are one-line errors that write nothing."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+
+import impq.measure.bench
+import impq.sweep.resolution as sweep
+from impq.defaults import default_model_dir
+from impq.runtime.gguf_pair import resolve_pair
+from impq.sweep.resolution import pareto_front
+
+
+def test_two_point_sweep_and_a_rerun_that_recomputes_nothing(run_cli, tmp_path, monkeypatch):
+    out = tmp_path / "sweep"
+    args = ("sweep-resolution", "--resolutions", "168,84", "--types", "f16", "--limit", "8", "--runs", "1",
+            "--out", out, "--json")
+    status, stdout, err = run_cli(*args)
+    assert status == 0, err
+    result = json.loads(stdout)
+    rows = result["points"]
+    assert [(r["image_size"], r["runtime"]) for r in rows] == [(168, "llama.cpp"), (84, "llama.cpp")]
+    assert rows[0]["original"] and rows[0]["image_tokens"] == 144 and rows[1]["image_tokens"] == 36
+    assert all(r["ttft_s"] > 0 and r["phone_ttft_s"] > 0 and 0 <= r["accuracy"] <= 1 for r in rows)
+    assert rows[0]["mean_kld"] < rows[1]["mean_kld"]             # half resolution moves the distribution
+    with open(out / "sweep.csv") as handle:
+        table = list(csv.DictReader(handle))
+    assert [int(r["image_size"]) for r in table] == [168, 84]
+    assert json.loads((out / "sweep.json").read_text())["points"] == rows
+    for name in ("accuracy_vs_ttft", "accuracy_vs_phone_ttft", "accuracy_vs_size"):
+        assert (out / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    text, mmproj = resolve_pair(out / "recommended")
+    assert result["recommended"]["image_size"] == 168 and mmproj.name.endswith("-168px.gguf")
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("a cached point was recomputed")
+
+    monkeypatch.setattr(sweep, "evaluate", must_not_run)
+    monkeypatch.setattr(impq.measure.bench, "bench_pair", must_not_run)
+    monkeypatch.setattr(sweep, "write_text_gguf", must_not_run)
+    monkeypatch.setattr(sweep, "write_mmproj_gguf", must_not_run)
+    status, stdout, err = run_cli(*args)
+    assert status == 0, err
+    assert json.loads(stdout)["points"] == rows
+
+
+def test_budget_picks_the_cheaper_point():
+    rows = [{"runtime": "llama.cpp", "accuracy": 1.0, "mean_kld": 0.0, "phone_ttft_s": 2.0, "total_mb": 10},
+            {"runtime": "llama.cpp", "accuracy": 0.9, "mean_kld": 0.1, "phone_ttft_s": 0.5, "total_mb": 10},
+            {"runtime": "pytorch-only", "accuracy": 0.95, "mean_kld": 0.1, "phone_ttft_s": 0.4, "total_mb": 10}]
+    assert sweep.recommend(rows, sweep.SweepSettings()) is rows[0]
+    assert sweep.recommend(rows, sweep.SweepSettings(budget_ttft_ms=1000)) is rows[1]
+    assert sweep.recommend(rows, sweep.SweepSettings(budget_ttft_ms=100)) is None
+    assert [r["accuracy"] for r in pareto_front(rows, "phone_ttft_s")] == [0.95, 1.0]
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--resolutions", "100"], "image size 100"),
+    (["--resolutions", "196"], "image size 196"),
+    (["--resolutions", "98", "--token-reduction", "pool2"], "odd"),
+    (["--resolutions", "84,x"], "--resolutions 84,x"),
+    (["--device-profile", "nokia-3310"], "nokia-3310"),
+    (["--types", ""], "empty grid"),
+    (["--types", "q4_k_m"], "Q4_K_M"),
+    (["--token-reduction", "pool4"], "pool4"),
+    (["--flash-attn", "sometimes"], "sometimes"),
+])
+def test_bad_grids_are_one_line_errors(run_cli, tmp_path, args, needle):
+    status, _, err = run_cli("sweep-resolution", "--out", tmp_path / "out", *args)
+    lines = err.strip().splitlines()
+    assert status == 2 and len(lines) == 1 and lines[0].startswith("impq: error: "), err
+    assert needle.lower() in lines[0].lower(), lines[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_default_resolutions_hold_native_and_half():
+    from impq.models.layouts import read_spec
+
+    assert sweep.default_resolutions(read_spec(default_model_dir())) == [168, 126, 84]
