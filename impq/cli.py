@@ -398,7 +398,9 @@ def sweep_resolution_cmd(
     budget_size: Optional[float] = typer.Option(None, "--budget-size", min=0, help="Largest text GGUF + mmproj, MB."),
     device_profile: str = typer.Option("snapdragon-8-gen-3", "--device-profile", help="Phone profile of the "
                                                                                      "estimate (impq estimate)."),
-    flash_attn: str = _flash_attn_option(),
+    flash_attn: str = typer.Option("off", "--flash-attn", help="Comma-separated: on, off, auto (llama.cpp's default, "
+                                                               "on for its CPU backend); each is timed, the "
+                                                               "recommendation says which to use."),
     data: Optional[Path] = typer.Option(None, help="VQA JSONL; default: eval/shapes/eval.jsonl."),
     limit: Optional[int] = typer.Option(140, min=1, help="Eval items per point."),
     runs: int = typer.Option(3, min=1, help="Timed bench runs per point."),
@@ -419,7 +421,7 @@ def sweep_resolution_cmd(
         resolutions=None if resolutions is None else _comma_list(resolutions, "--resolutions", int),
         token_reductions=_comma_list(token_reduction, "--token-reduction"), types=_comma_list(types, "--types"),
         method=method, calib=None if calib is None else str(calib), nsamples=nsamples, limit=limit, runs=runs,
-        threads=threads, flash_attn=flash_attn, device_profile=device_profile, budget_ttft_ms=budget_ttft,
+        threads=threads, flash_attn=_comma_list(flash_attn, "--flash-attn"), device_profile=device_profile, budget_ttft_ms=budget_ttft,
         budget_size_mb=budget_size)
     points = plan_points(read_spec(model), settings)           # every value is checked before anything is written
     with _progress() as progress:
@@ -429,7 +431,8 @@ def sweep_resolution_cmd(
     table = Table("point", "runtime", "accuracy", "KLD", "TTFT s", "phone TTFT s", "MB",
                   title=f"{len(result.rows)} points in {out}")
     for row in result.rows:
-        table.add_row(f"{row['type']} {row['image_size']}px {row['token_reduction']}", row["runtime"],
+        table.add_row(f"{row['type']} {row['image_size']}px {row['token_reduction']} fa-{row['flash_attn'] or '-'}",
+                      row["runtime"],
                       f"{row['accuracy']:.1%}", f"{row['mean_kld']:.3g}",
                       "-" if row["ttft_s"] is None else f"{row['ttft_s']:.3f}", f"{row['phone_ttft_s']:.3f}",
                       f"{row['total_mb']:.1f}")

@@ -49,13 +49,16 @@ def test_two_point_sweep_and_a_rerun_that_recomputes_nothing(run_cli, tmp_path, 
 
 
 def test_budget_picks_the_cheaper_point():
-    rows = [{"runtime": "llama.cpp", "accuracy": 1.0, "mean_kld": 0.0, "phone_ttft_s": 2.0, "total_mb": 10},
-            {"runtime": "llama.cpp", "accuracy": 0.9, "mean_kld": 0.1, "phone_ttft_s": 0.5, "total_mb": 10},
-            {"runtime": "pytorch-only", "accuracy": 0.95, "mean_kld": 0.1, "phone_ttft_s": 0.4, "total_mb": 10}]
-    assert sweep.recommend(rows, sweep.SweepSettings()) is rows[0]
+    rows = [{"runtime": "llama.cpp", "accuracy": 1.0, "mean_kld": 0.0, "phone_ttft_s": 2.0, "ttft_s": 1.0, "total_mb": 10},
+            {"runtime": "llama.cpp", "accuracy": 0.9, "mean_kld": 0.1, "phone_ttft_s": 0.5, "ttft_s": 0.3, "total_mb": 10},
+            {"runtime": "pytorch-only", "accuracy": 0.95, "mean_kld": 0.1, "phone_ttft_s": 0.4, "ttft_s": None,
+             "total_mb": 10},
+            {"runtime": "llama.cpp", "accuracy": 1.0, "mean_kld": 0.0, "phone_ttft_s": 2.0, "ttft_s": 0.8, "total_mb": 10}]
+    assert sweep.recommend(rows, sweep.SweepSettings()) is rows[3]          # the faster flash-attention setting
     assert sweep.recommend(rows, sweep.SweepSettings(budget_ttft_ms=1000)) is rows[1]
     assert sweep.recommend(rows, sweep.SweepSettings(budget_ttft_ms=100)) is None
     assert [r["accuracy"] for r in pareto_front(rows, "phone_ttft_s")] == [0.95, 1.0]
+    assert [r["accuracy"] for r in pareto_front(rows, "ttft_s")] == [0.9, 1.0]
 
 
 @pytest.mark.parametrize("args,needle", [
@@ -67,7 +70,7 @@ def test_budget_picks_the_cheaper_point():
     (["--types", ""], "empty grid"),
     (["--types", "q4_k_m"], "Q4_K_M"),
     (["--token-reduction", "pool4"], "pool4"),
-    (["--flash-attn", "sometimes"], "sometimes"),
+    (["--flash-attn", "on,sometimes"], "sometimes"),
 ])
 def test_bad_grids_are_one_line_errors(run_cli, tmp_path, args, needle):
     status, _, err = run_cli("sweep-resolution", "--out", tmp_path / "out", *args)
@@ -81,3 +84,14 @@ def test_default_resolutions_hold_native_and_half():
     from impq.models.layouts import read_spec
 
     assert sweep.default_resolutions(read_spec(default_model_dir())) == [168, 126, 84]
+
+
+def test_flash_attention_is_a_timed_dimension(run_cli, tmp_path):
+    status, stdout, err = run_cli("sweep-resolution", "--resolutions", "84", "--types", "f16", "--flash-attn", "on,off",
+                                  "--limit", "4", "--runs", "1", "--out", tmp_path / "out", "--json")
+    assert status == 0, err
+    result = json.loads(stdout)
+    rows = result["points"]
+    assert [r["flash_attn"] for r in rows] == ["on", "off"]
+    assert rows[0]["accuracy"] == rows[1]["accuracy"] and rows[0]["key"] != rows[1]["key"]
+    assert result["recommended"]["flash_attn"] in ("on", "off")

@@ -5,7 +5,8 @@ For every weight type the LLM is quantized once (F16: exported as it is) and its
 resolution; an mmproj (F16) is written per resolution and reduction. Each point is evaluated on the VQA split in
 llama.cpp (accuracy, and KLD / top-1 agreement against the full-precision model at the native resolution, so that
 the loss of resolution and of precision add up in one number), timed with `impq bench` (one run after another,
-never concurrently), sized, and estimated on a phone profile. A reduction that stock llama.cpp cannot run (2x2
+never concurrently) under each flash-attention setting asked for, sized, and estimated on a phone profile. Flash
+attention changes only llama.cpp's summation order, so each (type, reduction) is evaluated once, with it off. A reduction that stock llama.cpp cannot run (2x2
 pooling of a grid other than 24x24) is measured in PyTorch with the GGUF's own dequantized weights and labelled
 `pytorch-only`: it has no measured speed, only the phone estimate.
 
@@ -52,7 +53,7 @@ class SweepSettings:
     runs: int = 3                                 # timed bench runs per point
     decode_tokens: int = 16
     threads: int | None = None
-    flash_attn: str = "off"
+    flash_attn: list[str] = field(default_factory=lambda: ["off"])   # a timing dimension: on, off, auto
     device_profile: str = "snapdragon-8-gen-3"
     budget_ttft_ms: float | None = None           # on the phone estimate of device_profile
     budget_size_mb: float | None = None           # text GGUF + mmproj
@@ -62,6 +63,7 @@ class SweepSettings:
 class Point:
     type: str
     reduction: VisionReduction
+    flash_attn: str | None = "off"               # None for a PyTorch-only point (nothing is timed)
 
     @property
     def runtime(self) -> str:
@@ -69,7 +71,7 @@ class Point:
 
     @property
     def label(self) -> str:
-        return f"{self.type.upper()} {self.reduction.label}"
+        return f"{self.type.upper()} {self.reduction.label}" + (f" fa-{self.flash_attn}" if self.flash_attn else "")
 
 
 def default_resolutions(spec: ModelSpec) -> list[int]:
@@ -82,14 +84,19 @@ def plan_points(spec: ModelSpec, settings: SweepSettings) -> list[Point]:
     """Every point of the grid, each value checked before any work: one-line errors name the bad value."""
     if settings.device_profile not in DEVICES:
         raise ImpqError(None, f"--device-profile {settings.device_profile}: choose one of {', '.join(DEVICES)}")
-    resolve_flash_attn(settings.flash_attn)
+    flash = list(dict.fromkeys(resolve_flash_attn(f) for f in settings.flash_attn))
     types = [canonical_type_name(t, SWEEP_TYPES, "--types") for t in settings.types]
     resolutions = default_resolutions(spec) if settings.resolutions is None else settings.resolutions
     for value in settings.token_reductions:
         if value not in TOKEN_REDUCTIONS:
             raise ImpqError(None, f"--token-reduction {value}: choose from {', '.join(TOKEN_REDUCTIONS)}")
-    points = [Point(t, vision_reduction(spec.vision, size, reduction)) for t in dict.fromkeys(types)
-              for size in dict.fromkeys(resolutions) for reduction in dict.fromkeys(settings.token_reductions)]
+    points = []
+    for type_name in dict.fromkeys(types):
+        for size in dict.fromkeys(resolutions):
+            for token_reduction in dict.fromkeys(settings.token_reductions):
+                reduction = vision_reduction(spec.vision, size, token_reduction)
+                points += ([Point(type_name, reduction, f) for f in flash] if reduction.runs_in_llama_cpp
+                           else [Point(type_name, reduction, None)] if flash else [])
     if not points:
         raise ImpqError(None, "empty grid of points: give at least one --resolutions, --token-reduction and --types value")
     return points
@@ -173,48 +180,65 @@ def run_sweep(model_dir: str | Path, out_dir: str | Path, settings: SweepSetting
         return path
 
     reference = None
+
+    def evaluation(point: Point, text: Path, mmproj: Path) -> dict:
+        """Accuracy and divergence of a (type, reduction), shared by its flash-attention settings."""
+        nonlocal reference
+        key = _digest(model_digest, data_digest, calib_digest, point.type, point.reduction.label, settings.method,
+                      settings.nsamples, len(items), __version__)
+        cached = out / "evals" / f"{key}.json"
+        if cached.is_file():
+            return json.loads(cached.read_text())
+        if reference is None:
+            reference = _MemoAnswerer(TorchAnswerer(model_dir))
+        if point.runtime == "llama.cpp":
+            with GGUFAnswerer(text, mmproj, n_threads=settings.threads) as answerer:
+                report = evaluate(answerer, items, model=point.label, dataset=str(data), reference=reference)
+        else:
+            answerer = TorchAnswerer(_lmm_with_gguf_weights(spec, text), point.reduction.image_size, "pool2")
+            report = evaluate(answerer, items, model=point.label, dataset=str(data), reference=reference)
+        result = {"accuracy": report.accuracy, "mean_kld": report.mean_kld, "top1_agreement": report.top1_agreement,
+                  "eval_items": report.n_items, "per_type": {t: v["accuracy"] for t, v in report.per_type.items()}}
+        cached.parent.mkdir(exist_ok=True)
+        with atomic_output(cached) as tmp:
+            tmp.write_text(json.dumps(result, indent=2) + "\n")
+        return result
+
     rows = []
     (out / "points").mkdir(exist_ok=True)
     for index, point in enumerate(points):
         if on_point:
             on_point(index, len(points), point.label)
         key = _digest(model_digest, data_digest, calib_digest, point.type, point.reduction.label, settings.method,
-                      settings.nsamples, settings.runs, settings.decode_tokens, settings.threads, settings.flash_attn,
+                      settings.nsamples, settings.runs, settings.decode_tokens, settings.threads, point.flash_attn,
                       settings.device_profile, len(items), __version__)
         cached = out / "points" / f"{key}.json"
         if cached.is_file():
             rows.append(json.loads(cached.read_text()))
             continue
-        if reference is None:
-            reference = _MemoAnswerer(TorchAnswerer(model_dir))
         text, mmproj = text_gguf(point.type), mmproj_gguf(point.reduction)
         row = {"type": point.type.upper(), "image_size": point.reduction.image_size,
                "token_reduction": "pool2" if point.reduction.pool else "none", "image_tokens": point.reduction.n_tokens,
                "runtime": point.runtime, "method": "export" if point.type == "f16" else settings.method,
                "text_gguf_mb": text.stat().st_size / 1e6, "mmproj_gguf_mb": mmproj.stat().st_size / 1e6,
-               "flash_attn": resolve_flash_attn(settings.flash_attn), "key": key}
+               "flash_attn": point.flash_attn, "key": key, **evaluation(point, text, mmproj)}
         row["total_mb"] = row["text_gguf_mb"] + row["mmproj_gguf_mb"]
         if point.runtime == "llama.cpp":
-            with GGUFAnswerer(text, mmproj, n_threads=settings.threads) as answerer:
-                report = evaluate(answerer, items, model=point.label, dataset=str(data), reference=reference)
             figures = bench_pair(text, mmproj, image, runs=settings.runs, warmup=1,
                                  decode_tokens=settings.decode_tokens, n_threads=settings.threads,
-                                 flash_attn=settings.flash_attn)
+                                 flash_attn=point.flash_attn)
             row.update({name: figures[name]["median"] for name in
                         ("image_encode_s", "ttft_s", "prompt_tokens_per_s", "decode_tokens_per_s")})
             row["peak_rss_mb"] = figures["peak_rss_mb"]
         else:
-            answerer = TorchAnswerer(_lmm_with_gguf_weights(spec, text), point.reduction.image_size, "pool2")
-            report = evaluate(answerer, items, model=point.label, dataset=str(data), reference=reference)
             row.update(image_encode_s=None, ttft_s=None, prompt_tokens_per_s=None, decode_tokens_per_s=None,
                        peak_rss_mb=None)
         cost = ModelCost.from_gguf_pair(text, mmproj)
         if point.reduction.pool:
             cost = ModelCost(**{**asdict(cost), "pooled": True})
         phone = estimate(cost, device.bandwidth_gbs, device.peak_gflops, efficiency, PROMPT_TEXT_TOKENS)
-        row.update(accuracy=report.accuracy, mean_kld=report.mean_kld, top1_agreement=report.top1_agreement,
-                   eval_items=report.n_items, phone_image_encode_s=phone.image_encode_s,
-                   phone_ttft_s=phone.ttft_s, phone_decode_tokens_per_s=phone.decode_tokens_per_s,
+        row.update(phone_image_encode_s=phone.image_encode_s, phone_ttft_s=phone.ttft_s,
+                   phone_decode_tokens_per_s=phone.decode_tokens_per_s,
                    phone_prompt_tokens_per_s=phone.prefill_tokens_per_s)
         with atomic_output(cached) as tmp:
             tmp.write_text(json.dumps(row, indent=2) + "\n")
@@ -256,11 +280,12 @@ def _lmm_with_gguf_weights(spec: ModelSpec, text: Path):
 
 def recommend(rows: list[dict], settings: SweepSettings) -> dict | None:
     """The most accurate point that llama.cpp runs within the budgets (phone time to first token, file size);
-    ties go to the lower KLD, then the faster estimate."""
+    ties go to the lower KLD, then the faster phone estimate, then the faster measured time to first token (which
+    decides between flash-attention settings)."""
     fits = [r for r in rows if r["runtime"] == "llama.cpp"
             and (settings.budget_ttft_ms is None or r["phone_ttft_s"] * 1000 <= settings.budget_ttft_ms)
             and (settings.budget_size_mb is None or r["total_mb"] <= settings.budget_size_mb)]
-    return min(fits, key=lambda r: (-r["accuracy"], r["mean_kld"], r["phone_ttft_s"]), default=None)
+    return min(fits, key=lambda r: (-r["accuracy"], r["mean_kld"], r["phone_ttft_s"], r["ttft_s"]), default=None)
 
 
 def pareto_front(rows: list[dict], cost: str) -> list[dict]:
@@ -297,9 +322,9 @@ def _write_outputs(out: Path, spec: ModelSpec, rows: list[dict], recommended: di
     files = {"csv": str(out / "sweep.csv"), "json": str(out / "sweep.json"),
              **write_plots(out, rows, DEVICES[settings.device_profile].name)}
     if recommended is not None:
-        point = next(p for p in points if p.type.upper() == recommended["type"] and
-                     p.reduction.label == VisionReduction(recommended["image_size"], spec.vision.patch_size,
-                                                          recommended["token_reduction"] == "pool2").label)
+        point = next(p for p in points if p.type.upper() == recommended["type"] and p.flash_attn ==
+                     recommended["flash_attn"] and p.reduction == VisionReduction(
+                         recommended["image_size"], spec.vision.patch_size, recommended["token_reduction"] == "pool2"))
         stem = f"{spec.name}-{point.type.upper()}-{point.reduction.label}"
         with atomic_output(out / "recommended") as tmp:
             tmp.mkdir()
