@@ -364,13 +364,17 @@ def quantize_cmd(
                                 on_status=lambda text: progress.update(task, description=text))
     summary = {k: v for k, v in report.to_dict().items() if k != "layers"}
     summary["worst_layer_error"] = max(report.layers.values()) if report.layers else None
+    summary["fallback_tensors"] = len(report.fallbacks)
     table = Table("figure", "value", title=", ".join(Path(p).name for p in report.artifacts.values()))
     for key in ("bits_per_weight_quantized", "bits_per_weight_file", "artifact_bytes", "quantize_seconds",
-                "total_seconds", "peak_rss_mb", "worst_layer_error"):
+                "total_seconds", "peak_rss_mb", "worst_layer_error", "fallback_tensors"):
         value = summary[key]
         table.add_row(key, f"{value:.4g}" if isinstance(value, float) else str(value))
     for key, value in report.verification.items():
         table.add_row(f"verification {key}", f"{value:.4g}" if isinstance(value, float) else str(value))
+    if report.fallbacks:
+        kinds = sorted(set(report.fallbacks.values()))
+        table.caption = f"{len(report.fallbacks)} tensors at another type (see the report): " + "; ".join(kinds)
     _emit(as_json, summary, table)
 
 

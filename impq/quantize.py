@@ -12,14 +12,13 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import gguf
 import yaml
 
 from . import __version__
 from .calib import calibration_embeddings, file_digest, read_calibration
 from .device import resolve_device
 from .errors import ImpqError
-from .export.gguf_file import QType, canonical_type_name
+from .export.gguf_file import QType, canonical_type_name, nbytes
 from .export.gguf_mmproj import write_mmproj_gguf
 from .export.gguf_text import gguf_vocab, text_tensors, write_text_gguf
 from .export.safetensors_layouts import LAYOUTS
@@ -29,6 +28,7 @@ from .models.layouts import read_spec
 from .models.lmm import LMM
 from .quant.driver import METHODS, quantize_llm
 from .quant.grids import GRIDS
+from .quant.plan import plan_llm
 
 # --bits -> the GGUF grid used when --type is not given
 DEFAULT_TYPE_FOR_BITS = {8: "q8_0", 6: "q6_k", 5: "q5_k", 4: "q4_k", 3: "q3_k", 2: "q2_k"}
@@ -108,6 +108,8 @@ class QuantizeReport:
     recipe: str
     settings: dict
     layers: dict                  # canonical name -> relative output error on the calibration inputs
+    tensor_types: dict            # canonical name -> the grid it was written on ("float": kept unquantized)
+    fallbacks: dict               # canonical name -> why its type differs from the request (input width)
     bits_per_weight_quantized: float
     bits_per_weight_file: float   # LLM bytes (GGUF text file, or model.safetensors) per LLM weight
     calibration_sequences: int
@@ -138,6 +140,10 @@ def quantize_model(model_dir: str | Path, out_dir: str | Path, settings: Quantiz
 
     (on_status or (lambda _: None))(f"calibrating on {device}")
     lmm = LMM(spec)
+    plan = plan_llm(lmm.llm, grid)                # every tensor's grid, fixed before the layer loop
+    if all(entry.grid is None for entry in plan.values()):
+        raise ImpqError(spec.folder, f"no linear layer's input width is a multiple of {grid.block}, the "
+                                     f"{grid.name} block: choose a smaller block or group")
     calibration_side = (lmm.vision, lmm.projector, lmm.llm.get_input_embeddings())
     for module in calibration_side:
         module.to(device)
@@ -147,12 +153,9 @@ def quantize_model(model_dir: str | Path, out_dir: str | Path, settings: Quantiz
     options = {"damp": settings.damp, "block_size": settings.block_size, "act_order": settings.act_order,
                "static_groups": settings.static_groups}
     # the artifacts are written from the codes: the quantized weights are released block by block
-    result = quantize_llm(lmm, embeddings, grid, settings.method, gptq_options=options, device=device,
+    result = quantize_llm(lmm, embeddings, plan, settings.method, gptq_options=options, device=device,
                           release_weights=True, on_layer=on_layer)
     embeddings = [e.cpu() for e in embeddings]
-    if not result.tensors:
-        raise ImpqError(spec.folder, f"no linear layer's input width is a multiple of {grid.block}, the "
-                                     f"{grid.name} block: choose a smaller block or group")
 
     stem = f"{spec.name}-{settings.grid_label}-{settings.method}"
     if settings.format == "safetensors":
@@ -164,8 +167,8 @@ def quantize_model(model_dir: str | Path, out_dir: str | Path, settings: Quantiz
         if settings.format == "gguf":
             artifacts = _write_gguf_pair(lmm, stage, stem, settings, result, digest, recorded)
             llm_bytes = Path(artifacts["text_gguf"]).stat().st_size
-            block, block_bytes = gguf.GGML_QUANT_SIZES[grid.qtype]
-            bits_quantized = 8 * block_bytes / block
+            bits_quantized = 8 * sum(nbytes(spec.shape(name), q.grid.qtype) for name, q in result.tensors.items()) / \
+                sum(spec.numel(name) for name in result.tensors)
         else:
             folder, bits_quantized = write_safetensors_model(lmm, stage / stem, LAYOUTS[settings.layout], grid,
                                                              result.tensors, recorded, digest)
@@ -187,7 +190,9 @@ def quantize_model(model_dir: str | Path, out_dir: str | Path, settings: Quantiz
         report = QuantizeReport(
             {k: str(out_dir / Path(v).name) for k, v in artifacts.items()}, total_bytes,
             str(out_dir / recipe_path.name), recorded,
-            {name: q.relative_error for name, q in result.tensors.items()}, bits_quantized,
+            {name: q.relative_error for name, q in result.tensors.items()},
+            {name: entry.grid.name if entry.grid is not None else "float" for name, entry in plan.items()},
+            {name: entry.fallback for name, entry in plan.items() if entry.fallback}, bits_quantized,
             8 * llm_bytes / llm_weights, len(embeddings), sum(e.shape[1] for e in embeddings), result.seconds, 0.0,
             resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, str(device))
         del result                                   # the codes are in the artifacts now

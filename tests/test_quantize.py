@@ -23,6 +23,7 @@ from impq.models.lmm import LMM
 from impq.quant.driver import quantize_llm
 from impq.quant.gptq import gptq
 from impq.quant.grids import GRIDS
+from impq.quant.plan import plan_llm
 from impq.quant.rtn import rtn
 from impq.runtime.llamacpp import PairRunner
 from impq.verify import DEFAULT_PROMPTS, default_images
@@ -65,7 +66,7 @@ def test_quantized_gguf_holds_exactly_the_fake_quantized_weights(models_dir, tmp
     spec = read_spec(models_dir / layout)
     lmm = LMM(spec)
     embeddings = calibration_embeddings(lmm, read_calibration(_calib_file(tmp_path)), 8, 256)
-    result = quantize_llm(lmm, embeddings, GRIDS["q4_0"], method)
+    result = quantize_llm(lmm, embeddings, plan_llm(lmm.llm, GRIDS["q4_0"]), method)
     assert len(result.tensors) == spec.text_config.num_hidden_layers * len(
         [m for m in lmm.llm.model.layers[0].modules() if isinstance(m, torch.nn.Linear)])
     text, mmproj = tmp_path / "m-Q4_0.gguf", tmp_path / "mmproj-m-Q4_0.gguf"
@@ -184,8 +185,9 @@ def test_released_weights_leave_the_codes_unchanged_and_free_the_quantized_matri
     spec = read_spec(models_dir / "imp-phi2")
     kept_model, released_model = LMM(spec), LMM(spec)
     embeddings = calibration_embeddings(kept_model, read_calibration(_calib_file(tmp_path)), 4, 256)
-    kept = quantize_llm(kept_model, embeddings, GRIDS["q4_0"], method)
-    released = quantize_llm(released_model, embeddings, GRIDS["q4_0"], method, release_weights=True)
+    kept = quantize_llm(kept_model, embeddings, plan_llm(kept_model.llm, GRIDS["q4_0"]), method)
+    released = quantize_llm(released_model, embeddings, plan_llm(released_model.llm, GRIDS["q4_0"]), method,
+                            release_weights=True)
     assert released.tensors.keys() == kept.tensors.keys()
     for name, q in kept.tensors.items():
         assert torch.equal(released.tensors[name].codes, q.codes)
@@ -215,9 +217,10 @@ def test_signround_lowers_block_output_error_against_its_starting_point(models_d
     weights = {n: (linears[n].weight.float(), p) for n, p in fitted.items()}
     start = {n: (grid.codes(w, p), p) for n, (w, p) in weights.items()}
     with torch.enable_grad():
-        learned = signround_block(layer, inputs, targets, weights, grid, iterations=100)
+        grids = dict.fromkeys(weights, grid)
+        learned = signround_block(layer, inputs, targets, weights, grids, iterations=100)
         # nothing learned: the plain rounding of the start comes back
-        unchanged = signround_block(layer, inputs, targets, weights, grid, iterations=0)
+        unchanged = signround_block(layer, inputs, targets, weights, grids, iterations=0)
     assert all(torch.equal(unchanged[n][0], start[n][0]) for n in start)
     for n, (codes, params) in learned.items():      # on the grid: codes in range, scales stored as fp16
         assert codes.min() >= 0 and codes.max() <= 15

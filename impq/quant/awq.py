@@ -80,13 +80,16 @@ def apply_scales(layer: nn.Module, group: ScaleGroup, scales: torch.Tensor) -> N
 
 
 @torch.no_grad()
-def search_scales(layer: nn.Module, group: ScaleGroup, x: torch.Tensor, grid: LegacyGrid,
+def search_scales(layer: nn.Module, group: ScaleGroup, x: torch.Tensor, grids: dict[str, LegacyGrid | None],
                   n_grid: int = 20) -> tuple[torch.Tensor, float]:
     """Scales s = mean|x|^alpha, alpha on a grid in [0, 1), minimising the group's output error after quantizing
-    W*s onto the grid (x: [tokens, in_features] sample of the group's inputs). Returns (scales, best alpha)."""
+    each W*s onto its own grid (`grids`: linear name -> grid; one group can span tensors of different grids, and a
+    tensor planned at no grid keeps its float weights) (x: [tokens, in_features] sample of the group's inputs).
+    Returns (scales, best alpha)."""
     x = x.float()
     x_mean = x.abs().mean(0).clamp_min(1e-5)
-    weights = [layer.get_submodule(name).weight.float() for name in group.linears]
+    names = [name for name in group.linears if grids[name] is not None]
+    weights = [layer.get_submodule(name).weight.float() for name in names]
     reference = [x @ w.T for w in weights]
     best = (None, float("inf"), 0.0)
     for k in range(n_grid):
@@ -95,8 +98,8 @@ def search_scales(layer: nn.Module, group: ScaleGroup, x: torch.Tensor, grid: Le
         s = s / (s.max() * s.min()).sqrt()
         importance = (x / s).pow(2).mean(0)       # the scaled weights see inputs x / s
         loss = 0.0
-        for w, ref in zip(weights, reference):
-            scaled = w * s
+        for name, w, ref in zip(names, weights, reference):
+            grid, scaled = grids[name], w * s
             params = grid.fit(scaled, importance)
             q = grid.values(grid.codes(scaled, params), params) / s
             loss += float(((x @ q.T - ref) ** 2).mean())

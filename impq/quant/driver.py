@@ -17,6 +17,7 @@ from ..models.lmm import LMM
 from .awq import apply_scales, search_clip, search_scales, usable_groups
 from .grids import BlockParams, LegacyGrid
 from .gptq import gptq
+from .plan import Plan
 from .rtn import rtn
 from .signround import signround_block
 
@@ -80,12 +81,13 @@ def _capture_first_block_inputs(lmm: LMM, embeddings: list[torch.Tensor]) -> lis
 
 
 @torch.no_grad()
-def quantize_llm(lmm: LMM, embeddings: list[torch.Tensor], grid: LegacyGrid, method: str, *,
+def quantize_llm(lmm: LMM, embeddings: list[torch.Tensor], plan: Plan, method: str, *,
                  gptq_options: dict | None = None, signround_options: dict | None = None,
                  device: str | torch.device = "cpu", release_weights: bool = False,
                  on_layer: Callable[[int, int], None] | None = None) -> QuantizeResult:
-    """Quantize every linear layer of the LLM's decoder blocks in place (weights become their grid values) and
-    return the codes and block parameters by canonical tensor name. `method`: rtn, gptq, awq (AWQ's scales,
+    """Quantize every linear layer of the LLM's decoder blocks in place onto its grid in `plan` (quant/plan.py;
+    weights become their grid values; a tensor planned at no grid is left as it is) and return the codes and block
+    parameters by canonical tensor name. `method`: rtn, gptq, awq (AWQ's scales,
     then rounding with the grid's importance-weighted scale search), or signround (rounding and block
     scales learned against the full-precision block's outputs, from GPTQ's error-compensated weights).
     On a GPU (`device`), one decoder block at a time moves there with the activations; the rest stays on the CPU.
@@ -99,6 +101,7 @@ def quantize_llm(lmm: LMM, embeddings: list[torch.Tensor], grid: LegacyGrid, met
     for index, layer in enumerate(layers):
         layer.to(device)
         linears = {name: m for name, m in layer.named_modules() if isinstance(m, nn.Linear)}
+        grids = {name: plan[f"llm.model.layers.{index}.{name}.weight"].grid for name in linears}
         hessians = {name: torch.zeros(m.in_features, m.in_features, dtype=torch.float64, device=device)
                     for name, m in linears.items()}
         counts = dict.fromkeys(linears, 0)
@@ -128,32 +131,31 @@ def quantize_llm(lmm: LMM, embeddings: list[torch.Tensor], grid: LegacyGrid, met
         alphas = {}
         samples = {name: torch.cat(parts)[:AWQ_TOKENS] for name, parts in samples.items()}
         for group in groups:
-            scales, alpha = search_scales(layer, group, samples[group.linears[0]], grid)
+            scales, alpha = search_scales(layer, group, samples[group.linears[0]], grids)
             apply_scales(layer, group, scales)
             inverse = (1.0 / scales).double()
             for name in group.linears:           # inputs are now x / s: so are their samples and second moment
                 hessians[name] *= inverse.unsqueeze(0) * inverse.unsqueeze(1)
                 samples[name] = samples[name] / scales
                 alphas[name] = alpha
-        # a layer whose input width does not fill the grid's blocks stays at the export's float type
-        quantizable = {name: m for name, m in linears.items() if m.in_features % grid.block == 0}
+        quantizable = {name: m for name, m in linears.items() if grids[name] is not None}
         hessian = {name: (hessians[name] / max(1, counts[name])).float() for name in quantizable}
         if method in ("gptq", "signround"):
-            fits = {name: gptq(m.weight.float(), hessian[name], grid, **(gptq_options or {}))
+            fits = {name: gptq(m.weight.float(), hessian[name], grids[name], **(gptq_options or {}))
                     for name, m in quantizable.items()}
             rounded = {name: (fit.codes, fit.params) for name, fit in fits.items()}
             if method == "signround":
                 unrounded = {name: (fit.unrounded, fit.params) for name, fit in fits.items()}
                 with torch.enable_grad():
-                    rounded = signround_block(layer, inputs, outputs, unrounded, grid, **(signround_options or {}))
+                    rounded = signround_block(layer, inputs, outputs, unrounded, grids, **(signround_options or {}))
         elif method == "awq":
-            rounded = {name: rtn(search_clip(name, m.weight.float(), samples[name], grid), hessian[name], grid)
-                       for name, m in quantizable.items()}
+            rounded = {name: rtn(search_clip(name, m.weight.float(), samples[name], grids[name]), hessian[name],
+                                 grids[name]) for name, m in quantizable.items()}
         else:
-            rounded = {name: rtn(m.weight.float(), hessian[name], grid) for name, m in quantizable.items()}
+            rounded = {name: rtn(m.weight.float(), hessian[name], grids[name]) for name, m in quantizable.items()}
         del outputs
         for name, (codes, params) in rounded.items():
-            module, H = quantizable[name], hessian[name]
+            module, H, grid = quantizable[name], hessian[name], grids[name]
             W = module.weight.float()
             Q = grid.values(codes, params)
             dW = W - Q

@@ -78,12 +78,12 @@ Rounding = dict[str, tuple[torch.Tensor, BlockParams]]      # linear layer name 
 
 
 def signround_block(layer: nn.Module, inputs: list[tuple[torch.Tensor, dict]], targets: list[torch.Tensor],
-                    start: Start, grid: LegacyGrid, *, iterations: int = ITERATIONS, seed: int = 0,
+                    start: Start, grids: dict[str, LegacyGrid], *, iterations: int = ITERATIONS, seed: int = 0,
                     on_step: Callable[[int], None] | None = None) -> Rounding:
-    """Learn the rounding onto `grid` of the linear layers in `start` (name -> weights to round, fitted block
-    parameters) so that the block's outputs on `inputs` approach `targets`. Returns name -> (codes, parameters):
-    the learned rounding, or the plain rounding of `start` where that has the lower error."""
-    modules = {name: LearnedRounding(weight, params, grid) for name, (weight, params) in start.items()}
+    """Learn the rounding of the linear layers in `start` (name -> weights to round, fitted block parameters), each
+    onto its grid in `grids`, so that the block's outputs on `inputs` approach `targets`. Returns name -> (codes,
+    parameters): the learned rounding, or the plain rounding of `start` where that has the lower error."""
+    modules = {name: LearnedRounding(weight, params, grids[name]) for name, (weight, params) in start.items()}
     trainable = [p for m in modules.values() for p in (m.offset, m.scale_factor) if p.requires_grad]
     frozen = [p for p in layer.parameters() if p.requires_grad]       # only the rounding is trained
     for p in frozen:
@@ -94,10 +94,10 @@ def signround_block(layer: nn.Module, inputs: list[tuple[torch.Tensor, dict]], t
         for p in frozen:
             p.requires_grad_(True)
     learned = {name: m.result() for name, m in modules.items()}
-    plain = {name: (grid.codes(m.weight, m.params), m.params) for name, m in modules.items()}
+    plain = {name: (m.grid.codes(m.weight, m.params), m.params) for name, m in modules.items()}
     with torch.no_grad():
         # the training loss is measured on 4 sequences at a time: compare the two on every calibration input
-        better = _block_error(layer, inputs, targets, learned, grid) < _block_error(layer, inputs, targets, plain, grid)
+        better = _block_error(layer, inputs, targets, learned, grids) < _block_error(layer, inputs, targets, plain, grids)
     return learned if better else plain
 
 
@@ -110,8 +110,8 @@ def _output_error(layer, weights: dict[str, torch.Tensor], sample: tuple[torch.T
     return torch.nn.functional.mse_loss(out.float(), target.float())
 
 
-def _block_error(layer, inputs, targets, rounding: Rounding, grid: LegacyGrid) -> float:
-    weights = {f"{name}.weight": grid.values(codes, params) for name, (codes, params) in rounding.items()}
+def _block_error(layer, inputs, targets, rounding: Rounding, grids: dict[str, LegacyGrid]) -> float:
+    weights = {f"{name}.weight": grids[name].values(codes, params) for name, (codes, params) in rounding.items()}
     return sum(float(_output_error(layer, weights, sample, target)) for sample, target in zip(inputs, targets))
 
 

@@ -1,0 +1,57 @@
+"""Which grid each quantized tensor gets: one plan, made once before the layer loop, that the driver and every
+algorithm read (AWQ's scale groups and learned rounding take each tensor's own grid).
+
+A tensor whose input width is not a multiple of its grid's block gets the nearest type that fits, as
+llama.cpp's quantizer does (src/llama-quant.cpp: Q2_K and Q3_K -> Q4_0, Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0),
+and is quantized with the same algorithm; a width that not even the fallback's 32-wide blocks fill stays at the
+export's float type. Every fallback is recorded, so the report can say which tensors differ from the request.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from .grids import GRIDS, LegacyGrid
+
+WIDTH_FALLBACK = {"q2_k": "q4_0", "q3_k": "q4_0", "q4_k": "q5_0", "q5_k": "q5_1", "q6_k": "q8_0"}
+
+
+@dataclass(frozen=True)
+class TensorPlan:
+    grid: LegacyGrid | None        # None: kept at the export's float type
+    requested: LegacyGrid
+    in_features: int
+
+    @property
+    def fallback(self) -> str | None:
+        """How the tensor differs from the request, or None."""
+        if self.grid is self.requested:
+            return None
+        target = self.grid.name if self.grid is not None else "float"
+        return (f"{self.requested.name} -> {target}: input width {self.in_features} is not a multiple of "
+                f"{self.requested.block}")
+
+
+Plan = dict[str, TensorPlan]       # canonical tensor name -> plan
+
+
+def _fitting(grid: LegacyGrid, width: int) -> LegacyGrid | None:
+    while width % grid.block:
+        name = WIDTH_FALLBACK.get(grid.name.lower())
+        if name is None:
+            return None
+        grid = GRIDS[name]
+    return grid
+
+
+def plan_llm(llm: nn.Module, grid: LegacyGrid) -> Plan:
+    """The plan for every linear layer of the decoder blocks, at `grid` where its width allows."""
+    plan = {}
+    for index, layer in enumerate(llm.model.layers):
+        for name, module in layer.named_modules():
+            if isinstance(module, nn.Linear):
+                plan[f"llm.model.layers.{index}.{name}.weight"] = TensorPlan(
+                    _fitting(grid, module.in_features), grid, module.in_features)
+    return plan
