@@ -332,6 +332,10 @@ def quantize_cmd(
                                                         "(default), f16, f32."),
     vision: Optional[str] = typer.Option(None, help="GGUF type of the mmproj (vision tower, projector): f16 "
                                                     "(default), q8_0, f32."),
+    tensor_type: Optional[list[str]] = typer.Option(None, "--tensor-type", help="REGEX=TYPE: a GGUF type for the "
+                                                    "decoder tensors whose GGUF name (blk.N.attn_v.weight) or "
+                                                    "canonical name matches, as llama-quantize's --tensor-type; "
+                                                    "repeatable, the last match wins."),
     out: Path = typer.Option(Path("quantized"), help="Output folder."),
     calib: Optional[Path] = typer.Option(None, help="Calibration JSONL ({image, prompt}) or text; default: the "
                                                     "shapes split for imp-tiny, calib_data/photos otherwise."),
@@ -356,7 +360,8 @@ def quantize_cmd(
                                           embeddings=embeddings, vision=vision,
                                           method=method, calib=str(calib or default_calib_data(model)), nsamples=nsamples,
                                           seqlen=seqlen, seed=seed, damp=damp, act_order=act_order,
-                                          static_groups=static_groups, device=device)
+                                          static_groups=static_groups, device=device,
+                                          tensor_types=list(tensor_type or []))
     with _progress() as progress:
         task = progress.add_task(f"{method} -> {settings.grid().name}", total=None)
         report = quantize_model(model, out, settings, verify_items=verify_items,

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import resource
 import time
 from dataclasses import asdict, dataclass, field
@@ -54,6 +55,7 @@ class QuantizeSettings:
     act_order: bool = False
     static_groups: bool = False
     device: str = "auto"          # where calibration and the layer-by-layer work run
+    tensor_types: list[str] = field(default_factory=list)   # GGUF: "REGEX=TYPE" overrides, the last match wins
     embeddings: str = "q8_0"      # GGUF: token embedding and output head at 8 bits in low-bit exports
     vision: str = "f16"           # the vision tower and projector stay at 16 bits
 
@@ -67,6 +69,8 @@ class QuantizeSettings:
         if format == "safetensors":
             if type_name is not None:
                 raise ImpqError(None, "--type names a GGUF grid; with --format safetensors use --layout and --group-size")
+            if kwargs.get("tensor_types"):
+                raise ImpqError(None, "--tensor-type needs --format gguf: the safetensors layouts hold one bit width")
             if embeddings not in (None, "f16") or vision not in (None, "f16"):
                 raise ImpqError(None, "--format safetensors keeps the embeddings, output head and vision side at f16")
             settings = cls(bits=bits, format=format, type=None, layout=layout or "compressed-tensors",
@@ -75,6 +79,8 @@ class QuantizeSettings:
             return settings
         if layout is not None or group_size is not None:
             raise ImpqError(None, "--layout and --group-size apply to --format safetensors; GGUF types fix their blocks")
+        for value in kwargs.get("tensor_types") or []:
+            _tensor_override(value)             # each override is checked before any work
         kwargs.update({key: canonical_type_name(value, UNQUANTIZED_TYPES, f"--{key}")
                        for key, value in (("embeddings", embeddings), ("vision", vision)) if value is not None})
         if type_name is None:
@@ -86,6 +92,9 @@ class QuantizeSettings:
         if GRIDS[type_name].bits != bits:
             raise ImpqError(None, f"--type {type_name} holds {GRIDS[type_name].bits} bits, not --bits {bits}")
         return cls(bits=bits, type=type_name, **kwargs)
+
+    def overrides(self) -> list[tuple[str, object]]:
+        return [_tensor_override(value) for value in self.tensor_types]
 
     def grid(self):
         if self.format == "gguf":
@@ -99,6 +108,18 @@ class QuantizeSettings:
     @property
     def grid_label(self) -> str:
         return self.type.upper() if self.format == "gguf" else f"W{self.bits}G{self.group_size}"
+
+
+def _tensor_override(value: str) -> tuple[str, object]:
+    """`REGEX=TYPE` (llama-quantize's --tensor-type) -> (pattern, grid)."""
+    pattern, sep, type_name = value.rpartition("=")
+    if not sep or not pattern:
+        raise ImpqError(None, f"--tensor-type {value!r}: write REGEX=TYPE, for example 'attn_v=q6_k'")
+    try:
+        re.compile(pattern)
+    except re.error as err:
+        raise ImpqError(None, f"--tensor-type {value!r}: not a regular expression ({err})") from None
+    return pattern, GRIDS[canonical_type_name(type_name, GRIDS, "--tensor-type")]
 
 
 @dataclass
@@ -133,17 +154,19 @@ def quantize_model(model_dir: str | Path, out_dir: str | Path, settings: Quantiz
     device = resolve_device(settings.device)
     spec = read_spec(model_dir)
     samples = read_calibration(settings.calib)
-    out_dir = ensure_writable_dir(Path(out_dir))
     if settings.format == "gguf":                 # a model that cannot be exported fails before the long work
         gguf_vocab(spec.tokenizer, spec.text_config.vocab_size)
         text_tensors(spec, grid.qtype)
 
     (on_status or (lambda _: None))(f"calibrating on {device}")
     lmm = LMM(spec)
-    plan = plan_llm(lmm.llm, grid)                # every tensor's grid, fixed before the layer loop
+    aliases = {t.canonical: t.name for t in text_tensors(spec, QType.F16)}
+    # every tensor's grid, fixed before the layer loop
+    plan = plan_llm(lmm.llm, grid, settings.overrides() if settings.format == "gguf" else [], aliases)
     if all(entry.grid is None for entry in plan.values()):
         raise ImpqError(spec.folder, f"no linear layer's input width is a multiple of {grid.block}, the "
                                      f"{grid.name} block: choose a smaller block or group")
+    out_dir = ensure_writable_dir(Path(out_dir))
     calibration_side = (lmm.vision, lmm.projector, lmm.llm.get_input_embeddings())
     for module in calibration_side:
         module.to(device)

@@ -88,3 +88,36 @@ def test_default_bits_4_is_q4_k_through_gptq_and_llama_cpp(run_cli, tmp_path):
                for n in ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_up", "ffn_down"))
     assert summary["verification"]["runtime"] == "llama.cpp"
     assert summary["verification"]["top1_agreement"] >= 0.8 and summary["verification"]["mean_kld"] < 0.05
+
+
+def test_tensor_type_overrides_last_match_wins(run_cli, models_dir, tmp_path):
+    out = tmp_path / "out"
+    status, _, err = run_cli("quantize", models_dir / "imp-phi2", "--type", "q4_0", "--method", "rtn", "--calib",
+                             _calib(tmp_path), "--nsamples", "2", "--out", out, "--verify-items", "0",
+                             "--tensor-type", r"attn_.*=q5_0", "--tensor-type", r"attn_v=Q8_0",
+                             "--tensor-type", r"blk\.1\.ffn_down=q6_k")
+    assert status == 0, err
+    text = next(p for p in out.glob("*.gguf") if not p.name.startswith("mmproj-"))
+    types = {t.name: t.tensor_type for t in gguf.GGUFReader(text).tensors}
+    assert [types[f"blk.0.{n}.weight"] for n in ("attn_q", "attn_k", "attn_v", "ffn_up", "ffn_down")] == \
+        [QT.Q5_0, QT.Q5_0, QT.Q8_0, QT.Q4_0, QT.Q4_0]
+    assert types["blk.1.ffn_down.weight"] == QT.Q8_0            # q6_k's width fallback, as llama.cpp's
+    report = json.loads(next(out.glob("*.report.json")).read_text())
+    assert list(report["fallbacks"]) == ["llm.model.layers.1.mlp.fc2.weight"]
+    with PairRunner(text, next(out.glob("mmproj-*.gguf"))) as runner:
+        assert runner.run(None, "hello", 2).tokens
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--tensor-type", "attn_zz=q8_0"], "attn_zz"),
+    (["--tensor-type", "attn_v=q9_9"], "q9_9"),
+    (["--tensor-type", "attn_v"], "REGEX=TYPE"),
+    (["--tensor-type", "attn_v(=q8_0"], "regular expression"),
+    (["--format", "safetensors", "--tensor-type", "attn_v=q8_0"], "--format gguf"),
+])
+def test_bad_overrides_are_one_line_errors(run_cli, models_dir, tmp_path, args, needle):
+    status, _, err = run_cli("quantize", models_dir / "imp-phi2", "--calib", _calib(tmp_path), "--out",
+                             tmp_path / "out", *args)
+    lines = err.strip().splitlines()
+    assert status == 2 and len(lines) == 1 and lines[0].startswith("impq: error: ") and needle in lines[0], err
+    assert not (tmp_path / "out").exists()

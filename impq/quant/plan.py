@@ -9,10 +9,12 @@ export's float type. Every fallback is recorded, so the report can say which ten
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from torch import nn
 
+from ..errors import ImpqError
 from .grids import GRIDS, LegacyGrid
 
 WIDTH_FALLBACK = {"q2_k": "q4_0", "q3_k": "q4_0", "q4_k": "q5_0", "q5_k": "q5_1", "q6_k": "q8_0"}
@@ -46,12 +48,26 @@ def _fitting(grid: LegacyGrid, width: int) -> LegacyGrid | None:
     return grid
 
 
-def plan_llm(llm: nn.Module, grid: LegacyGrid) -> Plan:
-    """The plan for every linear layer of the decoder blocks, at `grid` where its width allows."""
-    plan = {}
+def plan_llm(llm: nn.Module, grid: LegacyGrid, overrides: list[tuple[str, LegacyGrid]] = (),
+             aliases: dict[str, str] | None = None) -> Plan:
+    """The plan for every linear layer of the decoder blocks: `grid`, or the grid of the last override whose regular
+    expression matches the tensor (searched in its canonical name and in its alias, the GGUF name, as
+    `llama-quantize --tensor-type` does), then the width fallback. An override that matches nothing is an error."""
+    aliases = aliases or {}
+    plan, matched = {}, set()
     for index, layer in enumerate(llm.model.layers):
         for name, module in layer.named_modules():
-            if isinstance(module, nn.Linear):
-                plan[f"llm.model.layers.{index}.{name}.weight"] = TensorPlan(
-                    _fitting(grid, module.in_features), grid, module.in_features)
+            if not isinstance(module, nn.Linear):
+                continue
+            canonical = f"llm.model.layers.{index}.{name}.weight"
+            requested = grid
+            for pattern, override in overrides:
+                if re.search(pattern, canonical) or re.search(pattern, aliases.get(canonical, "")):
+                    requested = override
+                    matched.add(pattern)
+            plan[canonical] = TensorPlan(_fitting(requested, module.in_features), requested, module.in_features)
+    unmatched = [pattern for pattern, _ in overrides if pattern not in matched]
+    if unmatched:
+        raise ImpqError(None, f"--tensor-type {unmatched[0]!r} matches no quantized tensor (decoder linear layers, "
+                              "by GGUF name such as blk.3.attn_v.weight or canonical name)")
     return plan
