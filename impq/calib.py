@@ -9,7 +9,6 @@ first non-empty line is a JSON object is JSONL whatever its name; every line of 
 
 from __future__ import annotations
 
-import hashlib
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,8 +52,13 @@ def read_calibration(path: str | Path) -> list[CalibSample]:
     return samples
 
 
-def file_digest(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+def calibration_digest(path: str | Path) -> str:
+    """The calibration set's identity: the file's bytes and those of every image it names (by file name, never by
+    folder, so that the same data gives the same digest anywhere)."""
+    from .fileio import sha256_files
+
+    samples = read_calibration(path)
+    return sha256_files([Path(path), *sorted({s.image for s in samples if s.image is not None})])
 
 
 @torch.no_grad()

@@ -317,7 +317,11 @@ def estimate_cmd(
 
 @app.command("quantize")
 def quantize_cmd(
+    ctx: typer.Context,
     model: Optional[Path] = typer.Argument(None, help="Checkpoint folder; default: the embedded imp-tiny."),
+    recipe: Optional[Path] = typer.Option(None, "--recipe", help="Run this recipe (a <stem>.recipe.yaml or one "
+                                                                 "written by hand; see impq/recipe.py); flags given "
+                                                                 "beside it override it and are recorded."),
     bits: int = typer.Option(4, help="Weight bits of the LLM's decoder layers (GGUF: 2 to 6, or 8; safetensors: "
                                      "2 to 8 as the layout allows)."),
     method: str = typer.Option("gptq", help="rtn | gptq | awq | signround (learned rounding)."),
@@ -354,19 +358,31 @@ def quantize_cmd(
     report."""
     from .defaults import default_calib_data, default_model_dir
     from .quantize import QuantizeSettings, quantize_model
+    from .recipe import recipe_run
 
-    model = model or default_model_dir()
-    settings = QuantizeSettings.from_bits(bits, type_name, format=format, layout=layout, group_size=group_size,
-                                          embeddings=embeddings, vision=vision,
-                                          method=method, calib=str(calib or default_calib_data(model)), nsamples=nsamples,
-                                          seqlen=seqlen, seed=seed, damp=damp, act_order=act_order,
-                                          static_groups=static_groups, device=device,
-                                          tensor_types=list(tensor_type or []))
+    flags = {"bits": bits, "method": method, "format": format, "type": type_name, "layout": layout,
+             "group_size": group_size, "embeddings": embeddings, "vision": vision, "nsamples": nsamples,
+             "seqlen": seqlen, "seed": seed, "damp": damp, "act_order": act_order, "static_groups": static_groups,
+             "device": device, "tensor_types": list(tensor_type or [])}
+    given: list[str] = []
+    if recipe is None:
+        model = model or default_model_dir()
+        settings = QuantizeSettings.from_bits(
+            flags.pop("bits"), flags.pop("type"), format=flags.pop("format"), layout=flags.pop("layout"),
+            group_size=flags.pop("group_size"), embeddings=flags.pop("embeddings"), vision=flags.pop("vision"),
+            calib=str(calib or default_calib_data(model)), **flags)
+    else:
+        parameter = {"type": "type_name", "tensor_types": "tensor_type"}
+        given = [key for key in flags if getattr(ctx.get_parameter_source(parameter.get(key, key)), "name", None)
+                 == "COMMANDLINE"]
+        model, settings = recipe_run(recipe, model, calib, {key: flags[key] for key in given})
+    method = settings.method
     with _progress() as progress:
         task = progress.add_task(f"{method} -> {settings.grid().name}", total=None)
         report = quantize_model(model, out, settings, verify_items=verify_items,
                                 on_layer=lambda i, n: progress.update(task, completed=i + 1, total=n),
-                                on_status=lambda text: progress.update(task, description=text))
+                                on_status=lambda text: progress.update(task, description=text),
+                                flags_over_recipe=given)
     summary = {k: v for k, v in report.to_dict().items() if k != "layers"}
     summary["worst_layer_error"] = max(report.layers.values()) if report.layers else None
     summary["fallback_tensors"] = len(report.fallbacks)
@@ -381,6 +397,34 @@ def quantize_cmd(
         kinds = sorted(set(report.fallbacks.values()))
         table.caption = f"{len(report.fallbacks)} tensors at another type (see the report): " + "; ".join(kinds)
     _emit(as_json, summary, table)
+
+
+@app.command("reproduce")
+def reproduce_cmd(
+    recipe: Path = typer.Argument(..., help="A <stem>.recipe.yaml written by impq quantize, or the folder that holds "
+                                            "exactly one."),
+    model: Optional[Path] = typer.Option(None, "--model", help="The checkpoint folder (not needed for the embedded "
+                                                               "imp-tiny)."),
+    calib: Optional[Path] = typer.Option(None, "--calib", help="The calibration file (not needed for the default)."),
+    check: bool = typer.Option(False, "--check", help="Compare each file's sha256 with the recipe's and with the "
+                                                      "files beside it; exit 1 on any difference."),
+    out: Optional[Path] = typer.Option(None, help="Keep the re-run's files here (default: a temporary folder)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+):
+    """Re-run the quantization a recipe describes, and with --check prove the same bytes come out."""
+    from .recipe import reproduce
+
+    with console.status(f"re-running {recipe}"):
+        result = reproduce(recipe, model, calib, out)
+    table = Table("file", "recorded sha256", "re-run", "beside the recipe", title=f"reproduce {result['recipe']}")
+    for row in result["files"]:
+        table.add_row(row["file"], row["recorded"][:16], "same" if row["rerun_matches"] else "DIFFERENT",
+                      {True: "same", False: "DIFFERENT", None: "absent"}[row["present_matches"]])
+    _emit(as_json, result, table)
+    if check and not result["identical"]:
+        differing = [r["file"] for r in result["files"] if not r["rerun_matches"] or r["present_matches"] is False]
+        console.print(f"impq: reproduce: not the recipe's bytes: {', '.join(differing)}")
+        raise typer.Exit(1)
 
 
 def _comma_list(value: str, option: str, kind=str) -> list:

@@ -13,10 +13,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import yaml
 
-from . import __version__
-from .calib import calibration_embeddings, file_digest, read_calibration
+from .calib import calibration_digest, calibration_embeddings, read_calibration
 from .device import resolve_device
 from .errors import ImpqError
 from .export.gguf_file import QType, canonical_type_name, nbytes
@@ -30,6 +28,7 @@ from .models.lmm import LMM
 from .quant.driver import METHODS, quantize_llm
 from .quant.grids import GRIDS
 from .quant.plan import plan_llm
+from .recipe import input_recipe, output_files, sha256_file, write_resolved_recipe
 
 # --bits -> the GGUF grid used when --type is not given
 DEFAULT_TYPE_FOR_BITS = {8: "q8_0", 6: "q6_k", 5: "q5_k", 4: "q4_k", 3: "q3_k", 2: "q2_k"}
@@ -146,7 +145,8 @@ class QuantizeReport:
 
 
 def quantize_model(model_dir: str | Path, out_dir: str | Path, settings: QuantizeSettings, *,
-                   verify_items: int = 140, on_layer=None, on_status=None) -> QuantizeReport:
+                   verify_items: int = 140, on_layer=None, on_status=None,
+                   flags_over_recipe: list[str] | None = None) -> QuantizeReport:
     start = time.perf_counter()
     if settings.method not in METHODS:
         raise ImpqError(None, f"--method {settings.method}: choose one of {', '.join(METHODS)}")
@@ -184,7 +184,11 @@ def quantize_model(model_dir: str | Path, out_dir: str | Path, settings: Quantiz
     if settings.format == "safetensors":
         stem += f"-{settings.layout}"
     digest = sha256_files([spec.folder / "config.json", *spec.checkpoint.files])
-    recorded = {**asdict(settings), "calib_digest": file_digest(Path(settings.calib))}
+    recipe = input_recipe(settings, Path(model_dir))
+    plan_types = {name: entry.grid.name if entry.grid is not None else "float" for name, entry in plan.items()}
+    # what the artifact's own bytes carry: the recipe, its input digests and the plan; no path, no machine
+    recorded = {**recipe, "model_digest": digest, "calibration_digest": calibration_digest(settings.calib),
+                "tensor_types": plan_types}
     # every file of the artifact is written and checked in a staging folder, then moved in together, report last
     with artifact_set(out_dir, f"{stem}.report.json") as stage:
         if settings.format == "gguf":
@@ -198,15 +202,12 @@ def quantize_model(model_dir: str | Path, out_dir: str | Path, settings: Quantiz
             artifacts = {"safetensors": folder}
             llm_bytes = (folder / "model.safetensors").stat().st_size
         recipe_path = stage / f"{stem}.recipe.yaml"
-        target = settings.type.upper() if settings.format == "gguf" else f"{grid.name} in the {settings.layout} layout"
-        recipe = {"impq_version": __version__, "model": {"path": str(spec.folder.resolve()), "digest": digest},
-                  "calibration": {"path": str(Path(settings.calib).resolve()), "digest": recorded["calib_digest"]},
-                  "quantize": asdict(settings),
-                  "targets": {"llm decoder linear layers": f"{settings.method} onto {target}",
-                              "token embedding and output head": settings.embeddings.upper(),
-                              "norms and biases": "F32" if settings.format == "gguf" else "F16",
-                              "vision tower and projector": settings.vision.upper()}}
-        recipe_path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+        resolved = {"model_digest": digest, "calibration_digest": recorded["calibration_digest"],
+                    "tensor_types": plan_types,
+                    "fallbacks": {name: entry.fallback for name, entry in plan.items() if entry.fallback},
+                    "device": str(device), "versions": _versions(), "flags_over_recipe": flags_over_recipe or []}
+        outputs = {str(f.relative_to(stage)): sha256_file(f) for f in output_files(artifacts)}
+        write_resolved_recipe(recipe_path, recipe, resolved, outputs)
 
         llm_weights = sum(spec.numel(name) for name in spec.tensors if name.startswith("llm."))
         total_bytes = sum(_size(Path(p)) for p in artifacts.values())
@@ -214,7 +215,7 @@ def quantize_model(model_dir: str | Path, out_dir: str | Path, settings: Quantiz
             {k: str(out_dir / Path(v).name) for k, v in artifacts.items()}, total_bytes,
             str(out_dir / recipe_path.name), recorded,
             {name: q.relative_error for name, q in result.tensors.items()},
-            {name: entry.grid.name if entry.grid is not None else "float" for name, entry in plan.items()},
+            plan_types,
             {name: entry.fallback for name, entry in plan.items() if entry.fallback}, bits_quantized,
             8 * llm_bytes / llm_weights, len(embeddings), sum(e.shape[1] for e in embeddings), result.seconds, 0.0,
             resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, str(device))
@@ -248,6 +249,18 @@ def _write_gguf_pair(lmm: LMM, out_dir: Path, stem: str, settings: QuantizeSetti
                     source=state.__getitem__, head_type=QType[settings.embeddings.upper()])
     write_mmproj_gguf(spec, mmproj_path, QType[settings.vision.upper()], digest, recorded)
     return {"text_gguf": text_path, "mmproj_gguf": mmproj_path}
+
+
+def _versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for package in ("impq", "torch", "transformers", "gguf", "llama-cpp-python"):
+        try:
+            found[package] = version(package)
+        except PackageNotFoundError:
+            found[package] = None
+    return found
 
 
 def _size(path: Path) -> int:

@@ -40,7 +40,7 @@ def export_pair(spec: ModelSpec, out_dir: str | Path, type_name: str = "f16", mm
     start = time.perf_counter()
     digest = sha256_files([spec.folder / "config.json", *spec.checkpoint.files])
     settings = {"type": type_name, "mmproj_type": mmproj_type, "layout": spec.layout, "family": spec.family,
-                "source": str(spec.folder.resolve()),
+                "source": spec.name,
                 "vision_reduction": (reduction or vision_reduction(spec.vision)).label}
     text_path, mmproj_path = pair_paths(Path(out_dir), spec, type_name, reduction)
     text_qtype, mmproj_qtype = EXPORT_TYPES[type_name], EXPORT_TYPES[mmproj_type]

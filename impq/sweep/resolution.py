@@ -132,7 +132,7 @@ class SweepResult:
 
 def run_sweep(model_dir: str | Path, out_dir: str | Path, settings: SweepSettings, data: Path,
               on_point: Callable[[int, int, str], None] | None = None) -> SweepResult:
-    from ..calib import file_digest
+    from ..calib import calibration_digest
     from ..defaults import REPO, default_calib_data
     from ..measure.bench import bench_pair
     from ..measure.vqa import GGUFAnswerer, TorchAnswerer
@@ -146,7 +146,7 @@ def run_sweep(model_dir: str | Path, out_dir: str | Path, settings: SweepSetting
     out = ensure_writable_dir(Path(out_dir))
     model_digest = sha256_files([spec.folder / "config.json", *spec.checkpoint.files])
     data_digest = _dataset_digest(Path(data), items)
-    calib_digest = file_digest(calib)
+    calib_digest = calibration_digest(calib)
     image = default_images()[0]
     device = DEVICES[settings.device_profile]
     efficiency = Efficiency(**fit["efficiency"])

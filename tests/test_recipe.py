@@ -1,0 +1,113 @@
+"""Recipes: a run writes its recipe, the recipe re-run from another folder gives every file bit for bit, no
+machine path is in any artifact, `impq reproduce --check` fails when one byte differs, and bad recipes are
+one-line errors that write nothing."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import yaml
+
+from impq.verify import DEFAULT_PROMPTS, default_images
+
+
+def _inputs(root, models_dir):
+    """A checkpoint and a calibration set (JSONL + images by relative path) under `root`."""
+    model = shutil.copytree(models_dir / "imp-phi2", root / "model")
+    (root / "images").mkdir()
+    lines = []
+    for image in default_images():
+        shutil.copy(image, root / "images" / image.name)
+        lines += [json.dumps({"image": f"images/{image.name}", "prompt": p}) for p in DEFAULT_PROMPTS]
+    (root / "calib.jsonl").write_text("\n".join(lines) + "\n")
+    return model, root / "calib.jsonl"
+
+
+def _quantize(run_cli, monkeypatch, cwd, *args):
+    monkeypatch.chdir(cwd)
+    status, out, err = run_cli("quantize", *args, "--verify-items", "0", "--json")
+    assert status == 0, err
+    return json.loads(out)
+
+
+@pytest.fixture
+def first_run(run_cli, monkeypatch, models_dir, tmp_path):
+    model, calib = _inputs(tmp_path / "a", models_dir)
+    summary = _quantize(run_cli, monkeypatch, tmp_path / "a", model, "--type", "q4_0", "--method", "gptq", "--calib",
+                        calib, "--nsamples", "6", "--tensor-type", "attn_v=q8_0", "--out", tmp_path / "a" / "out")
+    return tmp_path, summary
+
+
+def test_a_recipe_rerun_from_another_folder_gives_the_same_bytes(run_cli, monkeypatch, models_dir, first_run):
+    tmp_path, summary = first_run
+    recipe_path = tmp_path / "a" / "out" / "model-Q4_0-gptq.recipe.yaml"
+    recipe = yaml.safe_load(recipe_path.read_text())
+    assert recipe["schema_version"] == 1 and recipe["model"] == "model" and recipe["calibration"] == "calib.jsonl"
+    assert recipe["quantize"]["tensor_types"] == ["attn_v=q8_0"] and recipe["resolved"]["device"] == "cpu"
+    assert recipe["resolved"]["tensor_types"]["llm.model.layers.0.self_attn.v_proj.weight"] == "Q8_0"
+    assert set(recipe["resolved"]["versions"]) == {"impq", "torch", "transformers", "gguf", "llama-cpp-python"}
+    assert set(recipe["outputs"]) == {"model-Q4_0-gptq.gguf", "mmproj-model-Q4_0-gptq.gguf"}
+    for name in recipe["outputs"]:                               # no machine path in any artifact's bytes
+        data = (tmp_path / "a" / "out" / name).read_bytes()
+        assert str(tmp_path).encode() not in data and b"/work/" not in data
+
+    model, calib = _inputs(tmp_path / "b", models_dir)
+    _quantize(run_cli, monkeypatch, tmp_path / "b", model, "--recipe", recipe_path, "--calib", calib,
+              "--out", tmp_path / "b" / "out")
+    for name in recipe["outputs"]:
+        assert (tmp_path / "b" / "out" / name).read_bytes() == (tmp_path / "a" / "out" / name).read_bytes(), name
+    rerun = yaml.safe_load((tmp_path / "b" / "out" / recipe_path.name).read_text())
+    assert rerun["outputs"] == recipe["outputs"] and rerun["resolved"]["flags_over_recipe"] == []
+
+
+def test_flags_beside_a_recipe_override_it_and_are_recorded(run_cli, monkeypatch, first_run):
+    tmp_path, _ = first_run
+    recipe_path = tmp_path / "a" / "out" / "model-Q4_0-gptq.recipe.yaml"
+    summary = _quantize(run_cli, monkeypatch, tmp_path, tmp_path / "a" / "model", "--recipe", recipe_path, "--calib",
+                        tmp_path / "a" / "calib.jsonl", "--type", "q5_0", "--out", tmp_path / "c")
+    rerun = yaml.safe_load(next((tmp_path / "c").glob("*.recipe.yaml")).read_text())
+    assert rerun["quantize"]["type"] == "q5_0" and rerun["quantize"]["bits"] == 5
+    assert rerun["quantize"]["method"] == "gptq" and rerun["quantize"]["tensor_types"] == ["attn_v=q8_0"]
+    assert rerun["resolved"]["flags_over_recipe"] == ["type"]
+
+
+def test_reproduce_check_passes_then_fails_on_one_byte(run_cli, first_run):
+    tmp_path, _ = first_run
+    out = tmp_path / "a" / "out"
+    args = ("reproduce", out, "--model", tmp_path / "a" / "model", "--calib", tmp_path / "a" / "calib.jsonl",
+            "--check", "--json")
+    status, stdout, err = run_cli(*args)
+    assert status == 0, err
+    assert json.loads(stdout)["identical"] is True
+    text = out / "model-Q4_0-gptq.gguf"
+    data = bytearray(text.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    text.write_bytes(bytes(data))
+    status, stdout, err = run_cli(*args)
+    assert status == 1
+    rows = {r["file"]: r for r in json.loads(stdout)["files"]}
+    assert rows["model-Q4_0-gptq.gguf"]["present_matches"] is False and rows["model-Q4_0-gptq.gguf"]["rerun_matches"]
+    assert rows["mmproj-model-Q4_0-gptq.gguf"]["present_matches"] is True
+    assert "model-Q4_0-gptq.gguf" in err
+
+
+@pytest.mark.parametrize("change,needle", [
+    (lambda r: r["quantize"].update(type="q9_9"), "q9_9"),
+    (lambda r: r.update(schema_version=2), "schema_version 2 is newer"),
+    (lambda r: r["quantize"].update(colour="red"), "'colour'"),
+    (lambda r: r["quantize"].update(tensor_types=["attn_zz=q8_0"]), "attn_zz"),
+])
+def test_bad_recipes_are_one_line_errors(run_cli, monkeypatch, first_run, change, needle):
+    tmp_path, _ = first_run
+    recipe = yaml.safe_load((tmp_path / "a" / "out" / "model-Q4_0-gptq.recipe.yaml").read_text())
+    change(recipe)
+    bad = tmp_path / "bad.recipe.yaml"
+    bad.write_text(yaml.safe_dump(recipe))
+    monkeypatch.chdir(tmp_path)
+    status, _, err = run_cli("quantize", tmp_path / "a" / "model", "--recipe", bad, "--calib",
+                             tmp_path / "a" / "calib.jsonl", "--out", tmp_path / "never")
+    lines = err.strip().splitlines()
+    assert status == 2 and len(lines) == 1 and lines[0].startswith("impq: error: ") and needle in lines[0], err
+    assert not (tmp_path / "never").exists()
