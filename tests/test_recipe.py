@@ -111,3 +111,39 @@ def test_bad_recipes_are_one_line_errors(run_cli, monkeypatch, first_run, change
     lines = err.strip().splitlines()
     assert status == 2 and len(lines) == 1 and lines[0].startswith("impq: error: ") and needle in lines[0], err
     assert not (tmp_path / "never").exists()
+
+
+def test_shipped_imp_tiny_recipe_is_the_readme_job():
+    from impq.defaults import REPO, default_calib_data, default_model_dir
+    from impq.quantize import QuantizeSettings
+    from impq.recipe import recipe_run
+
+    model, settings = recipe_run(REPO / "recipes" / "imp-tiny.yaml", None, None, {})
+    assert model == default_model_dir()
+    assert settings == QuantizeSettings.from_bits(4, method="gptq", calib=str(default_calib_data(model)))
+
+
+@pytest.mark.parametrize("recipe,layout,tensors", [
+    ("phi2-q4_k_m.yaml", "imp-llava-phi2", ["self_attn.v_proj", "mlp.fc2"]),
+    ("qwen2-q4_k_m.yaml", "imp-qwen2", ["self_attn.v_proj", "mlp.down_proj"]),
+    ("phi3-q4_k_m.yaml", "imp-phi3", ["self_attn.qkv_proj", "mlp.down_proj"]),
+])
+def test_shipped_family_recipes_plan_llama_cpps_q4_k_m_rule(models_dir, recipe, layout, tensors):
+    from impq.defaults import REPO
+    from impq.export.gguf_file import QType
+    from impq.export.gguf_text import text_tensors
+    from impq.models.layouts import read_spec
+    from impq.models.lmm import LMM
+    from impq.quant.plan import plan_llm
+    from impq.recipe import recipe_run
+
+    model, settings = recipe_run(REPO / "recipes" / recipe, models_dir / layout, None, {})
+    spec = read_spec(model)
+    aliases = {t.canonical: t.name for t in text_tensors(spec, QType.F16)}
+    plan = plan_llm(LMM(spec).llm, settings.grid(), settings.overrides(), aliases)
+    for layer in (0, 1):                                 # both layers of a 2-layer model are "more bits" layers
+        for name in tensors:
+            entry = plan[f"llm.model.layers.{layer}.{name}.weight"]
+            assert entry.requested.name == "Q6_K" and entry.grid.name == "Q8_0"   # 64 wide: Q6_K's fallback
+    others = [e for n, e in plan.items() if not any(t in n for t in tensors)]
+    assert others and all(e.requested.name == "Q4_K" for e in others)
