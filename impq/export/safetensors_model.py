@@ -44,7 +44,8 @@ def _layout_of(quantization_config: dict) -> tuple[Layout, IntegerGrid]:
 def write_safetensors_model(lmm: LMM, out: Path, layout: Layout, grid: IntegerGrid, quantized: dict,
                             settings: dict, digest: str) -> tuple[Path, float]:
     """Write the folder `out` (atomically: a temporary folder renamed when complete). `quantized`: canonical
-    name -> QuantizedTensor for the LLM's linear weights on `grid`; `lmm` holds everything else.
+    name -> QuantizedTensor for the LLM's linear weights on `grid`; `lmm` holds everything else. `settings`: the
+    run's recipe (impq/recipe.py), recorded in impq.json.
     Returns the folder and the stored bits per quantized weight (codes, scales, zero points, g_idx)."""
     spec: ModelSpec = lmm.spec
     llm_state = lmm.llm.state_dict()
@@ -68,7 +69,8 @@ def write_safetensors_model(lmm: LMM, out: Path, layout: Layout, grid: IntegerGr
         tensors[name] = value.to(torch.float16).contiguous()
     config = spec.text_config.to_dict()
     config.update(architectures=[type(lmm.llm).__name__], torch_dtype="float16", dtype="float16",
-                  quantization_config=layout.config(grid, not_quantized, settings["damp"], settings["act_order"]))
+                  quantization_config=layout.config(grid, not_quantized, settings["quantize"]["damp"],
+                                                    settings["quantize"]["act_order"]))
     vision = {f"vision.vision_model.{k}": v for k, v in lmm.vision.state_dict().items()}
     vision.update({f"projector.{k}": v for k, v in lmm.projector.state_dict().items()})
     vision = {k: v for k, v in vision.items() if k in spec.tensors}    # what the checkpoint holds, nothing made up
@@ -76,7 +78,7 @@ def write_safetensors_model(lmm: LMM, out: Path, layout: Layout, grid: IntegerGr
                 "grid": grid.name, "image_token": spec.image_token, "image_token_index": spec.image_token_index,
                 "prompt_template": spec.prompt_template, "vision_kind": spec.vision.kind,
                 "vision_config": spec.vision.config.to_dict(), "projector": "mlp2x_gelu",
-                "image_tokens": spec.vision.n_tokens, "settings": settings}
+                "image_tokens": spec.vision.n_tokens, "recipe": settings}
     with atomic_output(out) as tmp:
         tmp.mkdir()
         save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
