@@ -13,6 +13,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from .errors import ImpqError
+from .export.gguf_file import canonical_type_name
 
 app = typer.Typer(help="Quantize and export small multimodal models (Imp, Bunny, LLaVA) for llama.cpp on phones.",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
@@ -397,6 +398,76 @@ def quantize_cmd(
         kinds = sorted(set(report.fallbacks.values()))
         table.caption = f"{len(report.fallbacks)} tensors at another type (see the report): " + "; ".join(kinds)
     _emit(as_json, summary, table)
+
+
+@app.command("sensitivity")
+def sensitivity_cmd(
+    model: Optional[Path] = typer.Argument(None, help="Checkpoint folder; default: the embedded imp-tiny."),
+    types: str = typer.Option("q2_k,q3_k,q4_k,q6_k,q8_0", help="Candidate GGUF types, comma-separated."),
+    method: str = typer.Option("gptq", help="rtn | gptq: the quantizer whose error is measured."),
+    calib: Optional[Path] = typer.Option(None, help="Calibration file for the Hessians; default as impq quantize."),
+    nsamples: int = typer.Option(16, min=1, help="Calibration sequences."),
+    data: Optional[Path] = typer.Option(None, help="Measurement prompts, a VQA JSONL disjoint from the calibration "
+                                                   "data; default: the shapes eval split (embedded model only)."),
+    limit: int = typer.Option(32, min=1, help="Measurement prompts."),
+    out: Path = typer.Option(Path("sensitivity"), help="Folder for sensitivity.json and sensitivity.png."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+):
+    """Mean KLD of the next-token distribution when only one tensor group is quantized, per candidate type."""
+    from .defaults import default_calib_data, default_eval_data, default_model_dir
+    from .quant.sensitivity import METHODS, measure_sensitivity, write_sensitivity_plot
+    from .sweep.resolution import SWEEP_TYPES
+
+    embedded = model is None
+    model = model or default_model_dir()
+    candidates = [canonical_type_name(t, [t for t in SWEEP_TYPES if t != "f16"], "--types")
+                  for t in _comma_list(types, "--types")]
+    if not candidates:
+        raise ImpqError(None, "--types: give at least one candidate type")
+    if method not in METHODS:
+        raise ImpqError(None, f"--method {method}: choose one of {', '.join(METHODS)}")
+    if data is None and not embedded:
+        raise ImpqError(None, "--data: give measurement prompts (a VQA JSONL) disjoint from the calibration data")
+    run_sensitivity = _sensitivity_runner(model, calib or default_calib_data(model), nsamples,
+                                          data or default_eval_data(), limit)
+    from .fileio import atomic_output, ensure_writable_dir
+    ensure_writable_dir(out)
+    with _progress() as progress:
+        task = progress.add_task(f"sensitivity ({method})", total=None)
+        results, record = run_sensitivity(candidates, method, measure_sensitivity,
+                                          lambda i, n: progress.update(task, completed=i))
+    with atomic_output(out / "sensitivity.json") as tmp:
+        tmp.write_text(json.dumps(record, indent=2) + "\n")
+    write_sensitivity_plot(out / "sensitivity.png", results, candidates,
+                           f"{Path(model).name}: {method}, {record['prompts']} prompts")
+    table = Table("layer", "group", *[t.upper() for t in candidates], title=f"mean KLD, {out / 'sensitivity.json'}")
+    for r in results:
+        table.add_row(str(r.layer), r.kind, *[f"{r.kld[t]:.3g}" for t in candidates])
+    _emit(as_json, record, table)
+
+
+def _sensitivity_runner(model: Path, calib: Path, nsamples: int, data: Path, limit: int):
+    """Loads everything a sensitivity run needs (bad input fails here, before the long work) and returns it."""
+    from dataclasses import asdict
+
+    from .calib import calibration_embeddings, read_calibration
+    from .measure.vqa import read_vqa_jsonl
+    from .models.lmm import LMM
+    from .models.preprocess import load_image
+
+    samples = read_calibration(calib)
+    items = read_vqa_jsonl(data)[:limit]
+    lmm = LMM.from_folder(model)
+    calib_embeds = calibration_embeddings(lmm, samples, nsamples, 512)
+    prompts = [lmm.prompt_embeddings(load_image(item.image), item.question) for item in items]
+
+    def run(candidates, method, measure, on_group):
+        results = measure(lmm, calib_embeds, prompts, candidates, method, on_group)
+        return results, {"model": Path(model).name, "method": method, "types": candidates,
+                         "calibration": Path(calib).name, "calibration_sequences": len(calib_embeds),
+                         "measurement": Path(data).name, "prompts": len(prompts),
+                         "groups": [asdict(r) for r in results]}
+    return run
 
 
 @app.command("reproduce")
