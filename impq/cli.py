@@ -341,6 +341,14 @@ def quantize_cmd(
                                                     "decoder tensors whose GGUF name (blk.N.attn_v.weight) or "
                                                     "canonical name matches, as llama-quantize's --tensor-type; "
                                                     "repeatable, the last match wins."),
+    target_bpw: Optional[float] = typer.Option(None, "--target-bpw", help="GGUF: mix the candidate types per tensor "
+                                               "group to minimise the measured KLD within this many bits per "
+                                               "decoder weight (real block bytes, fallbacks counted)."),
+    candidate_types: str = typer.Option("q2_k,q3_k,q4_k,q5_k,q6_k,q8_0", "--candidate-types",
+                                        help="Types --target-bpw chooses from."),
+    sensitivity_data: Optional[Path] = typer.Option(None, "--sensitivity-data", help="--target-bpw: measurement "
+                                                    "prompts (VQA JSONL) disjoint from the calibration; default: the "
+                                                    "eval split (imp-tiny)."),
     out: Path = typer.Option(Path("quantized"), help="Output folder."),
     calib: Optional[Path] = typer.Option(None, help="Calibration JSONL ({image, prompt}) or text; default: the "
                                                     "shapes split for imp-tiny, calib_data/photos otherwise."),
@@ -364,7 +372,9 @@ def quantize_cmd(
     flags = {"bits": bits, "method": method, "format": format, "type": type_name, "layout": layout,
              "group_size": group_size, "embeddings": embeddings, "vision": vision, "nsamples": nsamples,
              "seqlen": seqlen, "seed": seed, "damp": damp, "act_order": act_order, "static_groups": static_groups,
-             "device": device, "tensor_types": list(tensor_type or [])}
+             "device": device, "tensor_types": list(tensor_type or []), "target_bpw": target_bpw,
+             "candidate_types": _comma_list(candidate_types, "--candidate-types"),
+             "sensitivity_data": None if sensitivity_data is None else str(sensitivity_data)}
     given: list[str] = []
     if recipe is None:
         model = model or default_model_dir()

@@ -55,6 +55,10 @@ class QuantizeSettings:
     static_groups: bool = False
     device: str = "auto"          # where calibration and the layer-by-layer work run
     tensor_types: list[str] = field(default_factory=list)   # GGUF: "REGEX=TYPE" overrides, the last match wins
+    target_bpw: float | None = None   # GGUF: a per-group mix of candidate types within this many bits per weight
+    candidate_types: list[str] = field(default_factory=lambda: ["q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "q8_0"])
+    sensitivity_data: str | None = None   # VQA JSONL of measurement prompts; default: the eval split (imp-tiny)
+    sensitivity_prompts: int = 32
     embeddings: str = "q8_0"      # GGUF: token embedding and output head at 8 bits in low-bit exports
     vision: str = "f16"           # the vision tower and projector stay at 16 bits
 
@@ -68,8 +72,9 @@ class QuantizeSettings:
         if format == "safetensors":
             if type_name is not None:
                 raise ImpqError(None, "--type names a GGUF grid; with --format safetensors use --layout and --group-size")
-            if kwargs.get("tensor_types"):
-                raise ImpqError(None, "--tensor-type needs --format gguf: the safetensors layouts hold one bit width")
+            if kwargs.get("tensor_types") or kwargs.get("target_bpw") is not None:
+                raise ImpqError(None, "--tensor-type and --target-bpw need --format gguf: the safetensors layouts hold "
+                                      "one bit width")
             if embeddings not in (None, "f16") or vision not in (None, "f16"):
                 raise ImpqError(None, "--format safetensors keeps the embeddings, output head and vision side at f16")
             settings = cls(bits=bits, format=format, type=None, layout=layout or "compressed-tensors",
@@ -80,6 +85,10 @@ class QuantizeSettings:
             raise ImpqError(None, "--layout and --group-size apply to --format safetensors; GGUF types fix their blocks")
         for value in kwargs.get("tensor_types") or []:
             _tensor_override(value)             # each override is checked before any work
+        for value in kwargs.get("candidate_types") or []:
+            canonical_type_name(value, GRIDS, "--candidate-types")
+        if kwargs.get("target_bpw") is not None and not 1.0 <= kwargs["target_bpw"] <= 16.0:
+            raise ImpqError(None, f"--target-bpw {kwargs['target_bpw']}: choose a value between 1 and 16 bits")
         kwargs.update({key: canonical_type_name(value, UNQUANTIZED_TYPES, f"--{key}")
                        for key, value in (("embeddings", embeddings), ("vision", vision)) if value is not None})
         if type_name is None:
@@ -129,6 +138,7 @@ class QuantizeReport:
     settings: dict
     layers: dict                  # canonical name -> relative output error on the calibration inputs
     tensor_types: dict            # canonical name -> the grid it was written on ("float": kept unquantized)
+    allocation: dict              # --target-bpw: budget, predicted and achieved bytes, predicted KLD; else empty
     fallbacks: dict               # canonical name -> why its type differs from the request (input width)
     bits_per_weight_quantized: float
     bits_per_weight_file: float   # LLM bytes (GGUF text file, or model.safetensors) per LLM weight
@@ -166,6 +176,16 @@ def quantize_model(model_dir: str | Path, out_dir: str | Path, settings: Quantiz
     if all(entry.grid is None for entry in plan.values()):
         raise ImpqError(spec.folder, f"no linear layer's input width is a multiple of {grid.block}, the "
                                      f"{grid.name} block: choose a smaller block or group")
+    if settings.target_bpw is not None:
+        candidates = {t: plan_llm(lmm.llm, GRIDS[canonical_type_name(t, GRIDS, "--candidate-types")])
+                      for t in settings.candidate_types}
+        budget = int(settings.target_bpw * sum(spec.numel(n) for n in plan) / 8)
+        smallest = sum(min(_planned_bytes(spec, c[n]) for c in candidates.values()) for n in plan)
+        if budget < smallest:
+            raise ImpqError(None, f"--target-bpw {settings.target_bpw}: below the smallest possible mix of "
+                                  f"{', '.join(settings.candidate_types)} ({8 * smallest / sum(spec.numel(n) for n in plan):.3f} "
+                                  "bits per weight)")
+        measurement = _measurement_prompts(lmm, model_dir, settings)
     out_dir = ensure_writable_dir(Path(out_dir))
     calibration_side = (lmm.vision, lmm.projector, lmm.llm.get_input_embeddings())
     for module in calibration_side:
@@ -173,6 +193,10 @@ def quantize_model(model_dir: str | Path, out_dir: str | Path, settings: Quantiz
     embeddings = calibration_embeddings(lmm, samples, settings.nsamples, settings.seqlen, settings.seed)
     for module in calibration_side:
         module.to("cpu")
+    allocation = {}
+    if settings.target_bpw is not None:
+        (on_status or (lambda _: None))("measuring sensitivity for the budget")
+        plan, allocation = _budgeted_plan(lmm, embeddings, measurement, settings, spec, candidates, budget, aliases)
     options = {"damp": settings.damp, "block_size": settings.block_size, "act_order": settings.act_order,
                "static_groups": settings.static_groups}
     # the artifacts are written from the codes: the quantized weights are released block by block
@@ -215,7 +239,7 @@ def quantize_model(model_dir: str | Path, out_dir: str | Path, settings: Quantiz
             {k: str(out_dir / Path(v).name) for k, v in artifacts.items()}, total_bytes,
             str(out_dir / recipe_path.name), recorded,
             {name: q.relative_error for name, q in result.tensors.items()},
-            plan_types,
+            plan_types, allocation,
             {name: entry.fallback for name, entry in plan.items() if entry.fallback}, bits_quantized,
             8 * llm_bytes / llm_weights, len(embeddings), sum(e.shape[1] for e in embeddings), result.seconds, 0.0,
             resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, str(device))
@@ -249,6 +273,53 @@ def _write_gguf_pair(lmm: LMM, out_dir: Path, stem: str, settings: QuantizeSetti
                     source=state.__getitem__, head_type=QType[settings.embeddings.upper()])
     write_mmproj_gguf(spec, mmproj_path, QType[settings.vision.upper()], digest, recorded)
     return {"text_gguf": text_path, "mmproj_gguf": mmproj_path}
+
+
+def _planned_bytes(spec, entry) -> int:
+    """A tensor's bytes in the GGUF at its planned grid (16 bits where it stays float)."""
+    return nbytes((entry.out_features, entry.in_features), entry.grid.qtype if entry.grid is not None else QType.F16)
+
+
+def _measurement_prompts(lmm, model_dir, settings) -> list:
+    """The sensitivity's measurement prompts (image + question up to the answer), disjoint from the calibration."""
+    from .defaults import PACKAGE, default_eval_data
+    from .measure.vqa import read_vqa_jsonl
+    from .models.preprocess import load_image
+
+    data = settings.sensitivity_data
+    if data is None:
+        if (Path(model_dir) / "config.json").resolve() != (PACKAGE / "assets" / "imp-tiny" / "config.json").resolve():
+            raise ImpqError(None, "--target-bpw measures sensitivity: give --sensitivity-data (a VQA JSONL disjoint "
+                                  "from the calibration data)")
+        data = default_eval_data()
+    items = read_vqa_jsonl(data)[:settings.sensitivity_prompts]
+    return [lmm.prompt_embeddings(load_image(item.image), item.question) for item in items]
+
+
+def _budgeted_plan(lmm, embeddings, prompts, settings, spec, candidates: dict, budget: int, aliases: dict):
+    """The plan that minimises the predicted KLD (measured sensitivity per tensor group) within `budget` bytes of
+    decoder tensors, and what the report says about it."""
+    import re as regex
+
+    from .quant.allocate import Option, allocate
+    from .quant.sensitivity import measure_sensitivity
+
+    method = "gptq" if settings.method in ("gptq", "signround") else "rtn"
+    groups = measure_sensitivity(lmm, embeddings, prompts, list(candidates), method)
+    options = [[Option(t, sum(_planned_bytes(spec, candidates[t][n]) for n in g.tensors), g.kld[t])
+                for t in candidates] for g in groups]
+    choice = allocate(options, budget)
+    overrides = [(f"^{regex.escape(name)}$", candidates[options[i][c].type][name].requested)
+                 for i, g in enumerate(groups) for name in g.tensors for c in [choice[i]]]
+    # the allocation as exact-name overrides, then the user's own --tensor-type overrides, which win
+    plan = plan_llm(lmm.llm, GRIDS[settings.type], overrides + settings.overrides(), aliases)
+    achieved = sum(_planned_bytes(spec, entry) for entry in plan.values())
+    weights = sum(spec.numel(n) for n in plan)
+    return plan, {"target_bpw": settings.target_bpw, "budget_bytes": budget, "achieved_bytes": achieved,
+                  "achieved_bpw": 8 * achieved / weights,
+                  "predicted_kld": sum(options[i][c].kld for i, c in enumerate(choice)),
+                  "groups": {"+".join(g.tensors): options[i][choice[i]].type for i, g in enumerate(groups)},
+                  "sensitivity_method": method, "sensitivity_prompts": len(prompts)}
 
 
 def _versions() -> dict:

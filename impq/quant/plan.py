@@ -25,6 +25,7 @@ class TensorPlan:
     grid: LegacyGrid | None        # None: kept at the export's float type
     requested: LegacyGrid
     in_features: int
+    out_features: int
 
     @property
     def fallback(self) -> str | None:
@@ -65,7 +66,8 @@ def plan_llm(llm: nn.Module, grid: LegacyGrid, overrides: list[tuple[str, Legacy
                 if re.search(pattern, canonical) or re.search(pattern, aliases.get(canonical, "")):
                     requested = override
                     matched.add(pattern)
-            plan[canonical] = TensorPlan(_fitting(requested, module.in_features), requested, module.in_features)
+            plan[canonical] = TensorPlan(_fitting(requested, module.in_features), requested, module.in_features,
+                                         module.out_features)
     unmatched = [pattern for pattern, _ in overrides if pattern not in matched]
     if unmatched:
         raise ImpqError(None, f"--tensor-type {unmatched[0]!r} matches no quantized tensor (decoder linear layers, "
