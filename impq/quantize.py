@@ -57,7 +57,7 @@ class QuantizeSettings:
     tensor_types: list[str] = field(default_factory=list)   # GGUF: "REGEX=TYPE" overrides, the last match wins
     target_bpw: float | None = None   # GGUF: a per-group mix of candidate types within this many bits per weight
     candidate_types: list[str] = field(default_factory=lambda: ["q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "q8_0"])
-    sensitivity_data: str | None = None   # VQA JSONL of measurement prompts; default: the eval split (imp-tiny)
+    sensitivity_data: str | None = None   # VQA JSONL of measurement prompts (its last items); default: the eval split
     sensitivity_prompts: int = 32
     embeddings: str = "q8_0"      # GGUF: token embedding and output head at 8 bits in low-bit exports
     vision: str = "f16"           # the vision tower and projector stay at 16 bits
@@ -292,7 +292,8 @@ def _measurement_prompts(lmm, model_dir, settings) -> list:
             raise ImpqError(None, "--target-bpw measures sensitivity: give --sensitivity-data (a VQA JSONL disjoint "
                                   "from the calibration data)")
         data = default_eval_data()
-    items = read_vqa_jsonl(data)[:settings.sensitivity_prompts]
+    # the file's last items: impq eval and the report's verification take the first ones
+    items = read_vqa_jsonl(data)[-settings.sensitivity_prompts:]
     return [lmm.prompt_embeddings(load_image(item.image), item.question) for item in items]
 
 
