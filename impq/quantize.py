@@ -115,6 +115,8 @@ class QuantizeSettings:
 
     @property
     def grid_label(self) -> str:
+        if self.target_bpw is not None:
+            return f"MIX{self.target_bpw:g}BPW"        # a per-group mix: no one type names the file
         return self.type.upper() if self.format == "gguf" else f"W{self.bits}G{self.group_size}"
 
 

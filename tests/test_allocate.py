@@ -86,6 +86,7 @@ def test_target_bpw_end_to_end(run_cli, models_dir, tmp_path):
     assert allocation["achieved_bytes"] <= allocation["budget_bytes"] and allocation["achieved_bpw"] <= 6.0
     assert set(allocation["groups"].values()) == {"q4_0", "q8_0"}          # 4.5 < 6.0 < 8.5: a real mix
     text = next(p for p in out.glob("*.gguf") if not p.name.startswith("mmproj-"))
+    assert text.name == "imp-phi2-MIX6BPW-rtn.gguf"
     types = {t.tensor_type for t in gguf.GGUFReader(text).tensors if t.name.startswith("blk.") and len(t.shape) == 2}
     assert types == {gguf.GGMLQuantizationType.Q4_0, gguf.GGMLQuantizationType.Q8_0}
     with PairRunner(text, next(out.glob("mmproj-*.gguf"))) as runner:
