@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from impq import __version__
 from impq.calib import read_calibration
-from impq.defaults import default_eval_data, default_model_dir
+from impq.defaults import default_model_dir
 from impq.errors import ImpqError
 from impq.export.pair import export_pair
 from impq.models.layouts import read_spec

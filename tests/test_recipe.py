@@ -65,8 +65,8 @@ def test_a_recipe_rerun_from_another_folder_gives_the_same_bytes(run_cli, monkey
 def test_flags_beside_a_recipe_override_it_and_are_recorded(run_cli, monkeypatch, first_run):
     tmp_path, _ = first_run
     recipe_path = tmp_path / "a" / "out" / "model-Q4_0-gptq.recipe.yaml"
-    summary = _quantize(run_cli, monkeypatch, tmp_path, tmp_path / "a" / "model", "--recipe", recipe_path, "--calib",
-                        tmp_path / "a" / "calib.jsonl", "--type", "q5_0", "--out", tmp_path / "c")
+    _quantize(run_cli, monkeypatch, tmp_path, tmp_path / "a" / "model", "--recipe", recipe_path, "--calib",
+              tmp_path / "a" / "calib.jsonl", "--type", "q5_0", "--out", tmp_path / "c")
     rerun = yaml.safe_load(next((tmp_path / "c").glob("*.recipe.yaml")).read_text())
     assert rerun["quantize"]["type"] == "q5_0" and rerun["quantize"]["bits"] == 5
     assert rerun["quantize"]["method"] == "gptq" and rerun["quantize"]["tensor_types"] == ["attn_v=q8_0"]
