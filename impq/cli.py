@@ -344,6 +344,9 @@ def quantize_cmd(
     target_bpw: Optional[float] = typer.Option(None, "--target-bpw", help="GGUF: mix the candidate types per tensor "
                                                "group to minimise the measured KLD within this many bits per "
                                                "decoder weight (real block bytes, fallbacks counted)."),
+    target_size: Optional[str] = typer.Option(None, "--target-size", help="GGUF: the same within this size of the "
+                                              "text GGUF, header and embeddings included (1.6GB, 500MB, 750MiB or "
+                                              "bytes)."),
     candidate_types: str = typer.Option("q2_k,q3_k,q4_k,q5_k,q6_k,q8_0", "--candidate-types",
                                         help="Types --target-bpw chooses from."),
     sensitivity_data: Optional[Path] = typer.Option(None, "--sensitivity-data", help="--target-bpw: measurement "
@@ -373,6 +376,7 @@ def quantize_cmd(
              "group_size": group_size, "embeddings": embeddings, "vision": vision, "nsamples": nsamples,
              "seqlen": seqlen, "seed": seed, "damp": damp, "act_order": act_order, "static_groups": static_groups,
              "device": device, "tensor_types": list(tensor_type or []), "target_bpw": target_bpw,
+             "target_size": None if target_size is None else _size_in_bytes(target_size),
              "candidate_types": _comma_list(candidate_types, "--candidate-types"),
              "sensitivity_data": None if sensitivity_data is None else str(sensitivity_data)}
     given: list[str] = []
@@ -506,6 +510,18 @@ def reproduce_cmd(
         differing = [r["file"] for r in result["files"] if not r["rerun_matches"] or r["present_matches"] is False]
         console.print(f"impq: reproduce: not the recipe's bytes: {', '.join(differing)}")
         raise typer.Exit(1)
+
+
+_SIZE_UNITS = {"": 1, "B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "KIB": 2 ** 10, "MIB": 2 ** 20, "GIB": 2 ** 30}
+
+
+def _size_in_bytes(value: str) -> int:
+    import re
+
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", value)
+    if not match or match.group(2).upper() not in _SIZE_UNITS:
+        raise ImpqError(None, f"--target-size {value}: write a size such as 1.6GB, 500MB, 750MiB or a byte count")
+    return int(float(match.group(1)) * _SIZE_UNITS[match.group(2).upper()])
 
 
 def _comma_list(value: str, option: str, kind=str) -> list:

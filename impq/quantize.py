@@ -17,7 +17,7 @@ from pathlib import Path
 from .calib import calibration_digest, calibration_embeddings, read_calibration
 from .device import resolve_device
 from .errors import ImpqError
-from .export.gguf_file import QType, canonical_type_name, nbytes
+from .export.gguf_file import QType, aligned, canonical_type_name, nbytes
 from .export.gguf_mmproj import write_mmproj_gguf
 from .export.gguf_text import gguf_vocab, text_tensors, write_text_gguf
 from .export.safetensors_layouts import LAYOUTS
@@ -56,6 +56,7 @@ class QuantizeSettings:
     device: str = "auto"          # where calibration and the layer-by-layer work run
     tensor_types: list[str] = field(default_factory=list)   # GGUF: "REGEX=TYPE" overrides, the last match wins
     target_bpw: float | None = None   # GGUF: a per-group mix of candidate types within this many bits per weight
+    target_size: int | None = None    # GGUF: ... or within this many bytes of the text GGUF, header and all
     candidate_types: list[str] = field(default_factory=lambda: ["q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "q8_0"])
     sensitivity_data: str | None = None   # VQA JSONL of measurement prompts (its last items); default: the eval split
     sensitivity_prompts: int = 32
@@ -72,9 +73,9 @@ class QuantizeSettings:
         if format == "safetensors":
             if type_name is not None:
                 raise ImpqError(None, "--type names a GGUF grid; with --format safetensors use --layout and --group-size")
-            if kwargs.get("tensor_types") or kwargs.get("target_bpw") is not None:
-                raise ImpqError(None, "--tensor-type and --target-bpw need --format gguf: the safetensors layouts hold "
-                                      "one bit width")
+            if kwargs.get("tensor_types") or kwargs.get("target_bpw") is not None or kwargs.get("target_size"):
+                raise ImpqError(None, "--tensor-type, --target-bpw and --target-size need --format gguf: the "
+                                      "safetensors layouts hold one bit width")
             if embeddings not in (None, "f16") or vision not in (None, "f16"):
                 raise ImpqError(None, "--format safetensors keeps the embeddings, output head and vision side at f16")
             settings = cls(bits=bits, format=format, type=None, layout=layout or "compressed-tensors",
@@ -87,6 +88,10 @@ class QuantizeSettings:
             _tensor_override(value)             # each override is checked before any work
         for value in kwargs.get("candidate_types") or []:
             canonical_type_name(value, GRIDS, "--candidate-types")
+        if kwargs.get("target_bpw") is not None and kwargs.get("target_size") is not None:
+            raise ImpqError(None, "--target-bpw and --target-size: give one budget")
+        if kwargs.get("target_size") is not None and kwargs["target_size"] <= 0:
+            raise ImpqError(None, f"--target-size {kwargs['target_size']}: a positive number of bytes")
         if kwargs.get("target_bpw") is not None and not 1.0 <= kwargs["target_bpw"] <= 16.0:
             raise ImpqError(None, f"--target-bpw {kwargs['target_bpw']}: choose a value between 1 and 16 bits")
         kwargs.update({key: canonical_type_name(value, UNQUANTIZED_TYPES, f"--{key}")
@@ -117,6 +122,8 @@ class QuantizeSettings:
     def grid_label(self) -> str:
         if self.target_bpw is not None:
             return f"MIX{self.target_bpw:g}BPW"        # a per-group mix: no one type names the file
+        if self.target_size is not None:
+            return f"MIX{self.target_size / 1e6:.4g}MB"
         return self.type.upper() if self.format == "gguf" else f"W{self.bits}G{self.group_size}"
 
 
@@ -178,15 +185,24 @@ def quantize_model(model_dir: str | Path, out_dir: str | Path, settings: Quantiz
     if all(entry.grid is None for entry in plan.values()):
         raise ImpqError(spec.folder, f"no linear layer's input width is a multiple of {grid.block}, the "
                                      f"{grid.name} block: choose a smaller block or group")
-    if settings.target_bpw is not None:
+    budgeted = settings.target_bpw is not None or settings.target_size is not None
+    if budgeted:
         candidates = {t: plan_llm(lmm.llm, GRIDS[canonical_type_name(t, GRIDS, "--candidate-types")])
                       for t in settings.candidate_types}
-        budget = int(settings.target_bpw * sum(spec.numel(n) for n in plan) / 8)
+        weights = sum(spec.numel(n) for n in plan)
         smallest = sum(min(_planned_bytes(spec, c[n]) for c in candidates.values()) for n in plan)
-        if budget < smallest:
-            raise ImpqError(None, f"--target-bpw {settings.target_bpw}: below the smallest possible mix of "
-                                  f"{', '.join(settings.candidate_types)} ({8 * smallest / sum(spec.numel(n) for n in plan):.3f} "
-                                  "bits per weight)")
+        if settings.target_size is not None:
+            beside = _bytes_beside_decoder(spec, grid, settings, model_dir, plan)
+            budget = settings.target_size - beside
+            if budget < smallest:
+                raise ImpqError(None, f"--target-size {settings.target_size}: below the smallest possible file, "
+                                      f"{beside + smallest} bytes with {', '.join(settings.candidate_types)}")
+        else:
+            beside, budget = 0, int(settings.target_bpw * weights / 8)
+            if budget < smallest:
+                raise ImpqError(None, f"--target-bpw {settings.target_bpw}: below the smallest possible mix of "
+                                      f"{', '.join(settings.candidate_types)} ({8 * smallest / weights:.3f} bits per "
+                                      "weight)")
         measurement = _measurement_prompts(lmm, model_dir, settings)
     out_dir = ensure_writable_dir(Path(out_dir))
     calibration_side = (lmm.vision, lmm.projector, lmm.llm.get_input_embeddings())
@@ -196,9 +212,12 @@ def quantize_model(model_dir: str | Path, out_dir: str | Path, settings: Quantiz
     for module in calibration_side:
         module.to("cpu")
     allocation = {}
-    if settings.target_bpw is not None:
+    if budgeted:
         (on_status or (lambda _: None))("measuring sensitivity for the budget")
         plan, allocation = _budgeted_plan(lmm, embeddings, measurement, settings, spec, candidates, budget, aliases)
+        if settings.target_size is not None:
+            allocation.update(target_size=settings.target_size,
+                              predicted_file_bytes=beside + allocation["achieved_bytes"])
     options = {"damp": settings.damp, "block_size": settings.block_size, "act_order": settings.act_order,
                "static_groups": settings.static_groups}
     # the artifacts are written from the codes: the quantized weights are released block by block
@@ -220,6 +239,8 @@ def quantize_model(model_dir: str | Path, out_dir: str | Path, settings: Quantiz
         if settings.format == "gguf":
             artifacts = _write_gguf_pair(lmm, stage, stem, settings, result, digest, recorded)
             llm_bytes = Path(artifacts["text_gguf"]).stat().st_size
+            if allocation:
+                allocation["achieved_file_bytes"] = llm_bytes
             bits_quantized = 8 * sum(nbytes(spec.shape(name), q.grid.qtype) for name, q in result.tensors.items()) / \
                 sum(spec.numel(name) for name in result.tensors)
         else:
@@ -278,8 +299,22 @@ def _write_gguf_pair(lmm: LMM, out_dir: Path, stem: str, settings: QuantizeSetti
 
 
 def _planned_bytes(spec, entry) -> int:
-    """A tensor's bytes in the GGUF at its planned grid (16 bits where it stays float)."""
-    return nbytes((entry.out_features, entry.in_features), entry.grid.qtype if entry.grid is not None else QType.F16)
+    """A tensor's bytes in the GGUF at its planned grid (16 bits where it stays float), alignment padding included."""
+    return aligned(nbytes((entry.out_features, entry.in_features),
+                          entry.grid.qtype if entry.grid is not None else QType.F16))
+
+
+def _bytes_beside_decoder(spec, grid, settings, model_dir, plan) -> int:
+    """The text GGUF's bytes other than the decoder tensors' data: header and metadata (the recipe in it counted at
+    its longest, every tensor's type spelt "float"), embedding, output head, norms and biases."""
+    from .export.gguf_text import text_gguf_bytes
+
+    digest = sha256_files([spec.folder / "config.json", *spec.checkpoint.files])
+    bound = {**input_recipe(settings, Path(model_dir)), "model_digest": digest,
+             "calibration_digest": calibration_digest(settings.calib), "tensor_types": dict.fromkeys(plan, "float")}
+    total = text_gguf_bytes(spec, grid.qtype, digest, bound, dict.fromkeys(plan, QType.F16),
+                            head_type=QType[settings.embeddings.upper()])
+    return total - sum(aligned(nbytes((e.out_features, e.in_features), QType.F16)) for e in plan.values())
 
 
 def _measurement_prompts(lmm, model_dir, settings) -> list:

@@ -100,3 +100,33 @@ def test_target_bpw_below_the_smallest_mix(run_cli, models_dir, tmp_path):
     lines = err.strip().splitlines()
     assert status == 2 and len(lines) == 1 and "--target-bpw 3.0" in lines[0] and "4.500" in lines[0], err
     assert not (tmp_path / "out").exists()
+
+
+def test_target_size_counts_the_whole_file(run_cli, models_dir, tmp_path):
+    calib = _calib(tmp_path)
+    common = ("--method", "rtn", "--calib", calib, "--nsamples", "4", "--verify-items", "0", "--json")
+    sizes = {}
+    for type_name, bits in (("q4_0", "4"), ("q8_0", "8")):
+        status, stdout, err = run_cli("quantize", models_dir / "imp-phi2", "--bits", bits, "--type", type_name, "--out",
+                                      tmp_path / type_name, *common)
+        assert status == 0, err
+        sizes[type_name] = next(p for p in (tmp_path / type_name).glob("*.gguf")
+                                if not p.name.startswith("mmproj-")).stat().st_size
+    target = (sizes["q4_0"] + sizes["q8_0"]) // 2
+    status, stdout, err = run_cli("quantize", models_dir / "imp-phi2", "--type", "q4_0", "--target-size", str(target),
+                                  "--candidate-types", "q4_0,q8_0", "--sensitivity-data", default_eval_data(),
+                                  "--out", tmp_path / "mix", *common)
+    assert status == 0, err
+    allocation = json.loads(stdout)["allocation"]
+    achieved = next(p for p in (tmp_path / "mix").glob("*.gguf") if not p.name.startswith("mmproj-")).stat().st_size
+    assert allocation["achieved_file_bytes"] == achieved
+    assert sizes["q4_0"] < achieved <= target
+    assert 0 <= allocation["predicted_file_bytes"] - achieved <= 64       # the header's recipe, counted at its longest
+    status, _, err = run_cli("quantize", models_dir / "imp-phi2", "--target-size", str(sizes["q4_0"] - 1000),
+                             "--candidate-types", "q4_0,q8_0", "--sensitivity-data", default_eval_data(),
+                             "--calib", calib, "--out", tmp_path / "never")
+    lines = err.strip().splitlines()
+    assert status == 2 and len(lines) == 1 and "below the smallest possible file" in lines[0], err
+    assert not (tmp_path / "never").exists()
+    status, _, err = run_cli("quantize", models_dir / "imp-phi2", "--target-size", "big", "--out", tmp_path / "never")
+    assert status == 2 and "--target-size big" in err

@@ -90,22 +90,46 @@ def add_provenance(writer: gguf.GGUFWriter, source_digest: str, settings: dict) 
     writer.add_string("impq.settings", json.dumps(settings, sort_keys=True))
 
 
+def _start(path: Path, arch: str, add_metadata: Callable[[gguf.GGUFWriter], None],
+           tensors: list[PlannedTensor]) -> gguf.GGUFWriter:
+    """A writer at `path` with the header, metadata and tensor index written: the data comes next."""
+    writer = gguf.GGUFWriter(path, arch)
+    add_metadata(writer)
+    for t in tensors:
+        if t.qtype in (QType.F32, QType.F16):
+            dtype = np.float32 if t.qtype == QType.F32 else np.float16
+            writer.add_tensor_info(t.name, t.shape, np.dtype(dtype), nbytes(t.shape, t.qtype))
+        else:
+            byte_shape = (*t.shape[:-1], nbytes((t.shape[-1],), t.qtype))
+            writer.add_tensor_info(t.name, byte_shape, np.dtype(np.uint8), nbytes(t.shape, t.qtype), t.qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    return writer
+
+
+def aligned(size: int) -> int:
+    """A tensor's bytes in the file: its data padded to GGUF's alignment."""
+    return -(-size // gguf.GGUF_DEFAULT_ALIGNMENT) * gguf.GGUF_DEFAULT_ALIGNMENT
+
+
+def gguf_bytes(arch: str, add_metadata: Callable[[gguf.GGUFWriter], None], tensors: list[PlannedTensor]) -> int:
+    """The exact size write_gguf would give these tensors: the header written for real, the data counted."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="impq-size-") as scratch:
+        writer = _start(Path(scratch) / "header.gguf", arch, add_metadata, tensors)
+        writer.close()
+        header = (Path(scratch) / "header.gguf").stat().st_size
+    # the writer pads the header to the alignment when the first tensor's data comes, and each tensor after it
+    return aligned(header) + sum(aligned(nbytes(t.shape, t.qtype)) for t in tensors)
+
+
 def write_gguf(path: Path, arch: str, add_metadata: Callable[[gguf.GGUFWriter], None],
                tensors: list[PlannedTensor], on_tensor: Callable[[str], None] | None = None) -> Path:
     """Stream a GGUF file: header and tensor index first, then each tensor's data as it is produced."""
     with atomic_output(path) as tmp:
-        writer = gguf.GGUFWriter(tmp, arch)
-        add_metadata(writer)
-        for t in tensors:
-            if t.qtype in (QType.F32, QType.F16):
-                dtype = np.float32 if t.qtype == QType.F32 else np.float16
-                writer.add_tensor_info(t.name, t.shape, np.dtype(dtype), nbytes(t.shape, t.qtype))
-            else:
-                byte_shape = (*t.shape[:-1], nbytes((t.shape[-1],), t.qtype))
-                writer.add_tensor_info(t.name, byte_shape, np.dtype(np.uint8), nbytes(t.shape, t.qtype), t.qtype)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
+        writer = _start(tmp, arch, add_metadata, tensors)
         for t in tensors:
             if t.packed is not None:
                 data = t.packed()

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,7 +16,7 @@ import torch
 from ..errors import ImpqError
 from ..models.layouts import ModelSpec
 from ..models.tokenizer import TextTokenizer
-from .gguf_file import FILE_TYPES, PlannedTensor, QType, add_provenance, matrix_type, write_gguf
+from .gguf_file import FILE_TYPES, PlannedTensor, QType, add_provenance, gguf_bytes, matrix_type, write_gguf
 
 ARCHS = {"phi2": gguf.MODEL_ARCH.PHI2, "qwen2": gguf.MODEL_ARCH.QWEN2, "phi3": gguf.MODEL_ARCH.PHI3,
          "llama": gguf.MODEL_ARCH.LLAMA}
@@ -243,13 +244,7 @@ def read_text_gguf_weights(spec: ModelSpec, path: Path) -> dict[str, torch.Tenso
     return weights
 
 
-def write_text_gguf(spec: ModelSpec, path: Path, qtype: QType, source_digest: str, settings: dict,
-                    on_tensor=None, quantized: dict | None = None,
-                    source: Callable[[str], torch.Tensor] | None = None, head_type: QType = QType.Q8_0) -> Path:
-    tensors = text_tensors(spec, qtype, quantized, head_type, source)
-    vocab = gguf_vocab(spec.tokenizer, spec.text_config.vocab_size)
-    arch = gguf.MODEL_ARCH_NAMES[ARCHS[spec.family]]
-
+def _text_metadata(spec: ModelSpec, qtype: QType, vocab: GGUFVocab, source_digest: str, settings: dict):
     def metadata(writer: gguf.GGUFWriter) -> None:
         writer.add_type(gguf.GGUFType.MODEL)
         # llama.cpp applies Phi-3's special-token whitespace rules only when the model's name says phi3
@@ -265,5 +260,24 @@ def write_text_gguf(spec: ModelSpec, path: Path, qtype: QType, source_digest: st
         writer.add_string("impq.prompt_template", spec.prompt_template)
         writer.add_string("impq.image_token", spec.image_token)
         add_provenance(writer, source_digest, settings)
+    return metadata
 
-    return write_gguf(path, arch, metadata, tensors, on_tensor)
+
+def write_text_gguf(spec: ModelSpec, path: Path, qtype: QType, source_digest: str, settings: dict,
+                    on_tensor=None, quantized: dict | None = None,
+                    source: Callable[[str], torch.Tensor] | None = None, head_type: QType = QType.Q8_0) -> Path:
+    tensors = text_tensors(spec, qtype, quantized, head_type, source)
+    vocab = gguf_vocab(spec.tokenizer, spec.text_config.vocab_size)
+    metadata = _text_metadata(spec, qtype, vocab, source_digest, settings)
+    return write_gguf(path, gguf.MODEL_ARCH_NAMES[ARCHS[spec.family]], metadata, tensors, on_tensor)
+
+
+def text_gguf_bytes(spec: ModelSpec, qtype: QType, source_digest: str, settings: dict, types: dict[str, QType],
+                    head_type: QType = QType.Q8_0) -> int:
+    """The exact size of the text GGUF write_text_gguf would write with `types` (canonical name -> type) for the
+    quantized tensors: what a size budget over the whole file counts."""
+    tensors = [dataclasses.replace(t, qtype=types[t.canonical]) if t.canonical in types else t
+               for t in text_tensors(spec, qtype, head_type=head_type)]
+    vocab = gguf_vocab(spec.tokenizer, spec.text_config.vocab_size)
+    return gguf_bytes(gguf.MODEL_ARCH_NAMES[ARCHS[spec.family]],
+                      _text_metadata(spec, qtype, vocab, source_digest, settings), tensors)
