@@ -347,6 +347,8 @@ def quantize_cmd(
     target_size: Optional[str] = typer.Option(None, "--target-size", help="GGUF: the same within this size of the "
                                               "text GGUF, header and embeddings included (1.6GB, 500MB, 750MiB or "
                                               "bytes)."),
+    budget_includes_vision: bool = typer.Option(False, "--budget-includes-vision", help="--target-size counts the "
+                                                "mmproj as well."),
     candidate_types: str = typer.Option("q2_k,q3_k,q4_k,q5_k,q6_k,q8_0", "--candidate-types",
                                         help="Types --target-bpw chooses from."),
     sensitivity_data: Optional[Path] = typer.Option(None, "--sensitivity-data", help="--target-bpw: measurement "
@@ -377,6 +379,7 @@ def quantize_cmd(
              "seqlen": seqlen, "seed": seed, "damp": damp, "act_order": act_order, "static_groups": static_groups,
              "device": device, "tensor_types": list(tensor_type or []), "target_bpw": target_bpw,
              "target_size": None if target_size is None else _size_in_bytes(target_size),
+             "budget_includes_vision": budget_includes_vision,
              "candidate_types": _comma_list(candidate_types, "--candidate-types"),
              "sensitivity_data": None if sensitivity_data is None else str(sensitivity_data)}
     given: list[str] = []

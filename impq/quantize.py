@@ -57,6 +57,7 @@ class QuantizeSettings:
     tensor_types: list[str] = field(default_factory=list)   # GGUF: "REGEX=TYPE" overrides, the last match wins
     target_bpw: float | None = None   # GGUF: a per-group mix of candidate types within this many bits per weight
     target_size: int | None = None    # GGUF: ... or within this many bytes of the text GGUF, header and all
+    budget_includes_vision: bool = False   # --target-size counts the mmproj too
     candidate_types: list[str] = field(default_factory=lambda: ["q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "q8_0"])
     sensitivity_data: str | None = None   # VQA JSONL of measurement prompts (its last items); default: the eval split
     sensitivity_prompts: int = 32
@@ -90,6 +91,8 @@ class QuantizeSettings:
             canonical_type_name(value, GRIDS, "--candidate-types")
         if kwargs.get("target_bpw") is not None and kwargs.get("target_size") is not None:
             raise ImpqError(None, "--target-bpw and --target-size: give one budget")
+        if kwargs.get("budget_includes_vision") and kwargs.get("target_size") is None:
+            raise ImpqError(None, "--budget-includes-vision goes with --target-size")
         if kwargs.get("target_size") is not None and kwargs["target_size"] <= 0:
             raise ImpqError(None, f"--target-size {kwargs['target_size']}: a positive number of bytes")
         if kwargs.get("target_bpw") is not None and not 1.0 <= kwargs["target_bpw"] <= 16.0:
@@ -240,7 +243,8 @@ def quantize_model(model_dir: str | Path, out_dir: str | Path, settings: Quantiz
             artifacts = _write_gguf_pair(lmm, stage, stem, settings, result, digest, recorded)
             llm_bytes = Path(artifacts["text_gguf"]).stat().st_size
             if allocation:
-                allocation["achieved_file_bytes"] = llm_bytes
+                allocation["achieved_file_bytes"] = llm_bytes + (Path(artifacts["mmproj_gguf"]).stat().st_size
+                                                                 if settings.budget_includes_vision else 0)
             bits_quantized = 8 * sum(nbytes(spec.shape(name), q.grid.qtype) for name, q in result.tensors.items()) / \
                 sum(spec.numel(name) for name in result.tensors)
         else:
@@ -306,7 +310,9 @@ def _planned_bytes(spec, entry) -> int:
 
 def _bytes_beside_decoder(spec, grid, settings, model_dir, plan) -> int:
     """The text GGUF's bytes other than the decoder tensors' data: header and metadata (the recipe in it counted at
-    its longest, every tensor's type spelt "float"), embedding, output head, norms and biases."""
+    its longest, every tensor's type spelt "float"), embedding, output head, norms and biases; and the whole
+    mmproj where the budget includes the vision side."""
+    from .export.gguf_mmproj import mmproj_gguf_bytes
     from .export.gguf_text import text_gguf_bytes
 
     digest = sha256_files([spec.folder / "config.json", *spec.checkpoint.files])
@@ -314,6 +320,8 @@ def _bytes_beside_decoder(spec, grid, settings, model_dir, plan) -> int:
              "calibration_digest": calibration_digest(settings.calib), "tensor_types": dict.fromkeys(plan, "float")}
     total = text_gguf_bytes(spec, grid.qtype, digest, bound, dict.fromkeys(plan, QType.F16),
                             head_type=QType[settings.embeddings.upper()])
+    if settings.budget_includes_vision:
+        total += mmproj_gguf_bytes(spec, QType[settings.vision.upper()], digest, bound)
     return total - sum(aligned(nbytes((e.out_features, e.in_features), QType.F16)) for e in plan.values())
 
 

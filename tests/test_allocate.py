@@ -130,3 +130,24 @@ def test_target_size_counts_the_whole_file(run_cli, models_dir, tmp_path):
     assert not (tmp_path / "never").exists()
     status, _, err = run_cli("quantize", models_dir / "imp-phi2", "--target-size", "big", "--out", tmp_path / "never")
     assert status == 2 and "--target-size big" in err
+
+
+def test_a_size_budget_can_include_the_mmproj(run_cli, models_dir, tmp_path):
+    calib = _calib(tmp_path)
+    common = ("--method", "rtn", "--calib", calib, "--nsamples", "4", "--verify-items", "0", "--json")
+    status, stdout, err = run_cli("quantize", models_dir / "imp-phi2", "--type", "q4_0", "--out", tmp_path / "u",
+                                  *common)
+    assert status == 0, err
+    files = {p.name.startswith("mmproj-"): p.stat().st_size for p in (tmp_path / "u").glob("*.gguf")}
+    target = files[False] + files[True] + 3000                  # room for a few tensors above Q4_0
+    status, stdout, err = run_cli("quantize", models_dir / "imp-phi2", "--type", "q4_0", "--target-size", str(target),
+                                  "--budget-includes-vision", "--candidate-types", "q4_0,q8_0", "--sensitivity-data",
+                                  default_eval_data(), "--out", tmp_path / "mix", *common)
+    assert status == 0, err
+    allocation = json.loads(stdout)["allocation"]
+    written = sum(p.stat().st_size for p in (tmp_path / "mix").glob("*.gguf"))
+    assert allocation["achieved_file_bytes"] == written and files[False] + files[True] < written <= target
+    status, _, err = run_cli("quantize", models_dir / "imp-phi2", "--budget-includes-vision", "--out",
+                             tmp_path / "never")
+    assert status == 2 and "--budget-includes-vision goes with --target-size" in err
+    assert not (tmp_path / "never").exists()

@@ -21,7 +21,7 @@ import torch
 from ..errors import ImpqError
 from ..models.layouts import ModelSpec
 from ..models.reduction import LLAMA_CPP_POOL_GRID, VisionReduction, interpolate_positions, vision_reduction
-from .gguf_file import FILE_TYPES, PlannedTensor, QType, add_provenance, matrix_type, write_gguf
+from .gguf_file import FILE_TYPES, PlannedTensor, QType, add_provenance, gguf_bytes, matrix_type, write_gguf
 
 # projector tensors by llama.cpp projector type: "mlp" (Imp's mlp2x_gelu) and "ldpv2" (the same MLP, then pooling)
 PROJECTOR_NAMES = {"mlp": {"projector.0.weight": "mm.0.weight", "projector.0.bias": "mm.0.bias",
@@ -79,11 +79,8 @@ def mmproj_tensors(spec: ModelSpec, qtype: QType, reduction: VisionReduction | N
     return planned
 
 
-def write_mmproj_gguf(spec: ModelSpec, path: Path, qtype: QType, source_digest: str, settings: dict,
-                      on_tensor=None, reduction: VisionReduction | None = None) -> Path:
+def _mmproj_metadata(spec: ModelSpec, qtype: QType, reduction: VisionReduction, source_digest: str, settings: dict):
     vision = spec.vision
-    reduction = reduction or vision_reduction(vision)
-    tensors = mmproj_tensors(spec, qtype, reduction)
     cfg = vision.config
     layers = cfg.num_hidden_layers
     act = cfg.hidden_act
@@ -114,5 +111,19 @@ def write_mmproj_gguf(spec: ModelSpec, path: Path, qtype: QType, source_digest: 
         # llama.cpp letterboxes non-square images; the model was trained on this geometry instead
         writer.add_string("impq.image_resize", vision.resize)
         add_provenance(writer, source_digest, settings)
+    return metadata
 
-    return write_gguf(path, "clip", metadata, tensors, on_tensor)
+
+def write_mmproj_gguf(spec: ModelSpec, path: Path, qtype: QType, source_digest: str, settings: dict,
+                      on_tensor=None, reduction: VisionReduction | None = None) -> Path:
+    reduction = reduction or vision_reduction(spec.vision)
+    metadata = _mmproj_metadata(spec, qtype, reduction, source_digest, settings)
+    return write_gguf(path, "clip", metadata, mmproj_tensors(spec, qtype, reduction), on_tensor)
+
+
+def mmproj_gguf_bytes(spec: ModelSpec, qtype: QType, source_digest: str, settings: dict,
+                      reduction: VisionReduction | None = None) -> int:
+    """The exact size write_mmproj_gguf would write: what a size budget that includes the vision side counts."""
+    reduction = reduction or vision_reduction(spec.vision)
+    return gguf_bytes("clip", _mmproj_metadata(spec, qtype, reduction, source_digest, settings),
+                      mmproj_tensors(spec, qtype, reduction))
