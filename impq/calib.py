@@ -52,12 +52,12 @@ def read_calibration(path: str | Path) -> list[CalibSample]:
     return samples
 
 
-def calibration_digest(path: str | Path) -> str:
+def calibration_digest(path: str | Path, samples: list[CalibSample] | None = None) -> str:
     """The calibration set's identity: the file's bytes and those of every image it names (by file name, never by
-    folder, so that the same data gives the same digest anywhere)."""
+    folder, so that the same data gives the same digest anywhere). `samples`: the file's, when already read."""
     from .fileio import sha256_files
 
-    samples = read_calibration(path)
+    samples = read_calibration(path) if samples is None else samples
     return sha256_files([Path(path), *sorted({s.image for s in samples if s.image is not None})])
 
 

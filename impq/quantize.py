@@ -13,7 +13,6 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-
 from .calib import calibration_digest, calibration_embeddings, read_calibration
 from .device import resolve_device
 from .errors import ImpqError
@@ -176,6 +175,8 @@ def quantize_model(model_dir: str | Path, out_dir: str | Path, settings: Quantiz
     device = resolve_device(settings.device)
     spec = read_spec(model_dir)
     samples = read_calibration(settings.calib)
+    digest = sha256_files([spec.folder / "config.json", *spec.checkpoint.files])
+    calib_digest = calibration_digest(settings.calib, samples)
     if settings.format == "gguf":                 # a model that cannot be exported fails before the long work
         gguf_vocab(spec.tokenizer, spec.text_config.vocab_size)
         text_tensors(spec, grid.qtype)
@@ -193,9 +194,11 @@ def quantize_model(model_dir: str | Path, out_dir: str | Path, settings: Quantiz
         candidates = {t: plan_llm(lmm.llm, GRIDS[canonical_type_name(t, GRIDS, "--candidate-types")])
                       for t in settings.candidate_types}
         weights = sum(spec.numel(n) for n in plan)
-        smallest = sum(min(_planned_bytes(spec, c[n]) for c in candidates.values()) for n in plan)
+        smallest = sum(min(_planned_bytes(c[n]) for c in candidates.values()) for n in plan)
         if settings.target_size is not None:
-            beside = _bytes_beside_decoder(spec, grid, settings, model_dir, plan)
+            # the recipe in the header counted at its longest: every tensor's type spelt "float"
+            bound = _recorded(settings, model_dir, digest, calib_digest, dict.fromkeys(plan, "float"))
+            beside = _bytes_beside_decoder(spec, grid, settings, plan, digest, bound)
             budget = settings.target_size - beside
             if budget < smallest:
                 raise ImpqError(None, f"--target-size {settings.target_size}: below the smallest possible file, "
@@ -231,12 +234,9 @@ def quantize_model(model_dir: str | Path, out_dir: str | Path, settings: Quantiz
     stem = f"{spec.name}-{settings.grid_label}-{settings.method}"
     if settings.format == "safetensors":
         stem += f"-{settings.layout}"
-    digest = sha256_files([spec.folder / "config.json", *spec.checkpoint.files])
     recipe = input_recipe(settings, Path(model_dir))
     plan_types = {name: entry.grid.name if entry.grid is not None else "float" for name, entry in plan.items()}
-    # what the artifact's own bytes carry: the recipe, its input digests and the plan; no path, no machine
-    recorded = {**recipe, "model_digest": digest, "calibration_digest": calibration_digest(settings.calib),
-                "tensor_types": plan_types}
+    recorded = _recorded(settings, model_dir, digest, calib_digest, plan_types)
     # every file of the artifact is written and checked in a staging folder, then moved in together, report last
     with artifact_set(out_dir, f"{stem}.report.json") as stage:
         if settings.format == "gguf":
@@ -302,26 +302,29 @@ def _write_gguf_pair(lmm: LMM, out_dir: Path, stem: str, settings: QuantizeSetti
     return {"text_gguf": text_path, "mmproj_gguf": mmproj_path}
 
 
-def _planned_bytes(spec, entry) -> int:
+def _recorded(settings, model_dir, digest: str, calib_digest: str, tensor_types: dict) -> dict:
+    """What the artifact's own bytes carry: the recipe, its input digests and the plan; no path, no machine."""
+    return {**input_recipe(settings, Path(model_dir)), "model_digest": digest, "calibration_digest": calib_digest,
+            "tensor_types": tensor_types}
+
+
+def _planned_bytes(entry) -> int:
     """A tensor's bytes in the GGUF at its planned grid (16 bits where it stays float), alignment padding included."""
     return aligned(nbytes((entry.out_features, entry.in_features),
                           entry.grid.qtype if entry.grid is not None else QType.F16))
 
 
-def _bytes_beside_decoder(spec, grid, settings, model_dir, plan) -> int:
-    """The text GGUF's bytes other than the decoder tensors' data: header and metadata (the recipe in it counted at
-    its longest, every tensor's type spelt "float"), embedding, output head, norms and biases; and the whole
-    mmproj where the budget includes the vision side."""
+def _bytes_beside_decoder(spec, grid, settings, plan, digest: str, recorded: dict) -> int:
+    """The text GGUF's bytes other than the decoder tensors' data, with `recorded` in its header: header and
+    metadata, embedding, output head, norms and biases; and the whole mmproj where the budget includes the vision
+    side."""
     from .export.gguf_mmproj import mmproj_gguf_bytes
     from .export.gguf_text import text_gguf_bytes
 
-    digest = sha256_files([spec.folder / "config.json", *spec.checkpoint.files])
-    bound = {**input_recipe(settings, Path(model_dir)), "model_digest": digest,
-             "calibration_digest": calibration_digest(settings.calib), "tensor_types": dict.fromkeys(plan, "float")}
-    total = text_gguf_bytes(spec, grid.qtype, digest, bound, dict.fromkeys(plan, QType.F16),
+    total = text_gguf_bytes(spec, grid.qtype, digest, recorded, dict.fromkeys(plan, QType.F16),
                             head_type=QType[settings.embeddings.upper()])
     if settings.budget_includes_vision:
-        total += mmproj_gguf_bytes(spec, QType[settings.vision.upper()], digest, bound)
+        total += mmproj_gguf_bytes(spec, QType[settings.vision.upper()], digest, recorded)
     return total - sum(aligned(nbytes((e.out_features, e.in_features), QType.F16)) for e in plan.values())
 
 
@@ -352,14 +355,14 @@ def _budgeted_plan(lmm, embeddings, prompts, settings, spec, candidates: dict, b
 
     method = "gptq" if settings.method in ("gptq", "signround") else "rtn"
     groups = measure_sensitivity(lmm, embeddings, prompts, list(candidates), method)
-    options = [[Option(t, sum(_planned_bytes(spec, candidates[t][n]) for n in g.tensors), g.kld[t])
+    options = [[Option(t, sum(_planned_bytes(candidates[t][n]) for n in g.tensors), g.kld[t])
                 for t in candidates] for g in groups]
     choice = allocate(options, budget)
     overrides = [(f"^{regex.escape(name)}$", candidates[options[i][c].type][name].requested)
                  for i, g in enumerate(groups) for name in g.tensors for c in [choice[i]]]
     # the allocation as exact-name overrides, then the user's own --tensor-type overrides, which win
     plan = plan_llm(lmm.llm, GRIDS[settings.type], overrides + settings.overrides(), aliases)
-    achieved = sum(_planned_bytes(spec, entry) for entry in plan.values())
+    achieved = sum(_planned_bytes(entry) for entry in plan.values())
     weights = sum(spec.numel(n) for n in plan)
     return plan, {"target_bpw": settings.target_bpw, "budget_bytes": budget, "achieved_bytes": achieved,
                   "achieved_bpw": 8 * achieved / weights,
