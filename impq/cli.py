@@ -351,9 +351,15 @@ def quantize_cmd(
                                                 "mmproj as well."),
     candidate_types: str = typer.Option("q2_k,q3_k,q4_k,q5_k,q6_k,q8_0", "--candidate-types",
                                         help="Types --target-bpw chooses from."),
-    sensitivity_data: Optional[Path] = typer.Option(None, "--sensitivity-data", help="--target-bpw: measurement "
-                                                    "prompts (VQA JSONL) disjoint from the calibration; default: the "
-                                                    "eval split (imp-tiny)."),
+    sensitivity_data: Optional[Path] = typer.Option(None, "--sensitivity-data", help="A budget's measurement "
+                                                    "data disjoint from the calibration: a VQA JSONL (the answer's "
+                                                    "position) or a text file (every position of each paragraph); "
+                                                    "default: the eval split (imp-tiny)."),
+    sensitivity_prompts: int = typer.Option(32, "--sensitivity-prompts", min=1, help="Measurement sequences (the "
+                                            "file's last ones)."),
+    sensitivity: str = typer.Option("scaled", "--sensitivity", help="scaled: measure each group's KLD at --type "
+                                    "and scale it to the other candidates by the quantizer's output error (one "
+                                    "pass per group); measured: measure every candidate."),
     out: Path = typer.Option(Path("quantized"), help="Output folder."),
     calib: Optional[Path] = typer.Option(None, help="Calibration JSONL ({image, prompt}) or text; default: the "
                                                     "shapes split for imp-tiny, calib_data/photos otherwise."),
@@ -381,7 +387,8 @@ def quantize_cmd(
              "target_size": None if target_size is None else _size_in_bytes(target_size),
              "budget_includes_vision": budget_includes_vision,
              "candidate_types": _comma_list(candidate_types, "--candidate-types"),
-             "sensitivity_data": None if sensitivity_data is None else str(sensitivity_data)}
+             "sensitivity_data": None if sensitivity_data is None else str(sensitivity_data),
+             "sensitivity_prompts": sensitivity_prompts, "sensitivity": sensitivity}
     given: list[str] = []
     if recipe is None:
         model = model or default_model_dir()
@@ -424,15 +431,27 @@ def sensitivity_cmd(
     method: str = typer.Option("gptq", help="rtn | gptq: the quantizer whose error is measured."),
     calib: Optional[Path] = typer.Option(None, help="Calibration file for the Hessians; default as impq quantize."),
     nsamples: int = typer.Option(16, min=1, help="Calibration sequences."),
-    data: Optional[Path] = typer.Option(None, help="Measurement prompts, a VQA JSONL disjoint from the calibration "
-                                                   "data; default: the shapes eval split (embedded model only)."),
-    limit: int = typer.Option(32, min=1, help="Measurement prompts."),
+    data: Optional[Path] = typer.Option(None, help="Measurement data disjoint from the calibration: a VQA JSONL (the "
+                                                   "answer's position) or a text file (every position of each "
+                                                   "paragraph); default: the shapes eval split (embedded model)."),
+    limit: int = typer.Option(32, min=1, help="Measurement sequences."),
+    seqlen: int = typer.Option(512, min=8, help="Longest calibration or measurement sequence (tokens)."),
+    layers: Optional[str] = typer.Option(None, help="Only these decoder layers, comma-separated (default: all)."),
+    reference_type: Optional[str] = typer.Option(None, "--reference-type", help="The type the scaled figures' rank "
+                                                 "correlation is computed from (impq quantize --sensitivity scaled "
+                                                 "measures --type); default: q4_k, or the middle candidate."),
     out: Path = typer.Option(Path("sensitivity"), help="Folder for sensitivity.json and sensitivity.png."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ):
     """Mean KLD of the next-token distribution when only one tensor group is quantized, per candidate type."""
+    from dataclasses import asdict
+
+    from .calib import calibration_embeddings, read_calibration
     from .defaults import default_calib_data, default_eval_data, default_model_dir
-    from .quant.sensitivity import METHODS, measure_sensitivity, write_sensitivity_plot
+    from .fileio import atomic_output, ensure_writable_dir
+    from .models.lmm import LMM
+    from .quant.sensitivity import METHODS, measure_sensitivity, proxy_rank_correlation, read_measurement
+    from .quant.sensitivity import write_sensitivity_plot
     from .sweep.resolution import SWEEP_TYPES
 
     embedded = model is None
@@ -441,18 +460,37 @@ def sensitivity_cmd(
                   for t in _comma_list(types, "--types")]
     if not candidates:
         raise ImpqError(None, "--types: give at least one candidate type")
+    reference = (canonical_type_name(reference_type, candidates, "--reference-type") if reference_type
+                 else "q4_k" if "q4_k" in candidates else candidates[len(candidates) // 2])
     if method not in METHODS:
         raise ImpqError(None, f"--method {method}: choose one of {', '.join(METHODS)}")
     if data is None and not embedded:
-        raise ImpqError(None, "--data: give measurement prompts (a VQA JSONL) disjoint from the calibration data")
-    run_sensitivity = _sensitivity_runner(model, calib or default_calib_data(model), nsamples,
-                                          data or default_eval_data(), limit)
-    from .fileio import atomic_output, ensure_writable_dir
+        raise ImpqError(None, "--data: give measurement data (a VQA JSONL or text) disjoint from the calibration data")
+    calib = calib or default_calib_data(model)
+    data = data or default_eval_data()
+    samples = read_calibration(calib)                  # bad input fails here, before the long work
+    lmm = LMM.from_folder(model)
+    n_layers = len(lmm.llm.model.layers)
+    chosen = None
+    if layers is not None:
+        try:
+            chosen = [int(v) for v in _comma_list(layers, "--layers")]
+        except ValueError:
+            raise ImpqError(None, f"--layers {layers}: decoder layer numbers, comma-separated") from None
+        if not chosen or any(not 0 <= i < n_layers for i in chosen):
+            raise ImpqError(None, f"--layers {layers}: the model's decoder layers are 0 to {n_layers - 1}")
+    measurements = read_measurement(lmm, data, limit, seqlen)
     ensure_writable_dir(out)
+    calib_embeds = calibration_embeddings(lmm, samples, nsamples, seqlen)
     with _progress() as progress:
         task = progress.add_task(f"sensitivity ({method})", total=None)
-        results, record = run_sensitivity(candidates, method, measure_sensitivity,
-                                          lambda i, n: progress.update(task, completed=i))
+        results = measure_sensitivity(lmm, calib_embeds, measurements, candidates, method,
+                                      lambda i, n: progress.update(task, completed=i), layers=chosen)
+    record = {"model": Path(model).name, "method": method, "types": candidates, "calibration": Path(calib).name,
+              "calibration_sequences": len(calib_embeds), "measurement": Path(data).name,
+              "prompts": len(measurements), "positions": sum(m.embeds.shape[1] - m.first for m in measurements),
+              "proxy_rank_correlation": proxy_rank_correlation(results, candidates, reference),
+              "groups": [asdict(r) for r in results]}
     with atomic_output(out / "sensitivity.json") as tmp:
         tmp.write_text(json.dumps(record, indent=2) + "\n")
     write_sensitivity_plot(out / "sensitivity.png", results, candidates,
@@ -460,31 +498,12 @@ def sensitivity_cmd(
     table = Table("layer", "group", *[t.upper() for t in candidates], title=f"mean KLD, {out / 'sensitivity.json'}")
     for r in results:
         table.add_row(str(r.layer), r.kind, *[f"{r.kld[t]:.3g}" for t in candidates])
+    correlation = record["proxy_rank_correlation"]
+    if correlation["scaled_kld"] is not None:
+        table.caption = (f"rank correlation with the measured KLD over {correlation['pairs']} pairs: output error "
+                         f"{correlation['output_error']:.3f}, KLD scaled from {reference.upper()} "
+                         f"{correlation['scaled_kld']:.3f}")
     _emit(as_json, record, table)
-
-
-def _sensitivity_runner(model: Path, calib: Path, nsamples: int, data: Path, limit: int):
-    """Loads everything a sensitivity run needs (bad input fails here, before the long work) and returns it."""
-    from dataclasses import asdict
-
-    from .calib import calibration_embeddings, read_calibration
-    from .measure.vqa import read_vqa_jsonl
-    from .models.lmm import LMM
-    from .models.preprocess import load_image
-
-    samples = read_calibration(calib)
-    items = read_vqa_jsonl(data)[:limit]
-    lmm = LMM.from_folder(model)
-    calib_embeds = calibration_embeddings(lmm, samples, nsamples, 512)
-    prompts = [lmm.prompt_embeddings(load_image(item.image), item.question) for item in items]
-
-    def run(candidates, method, measure, on_group):
-        results = measure(lmm, calib_embeds, prompts, candidates, method, on_group)
-        return results, {"model": Path(model).name, "method": method, "types": candidates,
-                         "calibration": Path(calib).name, "calibration_sequences": len(calib_embeds),
-                         "measurement": Path(data).name, "prompts": len(prompts),
-                         "groups": [asdict(r) for r in results]}
-    return run
 
 
 @app.command("reproduce")

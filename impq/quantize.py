@@ -33,7 +33,8 @@ from .recipe import input_recipe, output_files, sha256_file, write_resolved_reci
 DEFAULT_TYPE_FOR_BITS = {8: "q8_0", 6: "q6_k", 5: "q5_k", 4: "q4_k", 3: "q3_k", 2: "q2_k"}
 FORMATS = ("gguf", "safetensors")
 DEFAULT_GROUP_SIZE = 128          # safetensors: int<bits> with one scale per 128 input columns
-UNQUANTIZED_TYPES = ("q8_0", "f16", "f32")   # GGUF choices for the token embedding, output head and vision side
+UNQUANTIZED_TYPES = ("q8_0", "f16", "f32")
+SENSITIVITY_MODES = ("measured", "scaled")   # GGUF choices for the token embedding, output head and vision side
 
 
 @dataclass
@@ -60,6 +61,9 @@ class QuantizeSettings:
     candidate_types: list[str] = field(default_factory=lambda: ["q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "q8_0"])
     sensitivity_data: str | None = None   # VQA JSONL of measurement prompts (its last items); default: the eval split
     sensitivity_prompts: int = 32
+    # measured: every candidate type's KLD measured; scaled: the default type's measured, the others scaled by
+    # the quantizer's output error (quant/sensitivity.py). A recipe without the field predates "scaled".
+    sensitivity: str = "measured"
     embeddings: str = "q8_0"      # GGUF: token embedding and output head at 8 bits in low-bit exports
     vision: str = "f16"           # the vision tower and projector stay at 16 bits
 
@@ -90,6 +94,8 @@ class QuantizeSettings:
             canonical_type_name(value, GRIDS, "--candidate-types")
         if kwargs.get("target_bpw") is not None and kwargs.get("target_size") is not None:
             raise ImpqError(None, "--target-bpw and --target-size: give one budget")
+        if kwargs.get("sensitivity", "measured") not in SENSITIVITY_MODES:
+            raise ImpqError(None, f"--sensitivity {kwargs['sensitivity']}: choose one of {', '.join(SENSITIVITY_MODES)}")
         if kwargs.get("budget_includes_vision") and kwargs.get("target_size") is None:
             raise ImpqError(None, "--budget-includes-vision goes with --target-size")
         if kwargs.get("target_size") is not None and kwargs["target_size"] <= 0:
@@ -329,20 +335,18 @@ def _bytes_beside_decoder(spec, grid, settings, plan, digest: str, recorded: dic
 
 
 def _measurement_prompts(lmm, model_dir, settings) -> list:
-    """The sensitivity's measurement prompts (image + question up to the answer), disjoint from the calibration."""
+    """The sensitivity's measurement sequences (quant/sensitivity.read_measurement), disjoint from the calibration:
+    the file's last ones, since impq eval and the report's verification take the first."""
     from .defaults import PACKAGE, default_eval_data
-    from .measure.vqa import read_vqa_jsonl
-    from .models.preprocess import load_image
+    from .quant.sensitivity import read_measurement
 
     data = settings.sensitivity_data
     if data is None:
         if (Path(model_dir) / "config.json").resolve() != (PACKAGE / "assets" / "imp-tiny" / "config.json").resolve():
-            raise ImpqError(None, "--target-bpw measures sensitivity: give --sensitivity-data (a VQA JSONL disjoint "
-                                  "from the calibration data)")
+            raise ImpqError(None, "a size budget measures sensitivity: give --sensitivity-data (a VQA JSONL or a text "
+                                  "file, disjoint from the calibration data)")
         data = default_eval_data()
-    # the file's last items: impq eval and the report's verification take the first ones
-    items = read_vqa_jsonl(data)[-settings.sensitivity_prompts:]
-    return [lmm.prompt_embeddings(load_image(item.image), item.question) for item in items]
+    return read_measurement(lmm, data, settings.sensitivity_prompts, settings.seqlen, from_end=True)
 
 
 def _budgeted_plan(lmm, embeddings, prompts, settings, spec, candidates: dict, budget: int, aliases: dict):
@@ -354,7 +358,10 @@ def _budgeted_plan(lmm, embeddings, prompts, settings, spec, candidates: dict, b
     from .quant.sensitivity import measure_sensitivity
 
     method = "gptq" if settings.method in ("gptq", "signround") else "rtn"
-    groups = measure_sensitivity(lmm, embeddings, prompts, list(candidates), method)
+    reference = None
+    if settings.sensitivity == "scaled":
+        reference = settings.type if settings.type in candidates else list(candidates)[len(candidates) // 2]
+    groups = measure_sensitivity(lmm, embeddings, prompts, list(candidates), method, reference_type=reference)
     options = [[Option(t, sum(_planned_bytes(candidates[t][n]) for n in g.tensors), g.kld[t])
                 for t in candidates] for g in groups]
     choice = allocate(options, budget)
@@ -368,7 +375,9 @@ def _budgeted_plan(lmm, embeddings, prompts, settings, spec, candidates: dict, b
                   "achieved_bpw": 8 * achieved / weights,
                   "predicted_kld": sum(options[i][c].kld for i, c in enumerate(choice)),
                   "groups": {"+".join(g.tensors): options[i][choice[i]].type for i, g in enumerate(groups)},
-                  "sensitivity_method": method, "sensitivity_prompts": len(prompts)}
+                  "sensitivity_method": method, "sensitivity_prompts": len(prompts),
+                  "sensitivity_positions": sum(p.embeds.shape[1] - p.first for p in prompts),
+                  "sensitivity": settings.sensitivity, "sensitivity_reference_type": reference}
 
 
 def _versions() -> dict:

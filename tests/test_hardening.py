@@ -111,22 +111,12 @@ def test_non_finite_weight_in_a_fused_tensor_gets_the_checkpoint_index(models_di
         export_pair(read_spec(model), tmp_path / "out", "f16")
 
 
-def _realistic_init(model: torch.nn.Module) -> None:
-    from impq.models.testing import _init_std
-
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            mean, std = _init_std(name, tuple(param.shape))
-            param.copy_(torch.randn(param.shape, generator=gen) * std + mean)
-
-
 def test_transformers_5_llava_siglip_save_exports_and_matches(tmp_path):
     """A folder written by LlavaForConditionalGeneration.save_pretrained itself: its SigLIP tower is stored as
     `vision_tower.embeddings...`, without the `vision_model.` level of hub checkpoints."""
     from transformers import LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, SiglipVisionConfig
 
-    from impq.models.testing import build_sentencepiece_tokenizer
+    from impq.models.testing import build_sentencepiece_tokenizer, realistic_init
 
     tokenizer, sentencepiece_model = build_sentencepiece_tokenizer("llama")
     rows = -(-tokenizer.get_vocab_size() // 32) * 32
@@ -138,7 +128,7 @@ def test_transformers_5_llava_siglip_save_exports_and_matches(tmp_path):
                                 eos_token_id=tokenizer.token_to_id("</s>")),
         image_token_index=tokenizer.token_to_id("<image>"), vision_feature_layer=-2, projector_hidden_act="gelu")
     model = LlavaForConditionalGeneration(config)
-    _realistic_init(model)
+    realistic_init(model)
     folder = tmp_path / "llava"
     model.save_pretrained(folder)
     tokenizer.save(str(folder / "tokenizer.json"))

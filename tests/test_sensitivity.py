@@ -26,6 +26,10 @@ def test_sensitivity_of_each_group_and_type(run_cli, models_dir, tmp_path):
     assert groups[0]["written_as"] == {"q2_k": "Q4_0", "q4_0": "Q4_0", "q8_0": "Q8_0"}   # 64 wide: Q2_K's fallback
     # fewer bits move the distribution more, for every group
     assert all(g["kld"]["q4_0"] > g["kld"]["q8_0"] for g in groups)
+    # the cheaper figures' rank correlation: over the 8-bit pairs (Q2_K falls back to the reference Q4_0 here)
+    correlation = record["proxy_rank_correlation"]
+    assert correlation["reference_type"] == "q4_0" and correlation["pairs"] == len(groups)
+    assert -1 <= correlation["output_error"] <= 1 and -1 <= correlation["scaled_kld"] <= 1
 
 
 @pytest.mark.parametrize("args,needle", [
@@ -43,3 +47,38 @@ def test_bad_sensitivity_input(run_cli, models_dir, tmp_path, args, needle):
 def test_a_checkpoint_needs_measurement_data(run_cli, models_dir, tmp_path):
     status, _, err = run_cli("sensitivity", models_dir / "imp-phi2", "--out", tmp_path / "out")
     assert status == 2 and "--data" in err and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("layout", ["imp-phi2", "imp-qwen2", "imp-phi3", "llava-siglip"])
+def test_a_group_is_measured_from_its_own_layer(models_dir, layout):
+    """The measurement runs layer i onward from the cached full-precision inputs: unchanged, that is the full
+    model's distribution at every layer (KLD 0); a quantized group moves it."""
+    from impq.calib import calibration_embeddings, read_calibration
+    from impq.models.lmm import LMM
+    from impq.quant.sensitivity import _Reference, measure_sensitivity, read_measurement
+    from impq.defaults import default_calib_data
+
+    lmm = LMM.from_folder(models_dir / layout)
+    measurements = read_measurement(lmm, default_eval_data(), 3)
+    reference = _Reference(lmm, measurements)
+    assert all(abs(reference.mean_kld(i)) < 1e-9 for i in range(len(lmm.llm.model.layers)))
+    calib = calibration_embeddings(lmm, read_calibration(default_calib_data()), 4, 512)
+    scaled = measure_sensitivity(lmm, calib, measurements, ["q4_0", "q8_0"], "rtn", reference_type="q4_0")
+    full = measure_sensitivity(lmm, calib, measurements, ["q4_0", "q8_0"], "rtn")
+    for s, f in zip(scaled, full):
+        assert s.measured == ["q4_0"] and f.measured == ["q4_0", "q8_0"]
+        assert s.kld["q4_0"] == f.kld["q4_0"] > 0 and s.output_error == f.output_error
+        # scaled by the output error: the 8-bit figure is the 4-bit one times their error ratio
+        assert s.kld["q8_0"] == pytest.approx(f.kld["q4_0"] * f.output_error["q8_0"] / f.output_error["q4_0"])
+
+
+def test_text_measurement_compares_every_position(models_dir, tmp_path):
+    from impq.models.lmm import LMM
+    from impq.quant.sensitivity import read_measurement
+
+    text = tmp_path / "measure.txt"
+    text.write_text("A first paragraph of plain text.\n\nAnd a second one, a little longer than the first.\n")
+    lmm = LMM.from_folder(models_dir / "llava-siglip")
+    measurements = read_measurement(lmm, text, 8)
+    assert len(measurements) == 2 and all(m.first == 0 and m.embeds.shape[1] > 4 for m in measurements)
+    assert [m.embeds.shape[1] for m in read_measurement(lmm, text, 1, from_end=True)] == [measurements[1].embeds.shape[1]]

@@ -197,6 +197,15 @@ def _init_std(name: str, shape: tuple[int, ...]) -> tuple[float, float]:
     return 0.0, scale / math.sqrt(fan_in)
 
 
+def realistic_init(model: torch.nn.Module, seed: int = 0) -> None:
+    """Fill every parameter of a generated module with _init_std's realistic random values."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            mean, std = _init_std(name, tuple(param.shape))
+            param.copy_(torch.randn(param.shape, generator=gen) * std + mean)
+
+
 class _StreamingSafetensors:
     """Writes one safetensors shard tensor by tensor. The safetensors library needs every tensor in memory at
     once; a 2.7B-parameter checkpoint must not, so the (simple, documented) format is written here directly."""

@@ -58,7 +58,7 @@ class _StopForward(Exception):
     pass
 
 
-def _capture_first_block_inputs(lmm: LMM, embeddings: list[torch.Tensor]) -> list[tuple[torch.Tensor, dict]]:
+def capture_first_block_inputs(lmm: LMM, embeddings: list[torch.Tensor]) -> list[tuple[torch.Tensor, dict]]:
     layers = lmm.llm.model.layers
     first = layers[0]
     captured = []
@@ -96,7 +96,7 @@ def quantize_llm(lmm: LMM, embeddings: list[torch.Tensor], plan: Plan, method: s
     start = time.perf_counter()
     result = QuantizeResult()
     lmm.llm.model.rotary_emb.to(device)
-    inputs = _capture_first_block_inputs(lmm, [e.to(device) for e in embeddings])
+    inputs = capture_first_block_inputs(lmm, [e.to(device) for e in embeddings])
     layers = lmm.llm.model.layers
     for index, layer in enumerate(layers):
         layer.to(device)

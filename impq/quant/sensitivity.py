@@ -2,23 +2,30 @@
 when only one tensor group is quantized to a candidate type with the method that will be used.
 
 Groups are the tensors that read one input (q/k/v, gate/up, and Phi-2's q/k/v with fc1, which share the parallel
-block's layernorm output): they share a Hessian, and an allocation gives them one decision. Measured directly,
-no proxy: each (group, type) is quantized from full precision with its Hessian from the calibration inputs, the
-measurement prompts (image + text, disjoint from the calibration data) run through the whole model, and the
-group is restored. Each decoder layer's Hessians are computed only while its groups are measured.
+block's layernorm output): they share a Hessian, and an allocation gives them one decision. Each (group, type) is
+quantized from full precision with its Hessian from the calibration inputs, the measurement sequences (disjoint
+from the calibration data) run from that group's decoder layer to the logits, and the group is restored; types
+whose fallbacks write the same grids as a type already measured share its figure.
+
+`reference_type` measures one type per group and scales it to the others by the quantizer's own output error:
+to second order, a small perturbation's KLD is proportional to its squared output error, tr(dW H dW^T) summed
+over the group, so KLD(t) = KLD(ref) * error(t) / error(ref). The measured gain carries what the error alone
+cannot (where in the network the group sits and how the following layers amplify it); measure_sensitivity
+without it measures every type, which is how the scaled figures' rank correlation is checked.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
 from torch import nn
 
-from ..measure.divergence import kl_divergence
 from ..models.lmm import LMM
+from .driver import capture_first_block_inputs
 from .gptq import gptq
 from .grids import GRIDS
 from .plan import plan_llm
@@ -28,12 +35,47 @@ METHODS = ("rtn", "gptq")
 
 
 @dataclass
+class Measurement:
+    """One measurement sequence: the LLM's input embeddings [1, n, hidden], compared from position `first` on
+    (a VQA prompt: its last position, where the answer is predicted; a text: every position)."""
+    embeds: torch.Tensor
+    first: int
+
+
+@dataclass
 class GroupSensitivity:
     layer: int
     tensors: list[str]             # canonical names
     kind: str                      # the group's linear names within the layer, e.g. "q_proj+k_proj+v_proj"
     kld: dict[str, float]          # requested type -> mean KLD against full precision
     written_as: dict[str, str]     # requested type -> the type the plan writes (width fallbacks)
+    output_error: dict[str, float] = field(default_factory=dict)   # type -> sum of tr(dW H dW^T) over the group
+    measured: list[str] = field(default_factory=list)   # the types whose KLD was measured (the rest are scaled)
+
+
+def read_measurement(lmm: LMM, path: str | Path, limit: int, seqlen: int = 512, from_end: bool = False
+                     ) -> list[Measurement]:
+    """A VQA JSONL's first (`from_end`: last) `limit` items (image + question up to the answer), or a text file's
+    paragraphs likewise (up to `seqlen` tokens each, every position compared)."""
+    from ..calib import read_calibration
+    from ..datasets.jsonl import looks_like_jsonl
+    from ..measure.vqa import read_vqa_jsonl
+    from ..models.preprocess import load_image
+
+    if looks_like_jsonl(Path(path)):
+        items = read_vqa_jsonl(path)
+        prompts = [lmm.prompt_embeddings(load_image(item.image), item.question)
+                   for item in (items[-limit:] if from_end else items[:limit])]
+        return [Measurement(p, p.shape[1] - 1) for p in prompts]
+    embed = lmm.llm.get_input_embeddings()
+    out = []
+    with torch.no_grad():
+        samples = read_calibration(path)
+        for sample in samples[-limit:] if from_end else samples[:limit]:
+            ids = lmm.tokenizer.encode(sample.text)[:seqlen]
+            if len(ids) > 1:
+                out.append(Measurement(embed(torch.tensor(ids)).unsqueeze(0), 0))
+    return out
 
 
 def _linears(layer: nn.Module) -> dict[str, nn.Linear]:
@@ -41,9 +83,10 @@ def _linears(layer: nn.Module) -> dict[str, nn.Linear]:
 
 
 @torch.no_grad()
-def _layer_statistics(lmm: LMM, index: int, calib: list[torch.Tensor]) -> tuple[list[list[str]], dict]:
-    """The layer's groups of linears that read one input, and each linear's mean X^T X on the calibration inputs."""
-    linears = _linears(lmm.llm.model.layers[index])
+def _layer_statistics(layer: nn.Module, inputs: list[tuple[torch.Tensor, dict]]) -> tuple[list[list[str]], dict, list]:
+    """The layer's groups of linears that read one input, each linear's mean X^T X on the calibration inputs, and
+    the layer's full-precision outputs (the next layer's inputs): one pass through the model in all."""
+    linears = _linears(layer)
     hessians = {name: torch.zeros(m.in_features, m.in_features, dtype=torch.float64) for name, m in linears.items()}
     counts = dict.fromkeys(linears, 0)
     inputs_seen: dict[str, str] = {}
@@ -60,11 +103,12 @@ def _layer_statistics(lmm: LMM, index: int, calib: list[torch.Tensor]) -> tuple[
         return record
 
     handles = [m.register_forward_hook(hook(name)) for name, m in linears.items()]
+    outputs = []
     try:
-        for embeds in calib:
+        for hidden, kwargs in inputs:
             first_input.clear()
             alive.clear()
-            lmm.llm(inputs_embeds=embeds, use_cache=False)
+            outputs.append((layer(hidden, **kwargs), kwargs))
         alive.clear()
     finally:
         for handle in handles:
@@ -72,53 +116,104 @@ def _layer_statistics(lmm: LMM, index: int, calib: list[torch.Tensor]) -> tuple[
     groups: dict[str, list[str]] = {}
     for name in linears:
         groups.setdefault(inputs_seen[name], []).append(name)
-    return list(groups.values()), {name: (h / max(1, counts[name])).float() for name, h in hessians.items()}
+    return list(groups.values()), {name: (h / max(1, counts[name])).float() for name, h in hessians.items()}, outputs
+
+
+class _Reference:
+    """The full-precision model's log-probabilities at the compared positions, and every decoder layer's inputs,
+    so that a group in layer i is measured by running layers i.. only."""
+
+    @torch.no_grad()
+    def __init__(self, lmm: LMM, measurements: list[Measurement]):
+        self.lmm, self.measurements = lmm, measurements
+        self.layer_inputs, self.log_probs = [], []
+        n_layers = len(lmm.llm.model.layers)
+        for m in measurements:
+            out = lmm.llm(inputs_embeds=m.embeds, use_cache=False, output_hidden_states=True)
+            self.layer_inputs.append(out.hidden_states[:n_layers])   # [i]: the input of decoder layer i
+            self.log_probs.append(torch.log_softmax(out.logits[0, m.first:].float(), -1))
+
+    @torch.no_grad()
+    def mean_kld(self, index: int) -> float:
+        """Mean KLD over every compared position, the model as it is now from decoder layer `index` on."""
+        model = self.lmm.llm.model
+        layers = model.layers
+        model.layers = layers[index:]          # the earlier layers' outputs are the cached full-precision ones
+        try:
+            total, count = 0.0, 0
+            for m, inputs, ref in zip(self.measurements, self.layer_inputs, self.log_probs):
+                logits = self.lmm.llm(inputs_embeds=inputs[index], use_cache=False).logits[0, m.first:].float()
+                total += float((ref.exp() * (ref - torch.log_softmax(logits, -1))).sum())
+                count += ref.shape[0]
+        finally:
+            model.layers = layers
+        return total / count
+
+
+def _quantized(weight: torch.Tensor, hessian: torch.Tensor, grid, method: str) -> torch.Tensor:
+    w = weight.float()
+    if method == "gptq":
+        fit = gptq(w, hessian, grid)
+        return grid.values(fit.codes, fit.params)
+    return grid.values(*rtn(w, hessian, grid))
 
 
 @torch.no_grad()
-def _mean_kld(lmm: LMM, prompts: list[torch.Tensor], reference: list[np.ndarray]) -> float:
-    klds = [kl_divergence(ref, lmm.llm(inputs_embeds=p, use_cache=False).logits[0, -1].float().numpy())
-            for p, ref in zip(prompts, reference)]
-    return float(np.mean(klds))
-
-
-@torch.no_grad()
-def measure_sensitivity(lmm: LMM, calib: list[torch.Tensor], prompts: list[torch.Tensor], types: list[str],
-                        method: str = "gptq", on_group: Callable[[int, int], None] | None = None
+def measure_sensitivity(lmm: LMM, calib: list[torch.Tensor], measurements: list[Measurement], types: list[str],
+                        method: str = "gptq", on_group: Callable[[int, int], None] | None = None,
+                        reference_type: str | None = None, layers: list[int] | None = None
                         ) -> list[GroupSensitivity]:
-    """`calib`: calibration input embeddings (the Hessians); `prompts`: measurement prompts' input embeddings, up to
-    the answer; `types`: GGUF grid names. Every tensor is restored afterwards."""
-    reference = [lmm.llm(inputs_embeds=p, use_cache=False).logits[0, -1].float().numpy() for p in prompts]
+    """`calib`: calibration input embeddings (the Hessians); `types`: GGUF grid names; `reference_type`: measure
+    that type only and scale it to the others (see the module's docstring); `layers`: only these decoder layers.
+    Every tensor is restored afterwards."""
+    reference = _Reference(lmm, measurements)
     plans = {t: plan_llm(lmm.llm, GRIDS[t]) for t in types}
-    layers = lmm.llm.model.layers
+    decoder = lmm.llm.model.layers
+    chosen = range(len(decoder)) if layers is None else layers
     results = []
-    for index, layer in enumerate(layers):
-        groups, hessians = _layer_statistics(lmm, index, calib)
-        linears = _linears(layer)
+    inputs = capture_first_block_inputs(lmm, calib)
+    for index in range(max(chosen) + 1):
+        groups, hessians, next_inputs = _layer_statistics(decoder[index], inputs)
+        inputs = next_inputs
+        if index not in chosen:
+            continue
+        linears = _linears(decoder[index])
         for group in groups:
             names = [f"llm.model.layers.{index}.{name}.weight" for name in group]
             original = {name: linears[name].weight.detach().clone() for name in group}
-            kld, written = {}, {}
+            entry = GroupSensitivity(index, names, "+".join(n.split(".")[-1] for n in group), {}, {})
+            by_grids: dict[tuple, str] = {}          # the grids a type writes -> the first type that wrote them
             for type_name in types:
-                for name, canonical in zip(group, names):
-                    grid = plans[type_name][canonical].grid
+                grids = tuple(plans[type_name][c].grid for c in names)
+                entry.written_as[type_name] = "/".join(sorted({g.name if g else "float" for g in grids}))
+                if (same := by_grids.setdefault(grids, type_name)) != type_name:
+                    entry.output_error[type_name] = entry.output_error[same]
+                    if same in entry.measured:
+                        entry.kld[type_name] = entry.kld[same]
+                        entry.measured.append(type_name)
+                    continue
+                error = 0.0
+                for name, grid in zip(group, grids):
                     if grid is None:
                         continue
-                    w = original[name].float()
-                    if method == "gptq":
-                        fit = gptq(w, hessians[name], grid)
-                        codes, params = fit.codes, fit.params
-                    else:
-                        codes, params = rtn(w, hessians[name], grid)
-                    linears[name].weight.copy_(grid.values(codes, params).to(w.dtype))
-                kld[type_name] = _mean_kld(lmm, prompts, reference)
-                written[type_name] = "/".join(sorted({plans[type_name][c].grid.name if plans[type_name][c].grid
-                                                      else "float" for c in names}))
+                    q = _quantized(original[name], hessians[name], grid, method)
+                    dw = original[name].float() - q
+                    error += float(torch.trace(dw @ hessians[name] @ dw.T))
+                    linears[name].weight.copy_(q.to(original[name].dtype))
+                entry.output_error[type_name] = error
+                if reference_type is None or grids == tuple(plans[reference_type][c].grid for c in names):
+                    entry.kld[type_name] = reference.mean_kld(index)
+                    entry.measured.append(type_name)
                 for name in group:
                     linears[name].weight.copy_(original[name])
-            results.append(GroupSensitivity(index, names, "+".join(n.split(".")[-1] for n in group), kld, written))
+            if reference_type is not None:
+                ref_kld, ref_error = entry.kld[reference_type], entry.output_error[reference_type]
+                for type_name in types:
+                    if type_name not in entry.kld:
+                        entry.kld[type_name] = ref_kld * entry.output_error[type_name] / max(ref_error, 1e-30)
+            results.append(entry)
             if on_group:
-                on_group(len(results), len(layers))
+                on_group(len(results), len(chosen))
     return results
 
 
@@ -149,3 +244,33 @@ def write_sensitivity_plot(path, results: list[GroupSensitivity], types: list[st
     with atomic_output(path) as tmp:
         figure.savefig(tmp, format="png", dpi=110)
     plt.close(figure)
+
+
+def _ranks(values: np.ndarray) -> np.ndarray:
+    """Ranks with ties averaged (Spearman's convention)."""
+    order = values.argsort(kind="stable")
+    ranks = np.empty(len(values))
+    ranks[order] = np.arange(len(values))
+    for value in np.unique(values):
+        tied = values == value
+        ranks[tied] = ranks[tied].mean()
+    return ranks
+
+
+def spearman(x: list[float], y: list[float]) -> float:
+    rx, ry = _ranks(np.asarray(x, dtype=float)), _ranks(np.asarray(y, dtype=float))
+    return float(np.corrcoef(rx, ry)[0, 1])
+
+
+def proxy_rank_correlation(results: list[GroupSensitivity], types: list[str], reference_type: str) -> dict:
+    """How well cheaper figures rank the measured KLDs over every (group, type) measured, the reference type's
+    own (exact by construction) and its fallback twins left out: the quantizer's output error alone, and the
+    scaled KLD that --sensitivity scaled uses."""
+    pairs = [(r, t) for r in results for t in types
+             if t in r.measured and reference_type in r.measured and r.written_as[t] != r.written_as[reference_type]]
+    measured = [r.kld[t] for r, t in pairs]
+    scaled = [r.kld[reference_type] * r.output_error[t] / max(r.output_error[reference_type], 1e-30)
+              for r, t in pairs]
+    return {"pairs": len(pairs), "reference_type": reference_type,
+            "output_error": spearman([r.output_error[t] for r, t in pairs], measured) if len(pairs) > 2 else None,
+            "scaled_kld": spearman(scaled, measured) if len(pairs) > 2 else None}
