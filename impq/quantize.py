@@ -77,19 +77,23 @@ class QuantizeSettings:
         if format == "safetensors":
             if type_name is not None:
                 raise ImpqError(None, "--type names a GGUF grid; with --format safetensors use --layout and --group-size")
-            if kwargs.get("tensor_types") or kwargs.get("target_bpw") is not None or kwargs.get("target_size"):
-                raise ImpqError(None, "--tensor-type, --target-bpw and --target-size need --format gguf: the "
-                                      "safetensors layouts hold one bit width")
+            if kwargs.get("target_bpw") is not None or kwargs.get("target_size"):
+                raise ImpqError(None, "--target-bpw and --target-size need --format gguf (for safetensors, give "
+                                      "compressed-tensors per-layer widths with --tensor-type REGEX=int8)")
             if embeddings not in (None, "f16") or vision not in (None, "f16"):
                 raise ImpqError(None, "--format safetensors keeps the embeddings, output head and vision side at f16")
             settings = cls(bits=bits, format=format, type=None, layout=layout or "compressed-tensors",
                            group_size=group_size or DEFAULT_GROUP_SIZE, embeddings="f16", **kwargs)
             settings.grid()                     # bits and layout are checked before any work
+            if settings.tensor_types and not LAYOUTS[settings.layout].mixed_widths:
+                raise ImpqError(None, f"--tensor-type: the {settings.layout} layout holds one bit width per "
+                                      "checkpoint; compressed-tensors holds several")
+            settings.overrides()
             return settings
         if layout is not None or group_size is not None:
             raise ImpqError(None, "--layout and --group-size apply to --format safetensors; GGUF types fix their blocks")
         for value in kwargs.get("tensor_types") or []:
-            _tensor_override(value)             # each override is checked before any work
+            _tensor_override(value, GRIDS)      # each override is checked before any work
         for value in kwargs.get("candidate_types") or []:
             canonical_type_name(value, GRIDS, "--candidate-types")
         if kwargs.get("target_bpw") is not None and kwargs.get("target_size") is not None:
@@ -115,7 +119,12 @@ class QuantizeSettings:
         return cls(bits=bits, type=type_name, **kwargs)
 
     def overrides(self) -> list[tuple[str, object]]:
-        return [_tensor_override(value) for value in self.tensor_types]
+        if self.format == "gguf":
+            grids = GRIDS
+        else:                                   # int2 .. int8 at the run's group size
+            layout = LAYOUTS[self.layout]
+            grids = {f"int{bits}": layout.grid(bits, self.group_size) for bits in layout.bits}
+        return [_tensor_override(value, grids) for value in self.tensor_types]
 
     def grid(self):
         if self.format == "gguf":
@@ -135,8 +144,8 @@ class QuantizeSettings:
         return self.type.upper() if self.format == "gguf" else f"W{self.bits}G{self.group_size}"
 
 
-def _tensor_override(value: str) -> tuple[str, object]:
-    """`REGEX=TYPE` (llama-quantize's --tensor-type) -> (pattern, grid)."""
+def _tensor_override(value: str, grids: dict) -> tuple[str, object]:
+    """`REGEX=TYPE` (llama-quantize's --tensor-type) -> (pattern, grid); TYPE names one of `grids`."""
     pattern, sep, type_name = value.rpartition("=")
     if not sep or not pattern:
         raise ImpqError(None, f"--tensor-type {value!r}: write REGEX=TYPE, for example 'attn_v=q6_k'")
@@ -144,7 +153,7 @@ def _tensor_override(value: str) -> tuple[str, object]:
         re.compile(pattern)
     except re.error as err:
         raise ImpqError(None, f"--tensor-type {value!r}: not a regular expression ({err})") from None
-    return pattern, GRIDS[canonical_type_name(type_name, GRIDS, "--tensor-type")]
+    return pattern, grids[canonical_type_name(type_name, grids, "--tensor-type")]
 
 
 @dataclass
@@ -191,7 +200,7 @@ def quantize_model(model_dir: str | Path, out_dir: str | Path, settings: Quantiz
     lmm = LMM(spec)
     aliases = {t.canonical: t.name for t in text_tensors(spec, QType.F16)}
     # every tensor's grid, fixed before the layer loop
-    plan = plan_llm(lmm.llm, grid, settings.overrides() if settings.format == "gguf" else [], aliases)
+    plan = plan_llm(lmm.llm, grid, settings.overrides(), aliases)
     if all(entry.grid is None for entry in plan.values()):
         raise ImpqError(spec.folder, f"no linear layer's input width is a multiple of {grid.block}, the "
                                      f"{grid.name} block: choose a smaller block or group")
@@ -254,7 +263,7 @@ def quantize_model(model_dir: str | Path, out_dir: str | Path, settings: Quantiz
             bits_quantized = 8 * sum(nbytes(spec.shape(name), q.grid.qtype) for name, q in result.tensors.items()) / \
                 sum(spec.numel(name) for name in result.tensors)
         else:
-            folder, bits_quantized = write_safetensors_model(lmm, stage / stem, LAYOUTS[settings.layout], grid,
+            folder, bits_quantized = write_safetensors_model(lmm, stage / stem, LAYOUTS[settings.layout],
                                                              result.tensors, recorded, digest)
             artifacts = {"safetensors": folder}
             llm_bytes = (folder / "model.safetensors").stat().st_size

@@ -5,6 +5,7 @@ and computes the same logits as impq's dequantized weights."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -161,4 +162,57 @@ def test_safetensors_bits_the_layout_cannot_hold(run_cli, models_dir, tmp_path):
     status, _, err = run_cli("quantize", models_dir / "imp-phi2", "--format", "safetensors", "--type", "q4_0",
                              "--out", tmp_path / "out")
     assert status == 2 and "--type" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_compressed_tensors_holds_mixed_widths_in_config_groups(run_cli, models_dir, tmp_path):
+    """--tensor-type in a compressed-tensors run: one config group per bit width, each naming its layers; transformers
+    loads the folder and computes with exactly impq's values at each layer's own width."""
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "out"
+    status, stdout, err = run_cli("quantize", models_dir / "imp-qwen2", "--format", "safetensors", "--bits", "4",
+                                  "--group-size", "32", "--tensor-type", "down_proj=int8", "--tensor-type",
+                                  r"layers\.1\.self_attn\.[qkv]_proj=INT3", "--calib", _calib_file(tmp_path),
+                                  "--nsamples", "4", "--verify-items", "0", "--out", out, "--json")
+    assert status == 0, err
+    summary = json.loads(stdout)
+    types = summary["tensor_types"]
+    assert types["llm.model.layers.0.mlp.down_proj.weight"] == "int8-g32-sym"
+    assert types["llm.model.layers.1.self_attn.k_proj.weight"] == "int3-g32-sym"
+    assert types["llm.model.layers.0.self_attn.k_proj.weight"] == "int4-g32-sym"
+    folder = Path(summary["artifacts"]["safetensors"])
+    groups = json.loads((folder / "config.json").read_text())["quantization_config"]["config_groups"]
+    widths = {g["weights"]["num_bits"]: g["targets"] for g in groups.values()}
+    assert sorted(widths) == [3, 4, 8]
+    assert widths[8] == ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"]
+    assert widths[3] == [f"model.layers.1.self_attn.{p}_proj" for p in "kqv"]
+    assert not set(widths[3]) & set(widths[4]) and not set(widths[8]) & set(widths[4])
+
+    loaded = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    dequantized = read_dequantized_llm(folder)
+    ids = torch.tensor([[1, 5, 9, 20, 33, 40, 41, 7]])
+    impq_llm = LMM(read_spec(models_dir / "imp-qwen2")).llm
+    impq_llm.load_state_dict(dequantized, strict=False)
+    with torch.no_grad():
+        assert torch.allclose(loaded(ids).logits, impq_llm(ids).logits, atol=1e-4)
+    weights = dict(loaded.named_parameters())       # decompressed by the first forward
+    for name, width in (("model.layers.0.mlp.down_proj.weight", 8), ("model.layers.1.self_attn.q_proj.weight", 3),
+                        ("model.layers.0.self_attn.q_proj.weight", 4)):
+        assert torch.equal(weights[name].detach(), dequantized[name])
+        # on the width's grid: at most 2^bits distinct values per 32-wide group
+        groups_of = dequantized[name].reshape(dequantized[name].shape[0], -1, 32)
+        assert max(len(torch.unique(g)) for g in groups_of.reshape(-1, 32)) <= 2 ** width
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--layout", "gptq", "--tensor-type", "down_proj=int8"], "the gptq layout holds one bit width"),
+    (["--tensor-type", "down_proj=int9"], "int9"),
+    (["--target-bpw", "4.5"], "--target-bpw"),
+])
+def test_mixed_widths_a_layout_cannot_hold(run_cli, models_dir, tmp_path, args, needle):
+    status, _, err = run_cli("quantize", models_dir / "imp-qwen2", "--format", "safetensors", "--bits", "4",
+                             *args, "--out", tmp_path / "out")
+    lines = err.strip().splitlines()
+    assert status == 2 and len(lines) == 1 and lines[0].startswith("impq: error: ") and needle in lines[0], err
     assert not (tmp_path / "out").exists()

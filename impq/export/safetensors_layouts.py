@@ -48,6 +48,7 @@ class Layout:
     symmetric: bool              # the grid impq quantizes onto for this layout
     bits: tuple[int, ...]
     stored: tuple[str, ...]      # the tensor suffixes a packed linear layer has in place of `weight`
+    mixed_widths = False         # whether one checkpoint can hold linear layers of several bit widths
 
     def grid(self, bits: int, group_size: int) -> IntegerGrid:
         if bits not in self.bits:
@@ -63,8 +64,16 @@ class Layout:
         """(codes [out, in], parameters) from the stored tensors."""
         raise NotImplementedError
 
-    def config(self, grid: IntegerGrid, not_quantized: list[str], damp: float, act_order: bool) -> dict:
+    def config(self, grids: dict[IntegerGrid, list[str]], not_quantized: list[str], damp: float,
+               act_order: bool) -> dict:
+        """`grids`: each grid the layers are stored on -> those layers' module names (one grid unless
+        `mixed_widths`)."""
         raise NotImplementedError
+
+    def grids_of(self, quantization_config: dict, modules: list[str]) -> dict[str, IntegerGrid]:
+        """Each packed module's grid, as the config states it."""
+        bits, group = quantization_config["bits"], quantization_config["group_size"]
+        return dict.fromkeys(modules, self.grid(bits, group))
 
 
 class GPTQLayout(Layout):
@@ -91,7 +100,8 @@ class GPTQLayout(Layout):
         scale = tensors["scales"].T.float().contiguous()
         return codes, BlockParams(scale, None if grid.symmetric else zeros)
 
-    def config(self, grid, not_quantized, damp, act_order):
+    def config(self, grids, not_quantized, damp, act_order):
+        (grid,) = grids
         return {"quant_method": "gptq", "bits": grid.bits, "group_size": grid.block, "sym": grid.symmetric,
                 # impq's act-order keeps groups static (g_idx is the identity), so no reordering is stored
                 "desc_act": False, "damp_percent": damp, "checkpoint_format": "gptq",
@@ -116,7 +126,8 @@ class AWQLayout(Layout):
         zeros = _unpack(tensors["qzeros"], 4, AWQ_ORDER).T.float().contiguous()
         return codes, BlockParams(tensors["scales"].T.float().contiguous(), zeros)
 
-    def config(self, grid, not_quantized, damp, act_order):
+    def config(self, grids, not_quantized, damp, act_order):
+        (grid,) = grids
         return {"quant_method": "awq", "bits": 4, "group_size": grid.block, "zero_point": True, "version": "gemm",
                 "modules_to_not_convert": not_quantized or None}
 
@@ -128,6 +139,7 @@ class CompressedTensorsLayout(Layout):
 
     name, symmetric, bits = "compressed-tensors", True, (2, 3, 4, 5, 6, 7, 8)
     stored = ("weight_packed", "weight_scale", "weight_shape")
+    mixed_widths = True
 
     def pack(self, codes, params, grid):
         from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
@@ -142,14 +154,32 @@ class CompressedTensorsLayout(Layout):
         codes = unpack_from_int32(tensors["weight_packed"], grid.bits, shape).to(torch.int64) + grid.offset
         return codes, BlockParams(tensors["weight_scale"].float(), None)
 
-    def config(self, grid, not_quantized, damp, act_order):
+    def config(self, grids, not_quantized, damp, act_order):
         import compressed_tensors
-        weights = {"num_bits": grid.bits, "type": "int", "symmetric": True, "strategy": "group",
-                   "group_size": grid.block, "dynamic": False, "actorder": None, "observer": None}
+
+        def scheme(grid, targets):
+            weights = {"num_bits": grid.bits, "type": "int", "symmetric": True, "strategy": "group",
+                       "group_size": grid.block, "dynamic": False, "actorder": None, "observer": None}
+            return {"targets": targets, "weights": weights, "input_activations": None, "output_activations": None,
+                    "format": "pack-quantized"}
+
+        # one grid: every Linear (as llm-compressor writes W4A16); several: one config group per grid, each naming
+        # its layers exactly, so that no layer matches two groups
+        groups = ({"group_0": scheme(next(iter(grids)), ["Linear"])} if len(grids) == 1 else
+                  {f"group_{i}": scheme(grid, sorted(modules))
+                   for i, (grid, modules) in enumerate(sorted(grids.items(), key=lambda kv: (kv[0].bits, kv[0].block)))})
         return {"quant_method": "compressed-tensors", "format": "pack-quantized", "quantization_status": "compressed",
-                "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights, "input_activations": None,
-                                              "output_activations": None, "format": "pack-quantized"}},
-                "ignore": not_quantized, "kv_cache_scheme": None, "version": compressed_tensors.__version__}
+                "config_groups": groups, "ignore": not_quantized, "kv_cache_scheme": None,
+                "version": compressed_tensors.__version__}
+
+    def grids_of(self, quantization_config, modules):
+        found = {}
+        for group in quantization_config["config_groups"].values():
+            grid = self.grid(group["weights"]["num_bits"], group["weights"]["group_size"])
+            for module in modules:
+                if "Linear" in group["targets"] or module in group["targets"]:
+                    found[module] = grid
+        return found
 
 
 LAYOUTS: dict[str, Layout] = {layout.name: layout for layout in (CompressedTensorsLayout(), GPTQLayout(), AWQLayout())}

@@ -28,29 +28,17 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "added_tokens.json", "generation_config.json")
 
 
-def _layout_of(quantization_config: dict) -> tuple[Layout, IntegerGrid]:
-    method = quantization_config.get("quant_method")
-    if method == "compressed-tensors":
-        weights = quantization_config["config_groups"]["group_0"]["weights"]
-        bits, group = weights["num_bits"], weights["group_size"]
-    elif method in ("gptq", "awq"):
-        bits, group = quantization_config["bits"], quantization_config["group_size"]
-    else:
-        raise ValueError(f"quant_method {method!r} is not a layout impq writes")
-    layout = LAYOUTS[method]
-    return layout, layout.grid(bits, group)
-
-
-def write_safetensors_model(lmm: LMM, out: Path, layout: Layout, grid: IntegerGrid, quantized: dict,
-                            settings: dict, digest: str) -> tuple[Path, float]:
+def write_safetensors_model(lmm: LMM, out: Path, layout: Layout, quantized: dict, settings: dict,
+                            digest: str) -> tuple[Path, float]:
     """Write the folder `out` (atomically: a temporary folder renamed when complete). `quantized`: canonical
-    name -> QuantizedTensor for the LLM's linear weights on `grid`; `lmm` holds everything else. `settings`: the
+    name -> QuantizedTensor for the LLM's linear weights, each on its planned grid; `lmm` holds everything else. `settings`: the
     run's recipe (impq/recipe.py), recorded in impq.json.
     Returns the folder and the stored bits per quantized weight (codes, scales, zero points, g_idx)."""
     spec: ModelSpec = lmm.spec
     llm_state = lmm.llm.state_dict()
     tied = getattr(spec.text_config, "tie_word_embeddings", False)
     tensors, not_quantized = {}, []
+    grids: dict[IntegerGrid, list[str]] = {}
     packed_bits, quantized_weights = 0, 0
     for name, value in llm_state.items():
         if tied and name == "lm_head.weight":
@@ -59,7 +47,8 @@ def write_safetensors_model(lmm: LMM, out: Path, layout: Layout, grid: IntegerGr
         if canonical in quantized:
             q = quantized[canonical]
             module = name.removesuffix(".weight")
-            packed = layout.pack(q.codes, q.params, grid)
+            packed = layout.pack(q.codes, q.params, q.grid)
+            grids.setdefault(q.grid, []).append(module)
             tensors.update({f"{module}.{suffix}": t for suffix, t in packed.items()})
             packed_bits += 8 * sum(t.numel() * t.element_size() for t in packed.values())
             quantized_weights += q.codes.numel()
@@ -69,13 +58,13 @@ def write_safetensors_model(lmm: LMM, out: Path, layout: Layout, grid: IntegerGr
         tensors[name] = value.to(torch.float16).contiguous()
     config = spec.text_config.to_dict()
     config.update(architectures=[type(lmm.llm).__name__], torch_dtype="float16", dtype="float16",
-                  quantization_config=layout.config(grid, not_quantized, settings["quantize"]["damp"],
+                  quantization_config=layout.config(grids, not_quantized, settings["quantize"]["damp"],
                                                     settings["quantize"]["act_order"]))
     vision = {f"vision.vision_model.{k}": v for k, v in lmm.vision.state_dict().items()}
     vision.update({f"projector.{k}": v for k, v in lmm.projector.state_dict().items()})
     vision = {k: v for k, v in vision.items() if k in spec.tensors}    # what the checkpoint holds, nothing made up
     manifest = {"impq_format": 1, "source_model": spec.name, "source_digest": digest, "layout": layout.name,
-                "grid": grid.name, "image_token": spec.image_token, "image_token_index": spec.image_token_index,
+                "grids": sorted(g.name for g in grids), "image_token": spec.image_token, "image_token_index": spec.image_token_index,
                 "prompt_template": spec.prompt_template, "vision_kind": spec.vision.kind,
                 "vision_config": spec.vision.config.to_dict(), "projector": "mlp2x_gelu",
                 "image_tokens": spec.vision.n_tokens, "recipe": settings}
@@ -98,8 +87,8 @@ def read_dequantized_llm(folder: Path) -> dict[str, torch.Tensor]:
     config_path = Path(folder) / "config.json"
     try:
         quantization_config = json.loads(config_path.read_text())["quantization_config"]
-        layout, grid = _layout_of(quantization_config)
-    except (OSError, KeyError, ValueError, ImpqError) as err:
+        layout = LAYOUTS[quantization_config.get("quant_method")]
+    except (OSError, KeyError, ValueError) as err:
         raise ImpqError(config_path, f"not a quantized safetensors model impq can read ({err})") from None
     stored = load_file(Path(folder) / "model.safetensors")
     modules: dict[str, dict[str, torch.Tensor]] = {}
@@ -110,7 +99,13 @@ def read_dequantized_llm(folder: Path) -> dict[str, torch.Tensor]:
             modules.setdefault(module, {})[suffix] = value
         else:
             state[name] = value.float()
+    try:
+        grids = layout.grids_of(quantization_config, list(modules))
+    except (KeyError, ImpqError) as err:
+        raise ImpqError(config_path, f"quantization_config does not state every layer's grid ({err})") from None
     for module, tensors in modules.items():
-        codes, params = layout.unpack(tensors, grid)
-        state[f"{module}.weight"] = grid.values(codes, params)
+        if module not in grids:
+            raise ImpqError(config_path, f"no config group holds the packed layer {module!r}")
+        codes, params = layout.unpack(tensors, grids[module])
+        state[f"{module}.weight"] = grids[module].values(codes, params)
     return state

@@ -345,6 +345,13 @@ class IntegerGrid(LegacyGrid):
     def name(self) -> str:
         return f"int{self.bits}-g{self.block}-{'sym' if self.symmetric else 'asym'}"
 
+    # two grids of the same shape are one grid (one config group of a mixed-width checkpoint)
+    def __eq__(self, other) -> bool:
+        return isinstance(other, IntegerGrid) and other.name == self.name
+
+    def __hash__(self) -> int:
+        return hash(self.name)
+
     def _quantize(self, x, scale, zero):
         if self.symmetric:
             return super()._quantize(x, scale, None)
