@@ -440,6 +440,8 @@ def sensitivity_cmd(
     reference_type: Optional[str] = typer.Option(None, "--reference-type", help="The type the scaled figures' rank "
                                                  "correlation is computed from (impq quantize --sensitivity scaled "
                                                  "measures --type); default: q4_k, or the middle candidate."),
+    vision: bool = typer.Option(False, "--vision", help="Also the vision tower's and projector's groups (RTN, "
+                                "measured at the answer position of the VQA --data prompts)."),
     out: Path = typer.Option(Path("sensitivity"), help="Folder for sensitivity.json and sensitivity.png."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ):
@@ -480,12 +482,30 @@ def sensitivity_cmd(
         if not chosen or any(not 0 <= i < n_layers for i in chosen):
             raise ImpqError(None, f"--layers {layers}: the model's decoder layers are 0 to {n_layers - 1}")
     measurements = read_measurement(lmm, data, limit, seqlen)
+    vision_items, calib_images = [], []
+    if vision:
+        from .datasets.jsonl import looks_like_jsonl
+        from .measure.vqa import read_vqa_jsonl
+        from .models.preprocess import load_image
+
+        if not looks_like_jsonl(Path(data)):
+            raise ImpqError(data, "--vision measures through images: give --data as a VQA JSONL")
+        vision_items = read_vqa_jsonl(data)[:limit]
+        calib_images = [load_image(s.image) for s in samples if s.image is not None][:nsamples]
+        if not calib_images:
+            raise ImpqError(calib, "--vision needs calibration samples with images")
     ensure_writable_dir(out)
     calib_embeds = calibration_embeddings(lmm, samples, nsamples, seqlen)
     with _progress() as progress:
         task = progress.add_task(f"sensitivity ({method})", total=None)
         results = measure_sensitivity(lmm, calib_embeds, measurements, candidates, method,
                                       lambda i, n: progress.update(task, completed=i), layers=chosen)
+        if vision:
+            from .quant.sensitivity import measure_vision_sensitivity
+
+            progress.update(task, description="sensitivity (vision side, rtn)", completed=0)
+            results += measure_vision_sensitivity(lmm, calib_images, vision_items, candidates,
+                                                  lambda i, n: progress.update(task, completed=i))
     record = {"model": Path(model).name, "method": method, "types": candidates, "calibration": Path(calib).name,
               "calibration_sequences": len(calib_embeds), "measurement": Path(data).name,
               "prompts": len(measurements), "positions": sum(m.embeds.shape[1] - m.first for m in measurements),

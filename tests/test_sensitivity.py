@@ -82,3 +82,37 @@ def test_text_measurement_compares_every_position(models_dir, tmp_path):
     measurements = read_measurement(lmm, text, 8)
     assert len(measurements) == 2 and all(m.first == 0 and m.embeds.shape[1] > 4 for m in measurements)
     assert [m.embeds.shape[1] for m in read_measurement(lmm, text, 1, from_end=True)] == [measurements[1].embeds.shape[1]]
+
+
+def test_vision_side_sensitivity(run_cli, models_dir, tmp_path):
+    """--vision: the tower's and projector's groups, measured through images."""
+    out = tmp_path / "out"
+    status, stdout, err = run_cli("sensitivity", models_dir / "llava-siglip", "--types", "q4_0,q8_0", "--method",
+                                  "rtn", "--data", default_eval_data(), "--limit", "4", "--nsamples", "4",
+                                  "--vision", "--out", out, "--json")
+    assert status == 0, err
+    groups = json.loads(stdout)["groups"]
+    vision = [g for g in groups if g["kind"].startswith("vision:")]
+    projector = [g for g in groups if g["kind"].startswith("projector:")]
+    assert [g["kind"] for g in projector] == ["projector:0", "projector:2"]
+    # the layers the selected feature needs (vision_feature_layer -2 of 3 stored: layers 0 and 1)
+    assert sorted({g["layer"] for g in vision}) == [0, 1] and all(g["layer"] == 2 for g in projector)
+    attention = [g for g in vision if "q_proj" in g["kind"]]
+    assert len(attention) == 2 and all(sorted(t.split(".")[-2] for t in g["tensors"]) == ["k_proj", "q_proj", "v_proj"]
+                                       for g in attention)
+    for g in vision + projector:
+        assert g["tensors"][0].startswith(("vision.vision_model.encoder.layers.", "projector."))
+        if g["written_as"]["q4_0"] == "float":          # fc2 reads 120 columns: no 32-wide block fits, it stays float
+            assert g["kind"] == "vision:fc2" and g["kld"]["q4_0"] == 0
+        else:
+            assert g["kld"]["q4_0"] > g["kld"]["q8_0"] > 0
+    assert (out / "sensitivity.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_vision_sensitivity_needs_images(run_cli, models_dir, tmp_path):
+    text = tmp_path / "t.txt"
+    text.write_text("Some text.\n\nMore text here.\n")
+    status, _, err = run_cli("sensitivity", models_dir / "llava-siglip", "--data", text, "--vision",
+                             "--out", tmp_path / "out")
+    assert status == 2 and "--vision" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()

@@ -40,7 +40,8 @@ class TensorPlan:
 Plan = dict[str, TensorPlan]       # canonical tensor name -> plan
 
 
-def _fitting(grid: LegacyGrid, width: int) -> LegacyGrid | None:
+def fitting_grid(grid: LegacyGrid, width: int) -> LegacyGrid | None:
+    """`grid`, or its width fallback (repeatedly) until its blocks fill `width`; None where none does."""
     while width % grid.block:
         name = WIDTH_FALLBACK.get(grid.name.lower())
         if name is None:
@@ -66,7 +67,7 @@ def plan_llm(llm: nn.Module, grid: LegacyGrid, overrides: list[tuple[str, Legacy
                 if re.search(pattern, canonical) or re.search(pattern, aliases.get(canonical, "")):
                     requested = override
                     matched.add(pattern)
-            plan[canonical] = TensorPlan(_fitting(requested, module.in_features), requested, module.in_features,
+            plan[canonical] = TensorPlan(fitting_grid(requested, module.in_features), requested, module.in_features,
                                          module.out_features)
     unmatched = [pattern for pattern, _ in overrides if pattern not in matched]
     if unmatched:
