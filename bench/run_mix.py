@@ -37,6 +37,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 RESULTS = Path(__file__).resolve().parent / "results"
 MIXES = ("q4_k_m", "q3_k_m")
 CANDIDATES = ["q2_k", "q3_k", "q4_0", "q4_1", "q4_k", "q5_0", "q5_1", "q5_k", "q6_k", "q8_0"]
+# SmolLM2's weights were stored at Q4_1 upstream: they lie on Q4_1 grids already, so Q4_1 reproduces them exactly
+# (GPTQ's error is 0) and a "mix" would be lossless Q4_1 everywhere, a property of the checkpoint, not of a method
+# (llama.cpp's Q4_K_M and Q3_K_M never pick Q4_1). Its candidates leave Q4_1 out.
+REAL_LM_CANDIDATES = [t for t in CANDIDATES if t != "q4_1"]
 UNIFORM = ("q4_k", "q3_k")
 
 
@@ -88,7 +92,7 @@ def prepare(model: str, work: Path, nsamples: int, limit: int) -> dict:
                 # not a text LM: its raw-text perplexity (about 1e6) lies outside the log-probability range
                 # llama-perplexity stores for the base, so it reports no usable PPL ratio
                 "text_lm": False,
-                "sensitivity_prompts": 32,
+                "sensitivity_prompts": 32, "candidates": CANDIDATES,
                 "sources": {"calibration": f"{nsamples} sequences of the shapes calibration split (image + text; "
                                            "llama.cpp's importance matrix: the same prompts' text)",
                             "sensitivity": "the last 32 items of the shapes eval split (image + question)",
@@ -105,7 +109,7 @@ def prepare(model: str, work: Path, nsamples: int, limit: int) -> dict:
     (work / "eval.txt").write_text(stdlib_text(False, 60_000))
     return {"folder": folder, "calib": work / "calib.txt", "calib_text": work / "calib.txt",
             "sensitivity": work / "sensitivity.txt", "eval_text": work / "eval.txt", "ctx": 512, "vqa_limit": 0, "text_lm": True,
-            "sensitivity_prompts": 8,
+            "sensitivity_prompts": 8, "candidates": REAL_LM_CANDIDATES,
             "sources": {"calibration": f"{nsamples} pieces of ~2.4 kB (512 tokens) of docstrings of Python "
                                        "standard-library modules named a-l",
                         "sensitivity": "the next 8 pieces of the a-l docstrings, cut to ~1.2 kB (every position)",
@@ -127,18 +131,21 @@ def llamacpp_job(bin_dir: str, f16: str, out: str, mix: str, calib_text: str | N
 
 
 def impq_job(folder: str, out: str, calib: str, nsamples: int, type_name: str, target_size: int | None,
-             sensitivity_data: str | None, sensitivity_prompts: int) -> dict:
+             sensitivity_data: str | None, sensitivity_prompts: int, candidates: list[str],
+             sensitivity_file: str | None = None) -> dict:
     from impq.quantize import QuantizeSettings, quantize_model
 
     start = time.perf_counter()
-    budget = {} if target_size is None else {"target_size": target_size, "candidate_types": CANDIDATES,
+    budget = {} if target_size is None else {"target_size": target_size, "candidate_types": candidates,
                                              "sensitivity": "scaled", "sensitivity_data": sensitivity_data,
-                                             "sensitivity_prompts": sensitivity_prompts}
+                                             "sensitivity_prompts": sensitivity_prompts,
+                                             "sensitivity_file": sensitivity_file}
     settings = QuantizeSettings.from_bits(4 if type_name == "q4_k" else 3, type_name, method="gptq", calib=calib,
                                           nsamples=nsamples, **budget)
     report = quantize_model(folder, out, settings, verify_items=0)
     return {"text_gguf": report.artifacts["text_gguf"], "mmproj_gguf": report.artifacts["mmproj_gguf"],
-            "allocation": {k: v for k, v in report.allocation.items() if k != "groups"},
+            "report": str(Path(out) / Path(report.recipe).name.replace(".recipe.yaml", ".report.json")),
+            "allocation": {k: v for k, v in report.allocation.items() if k not in ("groups", "sensitivity_groups")},
             "types": _type_counts(report.tensor_types), **_job_stats(start)}
 
 
@@ -149,7 +156,8 @@ def _type_counts(types: dict) -> dict:
     return dict(sorted(counts.items()))
 
 
-def proxy_job(folder: str, calib: str, nsamples: int, data: str | None, prompts: int, layers: list[int] | None) -> dict:
+def proxy_job(folder: str, calib: str, nsamples: int, data: str | None, prompts: int, layers: list[int] | None,
+              candidates: list[str]) -> dict:
     """Every candidate measured (on `layers`), and how well the scaled figures rank them."""
     from dataclasses import asdict
 
@@ -162,9 +170,9 @@ def proxy_job(folder: str, calib: str, nsamples: int, data: str | None, prompts:
     lmm = LMM.from_folder(folder)
     embeds = calibration_embeddings(lmm, read_calibration(calib), nsamples, 512)
     measurements = read_measurement(lmm, data or default_eval_data(), prompts, from_end=True)
-    results = measure_sensitivity(lmm, embeds, measurements, CANDIDATES, "gptq", layers=layers)
+    results = measure_sensitivity(lmm, embeds, measurements, candidates, "gptq", layers=layers)
     return {"layers": layers, "seconds": time.perf_counter() - start,
-            "correlation": proxy_rank_correlation(results, CANDIDATES, "q4_k"), "groups": [asdict(r) for r in results]}
+            "correlation": proxy_rank_correlation(results, candidates, "q4_k"), "groups": [asdict(r) for r in results]}
 
 
 # --- scoring ----------------------------------------------------------------------------------------------------
@@ -239,18 +247,21 @@ def run_model(model: str, args, bin_dir: Path, record: dict, save) -> None:
                 str(work / f"llamacpp-{mix}{'-imatrix' if imatrix else ''}.gguf"), mix,
                 str(prepared["calib_text"]) if imatrix else None, prepared["ctx"])
         target = rows[f"llama.cpp {mix.upper()} + imatrix"]["text_bytes"]
+        # the first budget measures the sensitivity; the second reads it from the first's report
+        first = rows.get(f"impq mix @ {MIXES[0].upper()} size", {}).get("report") if mix != MIXES[0] else None
         run(f"impq mix @ {mix.upper()} size", impq_job, str(prepared["folder"]), str(work / f"impq-mix-{mix}"),
             str(prepared["calib"]), args.nsamples, "q4_k", target,
-            None if prepared["sensitivity"] is None else str(prepared["sensitivity"]), prepared["sensitivity_prompts"])
+            None if prepared["sensitivity"] is None else str(prepared["sensitivity"]), prepared["sensitivity_prompts"],
+            prepared["candidates"], first)
     for type_name in UNIFORM:
         run(f"impq uniform {type_name.upper()}", impq_job, str(prepared["folder"]), str(work / f"impq-{type_name}"),
-            str(prepared["calib"]), args.nsamples, type_name, None, None, 0)
+            str(prepared["calib"]), args.nsamples, type_name, None, None, 0, prepared["candidates"])
     if "proxy" not in entry:
         layers = None if model == "imp-tiny" else [0, 10, 20, 29]
         with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
             entry["proxy"] = pool.submit(proxy_job, str(prepared["folder"]), str(prepared["calib"]), args.nsamples,
                                          None if prepared["sensitivity"] is None else str(prepared["sensitivity"]),
-                                         prepared["sensitivity_prompts"], layers).result()
+                                         prepared["sensitivity_prompts"], layers, prepared["candidates"]).result()
         save()
 
 
@@ -259,8 +270,10 @@ def write_results(record: dict) -> None:
     (RESULTS / "mix.json").write_text(json.dumps(record, indent=2) + "\n")
     lines = ["# Mixed precision at llama.cpp's sizes: impq's budgeted mix against Q4_K_M and Q3_K_M", "",
              "impq: `--target-size` = the llama.cpp + imatrix file's bytes, GPTQ, sensitivity `scaled` (each tensor "
-             "group's KLD measured at Q4_K, scaled to the other candidates by GPTQ's output error), candidates "
-             f"{', '.join(CANDIDATES)} (llama.cpp's width fallbacks applied). llama.cpp: its own llama-imatrix and "
+             "group's KLD measured at Q4_K, scaled to the other candidates by GPTQ's output error; measured once "
+             "per model, the Q3_K_M-size run reads it from the Q4_K_M-size run's report with --sensitivity-file), "
+             f"candidates {', '.join(CANDIDATES)} (SmolLM2: without Q4_1, see below; llama.cpp's width fallbacks "
+             "applied). llama.cpp: its own llama-imatrix and "
              "llama-quantize with its fixed Q4_K_M / Q3_K_M rule. Token embedding and output head: Q8_0 in every "
              "file (llama.cpp's Q6_K falls back to Q8_0 at these widths; impq's default). KLD, same top-1 and PPL "
              "ratio: llama-perplexity --kl-divergence against the F16 GGUF on the evaluation text. Times and peak RSS "
@@ -271,6 +284,12 @@ def write_results(record: dict) -> None:
         title = model if model == "imp-tiny" else ("SmolLM2-135M-Instruct in a LLaVA checkpoint (its weights were "
                                                    "stored at Q4_1 upstream: every figure is of that model)")
         lines += [f"## {title}", ""] + [f"- {k}: {v}" for k, v in entry["sources"].items()] + [""]
+        if model != "imp-tiny":
+            lines += ["impq's candidates leave Q4_1 out here: the checkpoint's weights were stored at Q4_1 upstream, "
+                      "so they lie on Q4_1 grids already and Q4_1 reproduces them exactly (GPTQ's output error 0). "
+                      "A first run that offered Q4_1 wrote Q4_1 everywhere (98.4 MB, 7 % under the budget, since "
+                      "nothing could beat an exact copy) at KLD 0.0029: a property of this checkpoint, not of a "
+                      "method. llama.cpp's Q4_K_M and Q3_K_M never pick Q4_1.", ""]
         vqa = any("accuracy" in r for r in rows.values())
         head = "| file | text MB | mean KLD | same top-1 | PPL ratio |" + (" accuracy | answer KLD |" if vqa else "")
         head += " quantize s | peak RSS MB |"

@@ -357,6 +357,9 @@ def quantize_cmd(
                                                     "default: the eval split (imp-tiny)."),
     sensitivity_prompts: int = typer.Option(32, "--sensitivity-prompts", min=1, help="Measurement sequences (the "
                                             "file's last ones)."),
+    sensitivity_file: Optional[Path] = typer.Option(None, "--sensitivity-file", help="A budget's sensitivity from "
+                                                    "an earlier budgeted run's report.json (or impq sensitivity's "
+                                                    "JSON) instead of measuring it again."),
     sensitivity: str = typer.Option("scaled", "--sensitivity", help="scaled: measure each group's KLD at --type "
                                     "and scale it to the other candidates by the quantizer's output error (one "
                                     "pass per group); measured: measure every candidate."),
@@ -388,7 +391,8 @@ def quantize_cmd(
              "budget_includes_vision": budget_includes_vision,
              "candidate_types": _comma_list(candidate_types, "--candidate-types"),
              "sensitivity_data": None if sensitivity_data is None else str(sensitivity_data),
-             "sensitivity_prompts": sensitivity_prompts, "sensitivity": sensitivity}
+             "sensitivity_prompts": sensitivity_prompts, "sensitivity": sensitivity,
+             "sensitivity_file": None if sensitivity_file is None else str(sensitivity_file)}
     given: list[str] = []
     if recipe is None:
         model = model or default_model_dir()

@@ -6,6 +6,7 @@ memory, and the written model's agreement with the full-precision PyTorch model)
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import re
 import resource
@@ -64,6 +65,8 @@ class QuantizeSettings:
     # measured: every candidate type's KLD measured; scaled: the default type's measured, the others scaled by
     # the quantizer's output error (quant/sensitivity.py). A recipe without the field predates "scaled".
     sensitivity: str = "measured"
+    # a budget's sensitivity read from an earlier run's report (or impq sensitivity's JSON) instead of measured
+    sensitivity_file: str | None = None
     embeddings: str = "q8_0"      # GGUF: token embedding and output head at 8 bits in low-bit exports
     vision: str = "f16"           # the vision tower and projector stay at 16 bits
 
@@ -224,7 +227,11 @@ def quantize_model(model_dir: str | Path, out_dir: str | Path, settings: Quantiz
                 raise ImpqError(None, f"--target-bpw {settings.target_bpw}: below the smallest possible mix of "
                                       f"{', '.join(settings.candidate_types)} ({8 * smallest / weights:.3f} bits per "
                                       "weight)")
-        measurement = _measurement_prompts(lmm, model_dir, settings)
+        if settings.sensitivity_file:            # checked before any work: read again when the plan is made
+            from .quant.sensitivity import read_sensitivity
+
+            read_sensitivity(settings.sensitivity_file, list(candidates), list(next(iter(candidates.values()))))
+        measurement = [] if settings.sensitivity_file else _measurement_prompts(lmm, model_dir, settings)
     out_dir = ensure_writable_dir(Path(out_dir))
     calibration_side = (lmm.vision, lmm.projector, lmm.llm.get_input_embeddings())
     for module in calibration_side:
@@ -364,13 +371,16 @@ def _budgeted_plan(lmm, embeddings, prompts, settings, spec, candidates: dict, b
     import re as regex
 
     from .quant.allocate import Option, allocate
-    from .quant.sensitivity import measure_sensitivity
+    from .quant.sensitivity import measure_sensitivity, read_sensitivity
 
     method = "gptq" if settings.method in ("gptq", "signround") else "rtn"
     reference = None
     if settings.sensitivity == "scaled":
         reference = settings.type if settings.type in candidates else list(candidates)[len(candidates) // 2]
-    groups = measure_sensitivity(lmm, embeddings, prompts, list(candidates), method, reference_type=reference)
+    if settings.sensitivity_file:
+        groups = read_sensitivity(settings.sensitivity_file, list(candidates), list(next(iter(candidates.values()))))
+    else:
+        groups = measure_sensitivity(lmm, embeddings, prompts, list(candidates), method, reference_type=reference)
     options = [[Option(t, sum(_planned_bytes(candidates[t][n]) for n in g.tensors), g.kld[t])
                 for t in candidates] for g in groups]
     choice = allocate(options, budget)
@@ -386,7 +396,8 @@ def _budgeted_plan(lmm, embeddings, prompts, settings, spec, candidates: dict, b
                   "groups": {"+".join(g.tensors): options[i][choice[i]].type for i, g in enumerate(groups)},
                   "sensitivity_method": method, "sensitivity_prompts": len(prompts),
                   "sensitivity_positions": sum(p.embeds.shape[1] - p.first for p in prompts),
-                  "sensitivity": settings.sensitivity, "sensitivity_reference_type": reference}
+                  "sensitivity": settings.sensitivity, "sensitivity_reference_type": reference,
+                  "sensitivity_groups": [dataclasses.asdict(g) for g in groups]}
 
 
 def _versions() -> dict:

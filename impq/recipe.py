@@ -32,6 +32,7 @@ from .errors import ImpqError
 SCHEMA_VERSION = 1
 EMBEDDED_MODEL = "embedded:imp-tiny"
 DEFAULT_CALIBRATION = "default"
+PATH_FIELDS = ("sensitivity_data", "sensitivity_file")
 
 
 def model_reference(model_dir: Path) -> str:
@@ -49,6 +50,9 @@ def calibration_reference(calib: Path, model_dir: Path) -> str:
 def input_recipe(settings, model_dir: Path) -> dict:
     """The recipe of a run, with no machine path in it."""
     quantize = {k: v for k, v in dataclasses.asdict(settings).items() if k != "calib"}
+    for key in PATH_FIELDS:                    # files beside the calibration: their names, never a folder
+        if quantize.get(key) is not None:
+            quantize[key] = Path(quantize[key]).name
     return {"schema_version": SCHEMA_VERSION, "model": model_reference(model_dir),
             "calibration": calibration_reference(Path(settings.calib), model_dir), "quantize": quantize}
 

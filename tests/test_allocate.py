@@ -151,3 +151,30 @@ def test_a_size_budget_can_include_the_mmproj(run_cli, models_dir, tmp_path):
                              tmp_path / "never")
     assert status == 2 and "--budget-includes-vision goes with --target-size" in err
     assert not (tmp_path / "never").exists()
+
+
+def test_a_report_s_sensitivity_serves_another_budget(run_cli, models_dir, tmp_path):
+    """--sensitivity-file: the groups measured by one budgeted run allocate another budget exactly as measuring
+    them again would; no machine path reaches the recipe."""
+    common = ("--type", "q4_0", "--method", "rtn", "--candidate-types", "q4_0,q8_0", "--calib", _calib(tmp_path),
+              "--nsamples", "4", "--verify-items", "0", "--json")
+    data = ("--sensitivity-data", default_eval_data())
+    status, stdout, err = run_cli("quantize", models_dir / "imp-phi2", "--target-bpw", "6.0", *data, *common,
+                                  "--out", tmp_path / "first")
+    assert status == 0, err
+    report = next((tmp_path / "first").glob("*.report.json"))
+    assert json.loads(report.read_text())["allocation"]["sensitivity_groups"]
+    measured = run_cli("quantize", models_dir / "imp-phi2", "--target-bpw", "7.0", *data, *common,
+                       "--out", tmp_path / "measured")
+    reused = run_cli("quantize", models_dir / "imp-phi2", "--target-bpw", "7.0", "--sensitivity-file", report,
+                     *common, "--out", tmp_path / "reused")
+    assert measured[0] == reused[0] == 0, reused[2]
+    assert json.loads(reused[1])["allocation"]["groups"] == json.loads(measured[1])["allocation"]["groups"]
+    recipe = next((tmp_path / "reused").glob("*.recipe.yaml")).read_text()
+    assert f"sensitivity_file: {report.name}" in recipe and str(tmp_path) not in recipe
+
+    status, _, err = run_cli("quantize", models_dir / "imp-phi2", "--target-bpw", "7.0", "--sensitivity-file",
+                             report, "--type", "q4_0", "--method", "rtn", "--candidate-types", "q4_0,q5_0",
+                             "--calib", _calib(tmp_path), "--nsamples", "4", "--out", tmp_path / "bad")
+    assert status == 2 and "no sensitivity at q5_0" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "bad").exists()

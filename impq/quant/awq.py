@@ -79,64 +79,70 @@ def apply_scales(layer: nn.Module, group: ScaleGroup, scales: torch.Tensor) -> N
         linear.weight.mul_(scales.unsqueeze(0).to(linear.weight.dtype))
 
 
+def _output_error(delta: torch.Tensor, hessian: torch.Tensor) -> float:
+    """Mean over tokens of the squared output error of a weight change, per output: tr(dW H dW^T) / rows, with H
+    the inputs' mean x^T x (the same figure as ||x dW^T||^2 over the calibration tokens, at the cost of the
+    weight's size instead of the tokens')."""
+    return float(((delta @ hessian) * delta).sum() / delta.shape[0])
+
+
 @torch.no_grad()
-def search_scales(layer: nn.Module, group: ScaleGroup, x: torch.Tensor, grids: dict[str, LegacyGrid | None],
-                  n_grid: int = 20) -> tuple[torch.Tensor, float]:
+def search_scales(layer: nn.Module, group: ScaleGroup, x_mean: torch.Tensor, hessian: torch.Tensor,
+                  grids: dict[str, LegacyGrid | None], n_grid: int = 20) -> tuple[torch.Tensor, float]:
     """Scales s = mean|x|^alpha, alpha on a grid in [0, 1), minimising the group's output error after quantizing
     each W*s onto its own grid (`grids`: linear name -> grid; one group can span tensors of different grids, and a
-    tensor planned at no grid keeps its float weights) (x: [tokens, in_features] sample of the group's inputs).
-    Returns (scales, best alpha)."""
-    x = x.float()
-    x_mean = x.abs().mean(0).clamp_min(1e-5)
+    tensor planned at no grid keeps its float weights). `x_mean`: the group's input mean |x| per channel;
+    `hessian`: its mean x^T x; both over every calibration token. Returns (scales, best alpha)."""
+    hessian = hessian.float()
+    second_moment = torch.diagonal(hessian).clamp_min(1e-10)
+    x_mean = x_mean.float().clamp_min(1e-5)
     names = [name for name in group.linears if grids[name] is not None]
     weights = [layer.get_submodule(name).weight.float() for name in names]
-    reference = [x @ w.T for w in weights]
     best = (None, float("inf"), 0.0)
     for k in range(n_grid):
         alpha = k / n_grid
         s = x_mean.pow(alpha)
         s = s / (s.max() * s.min()).sqrt()
-        importance = (x / s).pow(2).mean(0)       # the scaled weights see inputs x / s
+        importance = second_moment / s.pow(2)       # the scaled weights see inputs x / s
         loss = 0.0
-        for name, w, ref in zip(names, weights, reference):
+        for name, w in zip(names, weights):
             grid, scaled = grids[name], w * s
             params = grid.fit(scaled, importance)
-            q = grid.values(grid.codes(scaled, params), params) / s
-            loss += float(((x @ q.T - ref) ** 2).mean())
+            loss += _output_error(grid.values(grid.codes(scaled, params), params) / s - w, hessian)
         if loss < best[1]:
             best = (s, loss, alpha)
     return best[0], best[2]
 
 
 CLIP_RATIOS = [1.0 - 0.025 * k for k in range(21)]      # clip the block's largest magnitude to 100 % ... 50 %
-CLIP_TOKENS = 512
 NOT_CLIPPED = ("q_proj", "k_proj", "qkv_proj")
 
 
 @torch.no_grad()
-def search_clip(name: str, weight: torch.Tensor, x: torch.Tensor, grid: LegacyGrid) -> torch.Tensor:
+def search_clip(name: str, weight: torch.Tensor, hessian: torch.Tensor, grid: LegacyGrid) -> torch.Tensor:
     """`weight` with each (row, block) clipped to the ratio of its largest magnitude that minimises the block's
-    share of the output error, sum over tokens of (x_block (w_block - q_block)^T)^2, after quantizing onto the
-    grid (x: [tokens, in_features] sample of the layer's inputs)."""
+    share of the output error, d_b H_bb d_b^T with H_bb the block's diagonal block of the inputs' mean x^T x
+    (the sum over calibration tokens of (x_b d_b^T)^2, every token counted), after quantizing onto the grid."""
     if name.split(".")[-1] in NOT_CLIPPED:
         return weight
-    x = x[:: max(1, x.shape[0] // CLIP_TOKENS)][:CLIP_TOKENS].float()
-    importance = x.pow(2).mean(0)
+    hessian = hessian.float()
+    importance = torch.diagonal(hessian).clamp_min(1e-10)
     rows, cols = weight.shape
     width = grid.sub                     # the unit that has its own scale
-    xb = x.reshape(x.shape[0], cols // width, width)                               # [tokens, blocks, width]
-    peak = weight.reshape(rows, cols // width, width).abs().amax(-1, keepdim=True)  # [rows, blocks, 1]
+    n = cols // width
+    blocks_h = hessian.reshape(n, width, n, width).diagonal(dim1=0, dim2=2).permute(2, 0, 1)   # [blocks, w, w]
+    peak = weight.reshape(rows, n, width).abs().amax(-1, keepdim=True)                       # [rows, blocks, 1]
     best_error, best = None, None
     for ratio in CLIP_RATIOS:
         limit = peak * ratio
-        clipped = weight.reshape(rows, cols // width, width).clamp(-limit, limit).reshape(rows, cols)
+        clipped = weight.reshape(rows, n, width).clamp(-limit, limit).reshape(rows, cols)
         params = grid.fit(clipped, importance)
-        delta = (weight - grid.values(grid.codes(clipped, params), params)).reshape(rows, cols // width, width)
-        error = torch.einsum("tbw,rbw->trb", xb, delta).pow(2).sum(0)             # [rows, blocks]
+        delta = (weight - grid.values(grid.codes(clipped, params), params)).reshape(rows, n, width)
+        error = torch.einsum("rbw,bwv,rbv->rb", delta, blocks_h, delta)                      # [rows, blocks]
         if best is None:
-            best_error, best = error, clipped.reshape(rows, cols // width, width)
+            best_error, best = error, clipped.reshape(rows, n, width)
         else:
             better = (error < best_error).unsqueeze(-1)
-            best = torch.where(better, clipped.reshape(rows, cols // width, width), best)
+            best = torch.where(better, clipped.reshape(rows, n, width), best)
             best_error = torch.minimum(error, best_error)
     return best.reshape(rows, cols)

@@ -22,7 +22,6 @@ from .rtn import rtn
 from .signround import signround_block
 
 METHODS = ("rtn", "gptq", "awq", "signround")
-AWQ_TOKENS = 4096                # input rows kept per scale group for AWQ's search
 
 
 def _narrowest(codes: torch.Tensor) -> torch.Tensor:
@@ -106,8 +105,9 @@ def quantize_llm(lmm: LMM, embeddings: list[torch.Tensor], plan: Plan, method: s
                     for name, m in linears.items()}
         counts = dict.fromkeys(linears, 0)
         groups = usable_groups(lmm.spec.family, layer) if method == "awq" else []
-        # AWQ keeps a sample of every linear layer's inputs: for the scale search and the clipping search
-        samples: dict[str, list[torch.Tensor]] = {name: [] for name in linears} if method == "awq" else {}
+        # AWQ's scale search also needs each input channel's mean |x| (its errors come from the Hessians)
+        abs_sums = {name: torch.zeros(m.in_features, dtype=torch.float64, device=device)
+                    for name, m in linears.items()} if method == "awq" else {}
 
         last: dict = {"input": None}             # q, k, v (and Phi-2's fc1) receive the same input tensor
 
@@ -119,8 +119,8 @@ def quantize_llm(lmm: LMM, embeddings: list[torch.Tensor], plan: Plan, method: s
                     last.update(input=args[0], xtx=(x.float().T @ x.float()).double())
                 hessians[name] += last["xtx"]
                 counts[name] += x.shape[0]
-                if name in samples and sum(t.shape[0] for t in samples[name]) < AWQ_TOKENS:
-                    samples[name].append(x.float().clone())
+                if name in abs_sums:
+                    abs_sums[name] += x.float().abs().sum(0).double()
             return hook
 
         handles = [m.register_forward_hook(accumulate(name)) for name, m in linears.items()]
@@ -129,14 +129,15 @@ def quantize_llm(lmm: LMM, embeddings: list[torch.Tensor], plan: Plan, method: s
             handle.remove()
         last.clear()
         alphas = {}
-        samples = {name: torch.cat(parts)[:AWQ_TOKENS] for name, parts in samples.items()}
         for group in groups:
-            scales, alpha = search_scales(layer, group, samples[group.linears[0]], grids)
+            first = group.linears[0]
+            n_tokens = max(1, counts[first])
+            scales, alpha = search_scales(layer, group, (abs_sums[first] / n_tokens).float(),
+                                          (hessians[first] / n_tokens).float(), grids)
             apply_scales(layer, group, scales)
             inverse = (1.0 / scales).double()
-            for name in group.linears:           # inputs are now x / s: so are their samples and second moment
+            for name in group.linears:           # inputs are now x / s: so is their second moment
                 hessians[name] *= inverse.unsqueeze(0) * inverse.unsqueeze(1)
-                samples[name] = samples[name] / scales
                 alphas[name] = alpha
         quantizable = {name: m for name, m in linears.items() if grids[name] is not None}
         hessian = {name: (hessians[name] / max(1, counts[name])).float() for name in quantizable}
@@ -149,7 +150,7 @@ def quantize_llm(lmm: LMM, embeddings: list[torch.Tensor], plan: Plan, method: s
                 with torch.enable_grad():
                     rounded = signround_block(layer, inputs, outputs, unrounded, grids, **(signround_options or {}))
         elif method == "awq":
-            rounded = {name: rtn(search_clip(name, m.weight.float(), samples[name], grids[name]), hessian[name],
+            rounded = {name: rtn(search_clip(name, m.weight.float(), hessian[name], grids[name]), hessian[name],
                                  grids[name]) for name, m in quantizable.items()}
         else:
             rounded = {name: rtn(m.weight.float(), hessian[name], grids[name]) for name, m in quantizable.items()}

@@ -78,6 +78,32 @@ def read_measurement(lmm: LMM, path: str | Path, limit: int, seqlen: int = 512, 
     return out
 
 
+def read_sensitivity(path: str | Path, types: list[str], tensors: list[str]) -> list[GroupSensitivity]:
+    """Sensitivities measured earlier: `impq sensitivity`'s JSON, or an `impq quantize` report of a budgeted run
+    (its allocation's sensitivity_groups). Every group must have a figure for each of `types`, and the groups
+    must cover exactly the quantized `tensors`."""
+    import json
+
+    from ..errors import ImpqError
+
+    path = Path(path)
+    try:
+        record = json.loads(path.read_text())
+        rows = record["groups"] if isinstance(record.get("groups"), list) else record["allocation"]["sensitivity_groups"]
+        groups = [GroupSensitivity(**row) for row in rows]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ImpqError(path, f"not a sensitivity file (impq sensitivity's JSON or a budgeted run's report): {err}") from None
+    for group in groups:
+        missing = [t for t in types if t not in group.kld]
+        if missing:
+            raise ImpqError(path, f"no sensitivity at {missing[0]} for {group.tensors[0]}: measure the candidate "
+                                  "types this run chooses from")
+    covered = sorted(t for g in groups for t in g.tensors)
+    if covered != sorted(tensors):
+        raise ImpqError(path, "its tensor groups are not this model's quantized tensors")
+    return groups
+
+
 def _linears(layer: nn.Module) -> dict[str, nn.Linear]:
     return {name: m for name, m in layer.named_modules() if isinstance(m, nn.Linear)}
 
@@ -300,8 +326,8 @@ def write_sensitivity_plot(path, results: list[GroupSensitivity], types: list[st
     for row, (label, rows) in zip(axes, sides):
         kinds = list(dict.fromkeys(r.kind for r in rows))
         for ax, type_name in zip(row, types):
-            for kind in kinds:
-                points = [r for r in rows if r.kind == kind]
+            for kind in kinds:         # a group that stays float at this type (no block fits) has nothing to show
+                points = [r for r in rows if r.kind == kind and r.written_as[type_name] != "float"]
                 ax.plot([r.layer for r in points], [max(r.kld[type_name], 1e-12) for r in points], marker="o",
                         label=kind)
             ax.set_yscale("log")
