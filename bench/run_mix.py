@@ -28,6 +28,7 @@ import resource
 import subprocess
 import sys
 import time
+from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
@@ -150,10 +151,7 @@ def impq_job(folder: str, out: str, calib: str, nsamples: int, type_name: str, t
 
 
 def _type_counts(types: dict) -> dict:
-    counts: dict[str, int] = {}
-    for t in types.values():
-        counts[t] = counts.get(t, 0) + 1
-    return dict(sorted(counts.items()))
+    return dict(sorted(Counter(types.values()).items()))
 
 
 def proxy_job(folder: str, calib: str, nsamples: int, data: str | None, prompts: int, layers: list[int] | None,

@@ -227,11 +227,13 @@ def quantize_model(model_dir: str | Path, out_dir: str | Path, settings: Quantiz
                 raise ImpqError(None, f"--target-bpw {settings.target_bpw}: below the smallest possible mix of "
                                       f"{', '.join(settings.candidate_types)} ({8 * smallest / weights:.3f} bits per "
                                       "weight)")
-        if settings.sensitivity_file:            # checked before any work: read again when the plan is made
+        if settings.sensitivity_file:            # read (and checked) before any work
             from .quant.sensitivity import read_sensitivity
 
-            read_sensitivity(settings.sensitivity_file, list(candidates), list(next(iter(candidates.values()))))
-        measurement = [] if settings.sensitivity_file else _measurement_prompts(lmm, model_dir, settings)
+            measured = read_sensitivity(settings.sensitivity_file, list(candidates),
+                                        list(next(iter(candidates.values()))))
+        else:
+            measured = _measurement_prompts(lmm, model_dir, settings)
     out_dir = ensure_writable_dir(Path(out_dir))
     calibration_side = (lmm.vision, lmm.projector, lmm.llm.get_input_embeddings())
     for module in calibration_side:
@@ -242,7 +244,7 @@ def quantize_model(model_dir: str | Path, out_dir: str | Path, settings: Quantiz
     allocation = {}
     if budgeted:
         (on_status or (lambda _: None))("measuring sensitivity for the budget")
-        plan, allocation = _budgeted_plan(lmm, embeddings, measurement, settings, spec, candidates, budget, aliases)
+        plan, allocation = _budgeted_plan(lmm, embeddings, measured, settings, spec, candidates, budget, aliases)
         if settings.target_size is not None:
             allocation.update(target_size=settings.target_size,
                               predicted_file_bytes=beside + allocation["achieved_bytes"])
@@ -365,21 +367,23 @@ def _measurement_prompts(lmm, model_dir, settings) -> list:
     return read_measurement(lmm, data, settings.sensitivity_prompts, settings.seqlen, from_end=True)
 
 
-def _budgeted_plan(lmm, embeddings, prompts, settings, spec, candidates: dict, budget: int, aliases: dict):
+def _budgeted_plan(lmm, embeddings, measured: list, settings, spec, candidates: dict, budget: int, aliases: dict):
     """The plan that minimises the predicted KLD (measured sensitivity per tensor group) within `budget` bytes of
-    decoder tensors, and what the report says about it."""
+    decoder tensors, and what the report says about it. `measured`: the measurement sequences, or (with
+    --sensitivity-file) the groups' sensitivities already read."""
     import re as regex
 
     from .quant.allocate import Option, allocate
-    from .quant.sensitivity import measure_sensitivity, read_sensitivity
+    from .quant.sensitivity import measure_sensitivity
 
     method = "gptq" if settings.method in ("gptq", "signround") else "rtn"
     reference = None
     if settings.sensitivity == "scaled":
         reference = settings.type if settings.type in candidates else list(candidates)[len(candidates) // 2]
     if settings.sensitivity_file:
-        groups = read_sensitivity(settings.sensitivity_file, list(candidates), list(next(iter(candidates.values()))))
+        groups, prompts = measured, []
     else:
+        prompts = measured
         groups = measure_sensitivity(lmm, embeddings, prompts, list(candidates), method, reference_type=reference)
     options = [[Option(t, sum(_planned_bytes(candidates[t][n]) for n in g.tensors), g.kld[t])
                 for t in candidates] for g in groups]

@@ -31,8 +31,8 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 def write_safetensors_model(lmm: LMM, out: Path, layout: Layout, quantized: dict, settings: dict,
                             digest: str) -> tuple[Path, float]:
     """Write the folder `out` (atomically: a temporary folder renamed when complete). `quantized`: canonical
-    name -> QuantizedTensor for the LLM's linear weights, each on its planned grid; `lmm` holds everything else. `settings`: the
-    run's recipe (impq/recipe.py), recorded in impq.json.
+    name -> QuantizedTensor for the LLM's linear weights, each on its planned grid; `lmm` holds everything else.
+    `settings`: the run's recipe (impq/recipe.py), recorded in impq.json.
     Returns the folder and the stored bits per quantized weight (codes, scales, zero points, g_idx)."""
     spec: ModelSpec = lmm.spec
     llm_state = lmm.llm.state_dict()
@@ -64,7 +64,8 @@ def write_safetensors_model(lmm: LMM, out: Path, layout: Layout, quantized: dict
     vision.update({f"projector.{k}": v for k, v in lmm.projector.state_dict().items()})
     vision = {k: v for k, v in vision.items() if k in spec.tensors}    # what the checkpoint holds, nothing made up
     manifest = {"impq_format": 1, "source_model": spec.name, "source_digest": digest, "layout": layout.name,
-                "grids": sorted(g.name for g in grids), "image_token": spec.image_token, "image_token_index": spec.image_token_index,
+                "grids": sorted(g.name for g in grids), "image_token": spec.image_token,
+                "image_token_index": spec.image_token_index,
                 "prompt_template": spec.prompt_template, "vision_kind": spec.vision.kind,
                 "vision_config": spec.vision.config.to_dict(), "projector": "mlp2x_gelu",
                 "image_tokens": spec.vision.n_tokens, "recipe": settings}

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .error import output_error
 from .grids import LegacyGrid
 
 
@@ -79,13 +80,6 @@ def apply_scales(layer: nn.Module, group: ScaleGroup, scales: torch.Tensor) -> N
         linear.weight.mul_(scales.unsqueeze(0).to(linear.weight.dtype))
 
 
-def _output_error(delta: torch.Tensor, hessian: torch.Tensor) -> float:
-    """Mean over tokens of the squared output error of a weight change, per output: tr(dW H dW^T) / rows, with H
-    the inputs' mean x^T x (the same figure as ||x dW^T||^2 over the calibration tokens, at the cost of the
-    weight's size instead of the tokens')."""
-    return float(((delta @ hessian) * delta).sum() / delta.shape[0])
-
-
 @torch.no_grad()
 def search_scales(layer: nn.Module, group: ScaleGroup, x_mean: torch.Tensor, hessian: torch.Tensor,
                   grids: dict[str, LegacyGrid | None], n_grid: int = 20) -> tuple[torch.Tensor, float]:
@@ -108,7 +102,8 @@ def search_scales(layer: nn.Module, group: ScaleGroup, x_mean: torch.Tensor, hes
         for name, w in zip(names, weights):
             grid, scaled = grids[name], w * s
             params = grid.fit(scaled, importance)
-            loss += _output_error(grid.values(grid.codes(scaled, params), params) / s - w, hessian)
+            # per output row, so that each linear weighs by its mean output error, as AWQ's loss does
+            loss += output_error(grid.values(grid.codes(scaled, params), params) / s - w, hessian) / w.shape[0]
         if loss < best[1]:
             best = (s, loss, alpha)
     return best[0], best[2]

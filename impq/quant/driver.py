@@ -15,6 +15,7 @@ from torch import nn
 
 from ..models.lmm import LMM
 from .awq import apply_scales, search_clip, search_scales, usable_groups
+from .error import output_error
 from .grids import BlockParams, LegacyGrid
 from .gptq import gptq
 from .plan import Plan
@@ -160,7 +161,7 @@ def quantize_llm(lmm: LMM, embeddings: list[torch.Tensor], plan: Plan, method: s
             W = module.weight.float()
             Q = grid.values(codes, params)
             dW = W - Q
-            error = float(torch.trace(dW @ H @ dW.T) / torch.trace(W @ H @ W.T).clamp_min(1e-30))
+            error = output_error(dW, H) / max(output_error(W, H), 1e-30)
             module.weight.copy_(Q.to(module.weight.dtype))
             result.tensors[f"llm.model.layers.{index}.{name}.weight"] = QuantizedTensor(
                 _narrowest(codes.cpu()), params.to("cpu"), grid, error, alphas.get(name))

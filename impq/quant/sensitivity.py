@@ -26,6 +26,7 @@ from torch import nn
 
 from ..models.lmm import LMM
 from .driver import capture_first_block_inputs
+from .error import output_error
 from .gptq import gptq
 from .grids import GRIDS
 from .plan import plan_llm
@@ -191,6 +192,22 @@ def _quantized(weight: torch.Tensor, hessian: torch.Tensor, grid, method: str) -
     return grid.values(*rtn(w, hessian, grid))
 
 
+def _written_as(grids) -> str:
+    return "/".join(sorted({g.name if g else "float" for g in grids}))
+
+
+def _quantize_group(linears: dict[str, nn.Linear], original: dict[str, torch.Tensor], grids, hessians: dict,
+                    method: str) -> float:
+    """Put each of the group's linears (`original`'s names) on its grid, in place; their summed output error."""
+    error = 0.0
+    for (name, weight), grid in zip(original.items(), grids):
+        if grid is not None:
+            q = _quantized(weight, hessians[name], grid, method)
+            error += output_error(weight.float() - q, hessians[name])
+            linears[name].weight.copy_(q.to(weight.dtype))
+    return error
+
+
 @torch.no_grad()
 def measure_sensitivity(lmm: LMM, calib: list[torch.Tensor], measurements: list[Measurement], types: list[str],
                         method: str = "gptq", on_group: Callable[[int, int], None] | None = None,
@@ -218,22 +235,14 @@ def measure_sensitivity(lmm: LMM, calib: list[torch.Tensor], measurements: list[
             by_grids: dict[tuple, str] = {}          # the grids a type writes -> the first type that wrote them
             for type_name in types:
                 grids = tuple(plans[type_name][c].grid for c in names)
-                entry.written_as[type_name] = "/".join(sorted({g.name if g else "float" for g in grids}))
+                entry.written_as[type_name] = _written_as(grids)
                 if (same := by_grids.setdefault(grids, type_name)) != type_name:
                     entry.output_error[type_name] = entry.output_error[same]
                     if same in entry.measured:
                         entry.kld[type_name] = entry.kld[same]
                         entry.measured.append(type_name)
                     continue
-                error = 0.0
-                for name, grid in zip(group, grids):
-                    if grid is None:
-                        continue
-                    q = _quantized(original[name], hessians[name], grid, method)
-                    dw = original[name].float() - q
-                    error += float(torch.trace(dw @ hessians[name] @ dw.T))
-                    linears[name].weight.copy_(q.to(original[name].dtype))
-                entry.output_error[type_name] = error
+                entry.output_error[type_name] = _quantize_group(linears, original, grids, hessians, method)
                 if reference_type is None or grids == tuple(plans[reference_type][c].grid for c in names):
                     entry.kld[type_name] = reference.mean_kld(index)
                     entry.measured.append(type_name)
@@ -285,15 +294,8 @@ def measure_vision_sensitivity(lmm: LMM, calib_images: list, items: list, types:
         original = {name: linears[name].weight.detach().clone() for name in group}
         for type_name in types:
             grids = [fitting_grid(GRIDS[type_name], linears[name].in_features) for name in group]
-            entry.written_as[type_name] = "/".join(sorted({g.name if g else "float" for g in grids}))
-            error = 0.0
-            for name, grid in zip(group, grids):
-                if grid is not None:
-                    q = _quantized(original[name], hessians[name], grid, "rtn")
-                    dw = original[name].float() - q
-                    error += float(torch.trace(dw @ hessians[name] @ dw.T))
-                    linears[name].weight.copy_(q.to(original[name].dtype))
-            entry.output_error[type_name] = error
+            entry.written_as[type_name] = _written_as(grids)
+            entry.output_error[type_name] = _quantize_group(linears, original, grids, hessians, "rtn")
             entry.kld[type_name] = float(np.mean([float((ref.exp() * (ref - now)).sum())
                                                   for ref, now in zip(reference, log_probs())]))
             entry.measured.append(type_name)
