@@ -28,8 +28,9 @@ console = Console(stderr=True)
 
 
 def _progress() -> Progress:
+    # off where stderr is not a terminal: there a transient bar only leaves a blank line before any error line
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    console=console, transient=True)
+                    console=console, transient=True, disable=not console.is_terminal)
 
 
 def _text_option():

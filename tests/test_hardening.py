@@ -61,6 +61,18 @@ def test_usage_errors_are_one_line(tmp_path, args, names):
     assert _files(tmp_path) == []
 
 
+@pytest.mark.parametrize("args", [
+    ["quantize", "--calib", "missing.jsonl", "--out", "out"],
+    ["quantize", "--target-bpw", "5", "--sensitivity-file", "missing.json", "--out", "out"],
+])
+def test_an_error_inside_a_long_command_is_exactly_one_line(tmp_path, args):
+    """Raised where the progress display runs: stderr holds the error line and nothing else, not even a blank."""
+    done = subprocess.run([sys.executable, "-m", "impq.cli", *args], capture_output=True, text=True, cwd=tmp_path)
+    _assert_one_line_error(done.returncode, done.stderr, "missing.")
+    assert done.stderr.startswith("impq: error: ") and done.stderr.count("\n") == 1, repr(done.stderr)
+    assert _files(tmp_path) == []
+
+
 def test_version():
     done = subprocess.run([sys.executable, "-m", "impq.cli", "--version"], capture_output=True, text=True)
     assert done.returncode == 0 and done.stdout.strip() == f"impq {__version__}"
