@@ -6,7 +6,7 @@ random weights, so speed only), written to bench/results/reduction_full_size.jso
 The text model is written once at Q4_0; an F16 mmproj per reduction: 384 px (native, 729 tokens), 336 px (576),
 224 px (256), 196 px (196) and 336 px with 2x2 pooling (144 tokens, llama.cpp's ldpv2 graph). Each pair is timed
 by `impq bench` (llama.cpp through llama-cpp-python, 2 threads) with flash attention off and on, and estimated
-for a Snapdragon 8 Gen 3 by the roofline of bench/results/speed.json.
+for a Snapdragon 8 Gen 3 by the roofline fitted on published phone measurements (impq/measure/phone_fit.py).
 """
 
 from __future__ import annotations
@@ -16,15 +16,12 @@ import json
 import subprocess
 from pathlib import Path
 
+from full_size_pair import full_size_pair, full_size_spec
+
 from impq.defaults import REPO
-from impq.export.gguf_file import QType
-from impq.export.gguf_mmproj import write_mmproj_gguf
-from impq.export.gguf_text import write_text_gguf
 from impq.measure.bench import bench_pair
-from impq.measure.phone import DEVICES, Efficiency, ModelCost, estimate
-from impq.models.layouts import read_spec
-from impq.models.reduction import vision_reduction
-from impq.models.testing import make_model
+from impq.measure.phone import DEVICES, ModelCost
+from impq.measure.phone_fit import PHONE_FIT
 from impq.verify import default_images
 
 RESULTS = REPO / "bench" / "results"
@@ -40,24 +37,11 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
-    full = args.work / "imp-v1-3b-random"
-    if not (full / "model.safetensors.index.json").is_file():
-        make_model("imp-phi2", full, full_size=True)
-    spec = read_spec(full)
-    text = args.work / "reductions" / "imp-v1-3b-Q4_0.gguf"
-    text.parent.mkdir(parents=True, exist_ok=True)
-    if not text.is_file():
-        write_text_gguf(spec, text, QType.Q4_0, "generated", {"type": "q4_0"})
-    fit = json.loads((RESULTS / "speed.json").read_text())
-    efficiency, device = Efficiency(**fit["efficiency"]), DEVICES[PHONE]
+    spec, device = full_size_spec(args.work), DEVICES[PHONE]
     rows = []
     for size, token_reduction in REDUCTIONS:
-        reduction = vision_reduction(spec.vision, size, token_reduction)
-        mmproj = text.parent / f"mmproj-imp-v1-3b-F16-{reduction.label}.gguf"
-        if not mmproj.is_file():
-            write_mmproj_gguf(spec, mmproj, QType.F16, "generated", {}, reduction=reduction)
-        cost = ModelCost.from_gguf_pair(text, mmproj)
-        phone = estimate(cost, device.bandwidth_gbs, device.peak_gflops, efficiency, prompt_text_tokens=40)
+        text, mmproj, reduction = full_size_pair(args.work, spec, size, token_reduction)
+        phone = PHONE_FIT.estimate(ModelCost.from_gguf_pair(text, mmproj), device, prompt_text_tokens=40)
         for flash in ("off", "on"):
             figures = bench_pair(text, mmproj, default_images()[0], runs=args.runs, warmup=1, decode_tokens=16,
                                  n_threads=args.threads, flash_attn=flash)
@@ -83,8 +67,9 @@ def main() -> None:
     lines = ["# Vision reductions at the Imp-3B dimensions (speed only)", "",
              f"`python bench/run_reduction_full_size.py` at commit {commit.strip()}: {record['model']}; llama.cpp "
              f"through llama-cpp-python 0.3.36, {args.threads} threads, median of {args.runs} runs after a warm-up, "
-             f"16 decoded tokens. Phone columns: the roofline estimate for the {device.name} "
-             "(bench/results/speed.json's fit; see bench/results/speed.md for its limits).", "",
+             f"16 decoded tokens. Phone columns: the roofline estimate for the {device.name}'s CPU in llama.cpp, "
+             "fitted on published phone measurements, with its leave-one-out range (bench/results/phone_fit.md).",
+             "",
              "| input | tokens | flash attn | image encode s | TTFT s | prompt tok/s | decode tok/s | peak RSS MB | "
              "phone encode s | phone TTFT s | phone decode tok/s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -92,12 +77,16 @@ def main() -> None:
             " + 2x2 pool" if r["token_reduction"] == "pool2" else "")
         lines.append(f"| {label} | {r['image_tokens']} | {r['flash_attn']} | {r['image_encode_s']:.2f} | "
                      f"{r['ttft_s']:.2f} | {r['prompt_tokens_per_s']:.0f} | {r['decode_tokens_per_s']:.1f} | "
-                     f"{r['peak_rss_mb']:.0f} | {r['phone']['image_encode_s']:.2f} | {r['phone']['ttft_s']:.2f} | "
-                     f"{r['phone']['decode_tokens_per_s']:.1f} |")
+                     f"{r['peak_rss_mb']:.0f} | {_ranged(r['phone']['image_encode_s'], 1)} | "
+                     f"{_ranged(r['phone']['ttft_s'], 1)} | {_ranged(r['phone']['decode_tokens_per_s'], 1)} |")
     lines += ["", f"Measured ratio of time to first token, 729 image tokens (384 px) to 196 (196 px): "
                   f"{ratios['off']:.2f}x with flash attention off, {ratios['on']:.2f}x with it on."]
     (RESULTS / "reduction_full_size.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def _ranged(figure: dict, digits: int) -> str:
+    return f"{figure['value']:.{digits}f} ({figure['low']:.{digits}f}-{figure['high']:.{digits}f})"
 
 
 if __name__ == "__main__":

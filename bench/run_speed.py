@@ -1,13 +1,12 @@
-"""Speed benchmark and phone estimate, written to bench/results/speed.json and speed.md.
+"""Speed benchmark and this machine's roofline fit, written to bench/results/speed.json and speed.md.
 
     python bench/run_speed.py --work /tmp/impq-bench      # ~10 min on 2 cores; run on an otherwise idle machine
 
 1. Measures this machine's memory bandwidth and FP32 matmul rate.
 2. `impq bench` figures for imp-tiny and for the generated full-size imp-v1-3b, each as F16, Q8_0 and Q4_0.
 3. Fits the roofline's efficiency factors on one case (full-size Q4_0), predicts the other five, and states
-   the prediction errors.
-4. Estimates Imp-v1.5-3B-196 (Phi-2 + SigLIP at 196 px: 196 vision tokens) at 4 bits on each phone profile,
-   beside the published ~13 tokens/s on a Snapdragon 8 Gen 3.
+   the prediction errors. The fit is this machine's: phones have their own, fitted on published phone
+   measurements (bench/run_phone_fit.py).
 """
 
 from __future__ import annotations
@@ -22,7 +21,7 @@ from pathlib import Path
 from impq.defaults import default_model_dir
 from impq.export.pair import export_pair, pair_paths
 from impq.measure.bench import bench_pair
-from impq.measure.phone import DEVICES, PUBLISHED, ModelCost, estimate, fit_efficiency, measure_machine
+from impq.measure.phone import ModelCost, estimate, fit_efficiency, measure_machine
 from impq.models.layouts import read_spec
 from impq.models.testing import make_model
 from impq.verify import default_images
@@ -72,14 +71,9 @@ def main() -> None:
                               "error_pct": 100 * (getattr(pred, name) - measured[name]) / measured[name]}
                        for name in measured}
 
-    # Imp-v1.5-3B-196: the imp-v1-3b dimensions (Phi-2 + so400m, 26 layers) with a 196-pixel input
-    imp196 = dataclasses.replace(costs["imp-v1-3b q4_0"], vision_tokens=196)
-    phones = {name: estimate(imp196, d.bandwidth_gbs, d.peak_gflops, eff, prompt_text_tokens=40).to_dict()
-              for name, d in DEVICES.items()}
     record = {"machine": {**machine, "cpus": os.cpu_count(), "platform": platform.platform()},
               "efficiency": dataclasses.asdict(eff), "fitted_on": fit_key, "cases": cases,
-              "prediction_errors": errors, "imp_v1_5_3b_196_q4_0": phones, "published": PUBLISHED,
-              "devices": {k: dataclasses.asdict(v) for k, v in DEVICES.items()}}
+              "prediction_errors": errors}
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "speed.json").write_text(json.dumps(record, indent=2) + "\n")
     write_markdown(record)
@@ -87,7 +81,7 @@ def main() -> None:
 
 def write_markdown(r: dict) -> None:
     m = r["machine"]
-    lines = ["# Speed: impq bench in llama.cpp, and the phone estimate", "",
+    lines = ["# Speed: impq bench in llama.cpp, and this machine's roofline fit", "",
              f"Machine: {m['cpus']} CPUs ({m['platform']}); measured read bandwidth {m['bandwidth_gbs']:.1f} GB/s, "
              f"FP32 matmul {m['peak_gflops']:.0f} GFLOP/s. Image + question prompt, 32 decoded tokens, "
              "median of the timed runs after one warm-up (min-max in speed.json).", "",
@@ -107,15 +101,7 @@ def write_markdown(r: dict) -> None:
     for key, err in r["prediction_errors"].items():
         cells = [f"{v['measured']:.3g} / {v['predicted']:.3g} ({v['error_pct']:+.0f} %)" for v in err.values()]
         lines.append(f"| {key} | " + " | ".join(cells) + " |")
-    lines += ["", "## Imp-v1.5-3B-196 at 4 bits (Q4_0 weights, 196 vision tokens, 40 text tokens)", "",
-              "| device | bandwidth GB/s | peak GFLOP/s | decode tok/s | image encode s | TTFT s |", "|---|---|---|---|---|---|"]
-    for name, est in r["imp_v1_5_3b_196_q4_0"].items():
-        d = r["devices"][name]
-        lines.append(f"| {d['name']} | {d['bandwidth_gbs']} | {d['peak_gflops']} | {est['decode_tokens_per_s']:.1f} | "
-                     f"{est['image_encode_s']:.2f} | {est['ttft_s']:.2f} |")
-    lines += ["", f"Published (Imp authors, MLC-LLM q4f16_1 on a Snapdragon 8 Gen 3): about "
-              f"{r['published']['imp-v1.5-3b-196 q4 snapdragon-8-gen-3 decode tokens/s']:.0f} tokens/s decode.", "",
-              "Device sources:", ""] + [f"- {d['name']}: {d['source']}" for d in r["devices"].values()]
+    lines += ["", "Phones are estimated by their own fit, on published phone measurements: bench/results/phone_fit.md."]
     (RESULTS / "speed.md").write_text("\n".join(lines) + "\n")
 
 

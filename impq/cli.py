@@ -277,44 +277,45 @@ def bench_cmd(
 
 @app.command("estimate")
 def estimate_cmd(
-    export_dir: Optional[Path] = typer.Argument(None, help="Folder with one GGUF pair; default: the Imp-v1.5-3B-196 "
-                                                           "4-bit estimate recorded by bench/run_speed.py."),
+    export_dir: Optional[Path] = typer.Argument(None, help="Folder with one GGUF pair; default: Imp-v1.5-3B-196 at "
+                                                           "Q4_0, as recorded by bench/run_phone_fit.py."),
     text: Optional[Path] = _text_option(),
     mmproj: Optional[Path] = _mmproj_option(),
     device: Optional[list[str]] = typer.Option(None, help="Device profile(s); default: all."),
-    fit: Optional[Path] = typer.Option(None, help="Results of bench/run_speed.py with the fitted efficiency; "
-                                                  "default: bench/results/speed.json."),
     text_tokens: int = typer.Option(40, min=0, help="Text tokens in the prompt besides the image."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ):
-    """Roofline estimate of decode tokens/s, image encode time and time to first token on phone profiles."""
+    """Roofline estimate of decode and prompt speed, image encode time and time to first token on phone profiles,
+    fitted on published llama.cpp phone measurements, each with its leave-one-out range."""
     from .defaults import REPO
-    from .measure.phone import DEVICES, PUBLISHED, Efficiency, ModelCost, estimate
+    from .measure.phone import DEVICES, ModelCost
+    from .measure.phone_fit import PHONE_FIT, PUBLISHED
+    from .models.checkpoint import read_json
     from .runtime.gguf_pair import resolve_pair
 
-    fit = fit or REPO / "bench" / "results" / "speed.json"
-    from .models.checkpoint import read_json
-    record = read_json(fit, "speed results (run bench/run_speed.py)")
     names = device or list(DEVICES)
     unknown = [n for n in names if n not in DEVICES]
     if unknown:
         raise ImpqError(None, f"unknown device {unknown[0]!r}; choose from {', '.join(DEVICES)}")
     if export_dir is None and text is None and mmproj is None:
-        rows = {n: record["imp_v1_5_3b_196_q4_0"][n] for n in names}
-        title = "Imp-v1.5-3B-196, 4-bit (published: ~13 tok/s decode on Snapdragon 8 Gen 3)"
+        record = read_json(REPO / "bench" / "results" / "phone_fit.json",
+                           "phone fit results (run bench/run_phone_fit.py)")
+        cost, title = ModelCost(**record["imp_v1_5_3b_costs"]["196"]), "Imp-v1.5-3B-196, Q4_0 text + F16 mmproj"
     else:
         pair = resolve_pair(export_dir, text, mmproj)
-        cost = ModelCost.from_gguf_pair(*pair)
-        eff = Efficiency(**record["efficiency"])
-        rows = {n: estimate(cost, DEVICES[n].bandwidth_gbs, DEVICES[n].peak_gflops, eff, text_tokens).to_dict()
-                for n in names}
-        title = f"{pair[0].name} + {pair[1].name}"
-    table = Table("device", "decode tok/s", "image encode s", "TTFT s", title=title)
+        cost, title = ModelCost.from_gguf_pair(*pair), f"{pair[0].name} + {pair[1].name}"
+    rows = {n: PHONE_FIT.estimate(cost, DEVICES[n], text_tokens) for n in names}
+    table = Table("device", "decode tok/s", "prompt tok/s", "image encode s", "TTFT s", title=title)
+
+    def cell(figure: dict, digits: int) -> str:
+        return f"{figure['value']:.{digits}f} ({figure['low']:.{digits}f}-{figure['high']:.{digits}f})"
+
     for name, row in rows.items():
-        table.add_row(DEVICES[name].name, f"{row['decode_tokens_per_s']:.1f}", f"{row['image_encode_s']:.2f}",
-                      f"{row['ttft_s']:.2f}")
-    table.caption = f"efficiency fitted in {fit} on {record['fitted_on']}"
-    _emit(as_json, {"estimates": rows, "fitted_on": record["fitted_on"], "published": PUBLISHED}, table)
+        table.add_row(DEVICES[name].name, cell(row["decode_tokens_per_s"], 1), cell(row["prefill_tokens_per_s"], 1),
+                      cell(row["image_encode_s"], 1), cell(row["ttft_s"], 1))
+    table.caption = ("llama.cpp on the CPU; ranges: leave-one-out error of the fit on published phone measurements "
+                     "(bench/results/phone_fit.md)")
+    _emit(as_json, {"estimates": rows, "band": PHONE_FIT.band, "published": PUBLISHED}, table)
 
 
 @app.command("quantize")

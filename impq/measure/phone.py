@@ -1,12 +1,12 @@
-"""A roofline estimate of phone speed: decode is bound by the bytes of weights read per token over memory
-bandwidth; prefill and image encoding by matrix-multiply work over compute. Efficiency factors (achieved /
-peak) are fitted on the machine at hand from `impq bench` figures and that machine's measured bandwidth and
-compute, then carried to a phone's published bandwidth and estimated peak compute.
+"""A roofline estimate of speed: decode is bound by the bytes of weights read per token over memory bandwidth;
+prefill and image encoding by matrix-multiply work over compute. Efficiency factors (achieved / peak) come from
+measurements: for this machine, `fit_efficiency` on an `impq bench` result and the machine's measured bandwidth
+and compute (bench/run_speed.py); for phones, `phone_fit.PHONE_FIT` on published llama.cpp measurements on
+phones, with a leave-one-out error band. x86 factors are never carried to a phone.
 
 Device figures (DEVICES, each with its source): peak memory bandwidth = transfer rate x bus width; peak FP32
-compute = sum over CPU cores of clock x FMA lanes x 2, from the cores' public microarchitecture. Carrying
-efficiency factors from one machine to another assumes llama.cpp reaches the same fraction of peak on both:
-that is the model's main simplification, and the fitted machine's own prediction error bounds only part of it.
+compute = sum over the cores used of clock x FLOP per cycle (FMA lanes x 2), from the cores' public
+microarchitecture.
 """
 
 from __future__ import annotations
@@ -21,32 +21,58 @@ import numpy as np
 
 
 @dataclass(frozen=True)
+class Cluster:
+    cores: int
+    ghz: float
+    flop_per_cycle: int        # FP32: 128-bit FMA pipes x 4 lanes x 2
+
+
+@dataclass(frozen=True)
 class Device:
     name: str
     bandwidth_gbs: float
-    peak_gflops: float
+    clusters: tuple[Cluster, ...]       # fastest first: llama.cpp's threads land on the fastest cores
     source: str
+
+    def peak_gflops(self, threads: int | None = None) -> float:
+        """FP32 peak of the `threads` fastest cores (all cores when None)."""
+        left, total = threads if threads is not None else sum(c.cores for c in self.clusters), 0.0
+        for cluster in self.clusters:
+            used = min(left, cluster.cores)
+            total, left = total + used * cluster.ghz * cluster.flop_per_cycle, left - used
+        return total
 
 
 DEVICES = {
     "snapdragon-8-gen-3": Device(
-        "Snapdragon 8 Gen 3", 76.8, 380.0,
+        "Snapdragon 8 Gen 3", 76.8, (Cluster(1, 3.3, 32), Cluster(5, 3.0, 16), Cluster(2, 2.3, 8)),
         "Qualcomm product brief: LPDDR5X up to 4800 MHz (9600 MT/s) x 64-bit = 76.8 GB/s; CPU 1x Cortex-X4 3.3 GHz "
-        "(4x128-bit FMA: 32 FLOP/cycle) + 5x Cortex-A720 ~3.0 GHz (16) + 2x Cortex-A520 2.3 GHz (8) = ~380 GFLOP/s"),
+        "(4x128-bit FMA: 32 FLOP/cycle) + 5x Cortex-A720 ~3.0 GHz (16) + 2x Cortex-A520 2.3 GHz (8)"),
     "snapdragon-8-gen-2": Device(
-        "Snapdragon 8 Gen 2", 67.2, 300.0,
+        "Snapdragon 8 Gen 2", 67.2, (Cluster(1, 3.2, 32), Cluster(4, 2.8, 16), Cluster(3, 2.0, 8)),
         "Qualcomm product brief: LPDDR5X up to 4200 MHz (8400 MT/s) x 64-bit = 67.2 GB/s; CPU 1x Cortex-X3 3.2 GHz "
-        "(32 FLOP/cycle) + 4x Cortex-A715/A710 ~2.8 GHz (16) + 3x Cortex-A510 2.0 GHz (8) = ~300 GFLOP/s"),
+        "(32 FLOP/cycle) + 4x Cortex-A715/A710 ~2.8 GHz (16) + 3x Cortex-A510 2.0 GHz (8)"),
+    "snapdragon-8-elite-gen-5": Device(
+        "Snapdragon 8 Elite Gen 5", 85.3, (Cluster(2, 4.6, 32), Cluster(6, 3.62, 32)),
+        "Qualcomm product brief: LPDDR5X 10.7 Gbps x 64-bit = 85.3 GB/s; CPU 2x Oryon prime 4.6 GHz + 6x Oryon "
+        "performance 3.62 GHz; 4x128-bit FP pipes (32 FLOP/cycle) assumed on both, as on the first Oryon core"),
+    "snapdragon-888": Device(
+        "Snapdragon 888", 51.2, (Cluster(1, 2.84, 32), Cluster(3, 2.42, 16), Cluster(4, 1.8, 8)),
+        "Qualcomm product brief: LPDDR5 3200 MHz (6400 MT/s) x 64-bit = 51.2 GB/s; CPU 1x Cortex-X1 2.84 GHz "
+        "(4x128-bit FMA: 32) + 3x Cortex-A78 2.42 GHz (16) + 4x Cortex-A55 1.8 GHz (8)"),
+    "snapdragon-778g": Device(
+        "Snapdragon 778G", 51.2, (Cluster(1, 2.4, 16), Cluster(3, 2.2, 16), Cluster(4, 1.9, 8)),
+        "Qualcomm product brief: LPDDR5 3200 MHz (6400 MT/s) x 64-bit = 51.2 GB/s; CPU 1x Cortex-A78 2.4 GHz + "
+        "3x Cortex-A78 2.2 GHz (2x128-bit FMA: 16) + 4x Cortex-A55 1.9 GHz (8)"),
     "dimensity-9300": Device(
-        "MediaTek Dimensity 9300", 76.8, 470.0,
-        "MediaTek product page: LPDDR5T 9600 Mbps x 64-bit = 76.8 GB/s; CPU 4x Cortex-X4 (3.25/2.85 GHz, "
-        "32 FLOP/cycle) + 4x Cortex-A720 2.0 GHz (16) = ~470 GFLOP/s"),
+        "MediaTek Dimensity 9300", 76.8, (Cluster(1, 3.25, 32), Cluster(3, 2.85, 32), Cluster(4, 2.0, 16)),
+        "MediaTek product page: LPDDR5T 9600 Mbps x 64-bit = 76.8 GB/s; CPU 1x Cortex-X4 3.25 GHz + 3x Cortex-X4 "
+        "2.85 GHz (32 FLOP/cycle) + 4x Cortex-A720 2.0 GHz (16)"),
     "apple-a17-pro": Device(
-        "Apple A17 Pro", 51.2, 290.0,
+        "Apple A17 Pro", 51.2, (Cluster(2, 3.78, 32), Cluster(4, 2.1, 16)),
         "LPDDR5-6400 x 64-bit = 51.2 GB/s (teardown reports); CPU 2 performance cores 3.78 GHz (4x128-bit FMA: "
-        "32 FLOP/cycle) + 4 efficiency cores 2.1 GHz (16) = ~290 GFLOP/s"),
+        "32 FLOP/cycle) + 4 efficiency cores 2.1 GHz (16)"),
 }
-PUBLISHED = {"imp-v1.5-3b-196 q4 snapdragon-8-gen-3 decode tokens/s": 13.0}
 
 
 @dataclass(frozen=True)

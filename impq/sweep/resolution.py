@@ -30,7 +30,8 @@ from ..export.gguf_file import QType, canonical_type_name
 from ..export.gguf_mmproj import write_mmproj_gguf
 from ..export.gguf_text import read_text_gguf_weights, write_text_gguf
 from ..fileio import atomic_output, ensure_writable_dir, sha256_files
-from ..measure.phone import DEVICES, Efficiency, ModelCost, estimate
+from ..measure.phone import DEVICES, ModelCost
+from ..measure.phone_fit import PHONE_FIT
 from ..measure.vqa import VQAItem, evaluate, read_vqa_jsonl
 from ..models.layouts import ModelSpec, read_spec
 from ..models.reduction import TOKEN_REDUCTIONS, VisionReduction, vision_reduction
@@ -133,7 +134,7 @@ class SweepResult:
 def run_sweep(model_dir: str | Path, out_dir: str | Path, settings: SweepSettings, data: Path,
               on_point: Callable[[int, int, str], None] | None = None) -> SweepResult:
     from ..calib import calibration_digest
-    from ..defaults import REPO, default_calib_data
+    from ..defaults import default_calib_data
     from ..measure.bench import bench_pair
     from ..measure.vqa import GGUFAnswerer, TorchAnswerer
     from ..verify import default_images
@@ -142,14 +143,12 @@ def run_sweep(model_dir: str | Path, out_dir: str | Path, settings: SweepSetting
     points = plan_points(spec, settings)
     items = read_vqa_jsonl(data)[:settings.limit]
     calib = Path(settings.calib or default_calib_data(model_dir))
-    fit = json.loads((REPO / "bench" / "results" / "speed.json").read_text())
     out = ensure_writable_dir(Path(out_dir))
     model_digest = sha256_files([spec.folder / "config.json", *spec.checkpoint.files])
     data_digest = _dataset_digest(Path(data), items)
     calib_digest = calibration_digest(calib)
     image = default_images()[0]
     device = DEVICES[settings.device_profile]
-    efficiency = Efficiency(**fit["efficiency"])
 
     texts: dict[str, Path] = {}
 
@@ -211,7 +210,7 @@ def run_sweep(model_dir: str | Path, out_dir: str | Path, settings: SweepSetting
             on_point(index, len(points), point.label)
         key = _digest(model_digest, data_digest, calib_digest, point.type, point.reduction.label, settings.method,
                       settings.nsamples, settings.runs, settings.decode_tokens, settings.threads, point.flash_attn,
-                      settings.device_profile, len(items), __version__)
+                      settings.device_profile, asdict(PHONE_FIT.efficiency), PHONE_FIT.band, len(items), __version__)
         cached = out / "points" / f"{key}.json"
         if cached.is_file():
             rows.append(json.loads(cached.read_text()))
@@ -236,10 +235,11 @@ def run_sweep(model_dir: str | Path, out_dir: str | Path, settings: SweepSetting
         cost = ModelCost.from_gguf_pair(text, mmproj)
         if point.reduction.pool:
             cost = ModelCost(**{**asdict(cost), "pooled": True})
-        phone = estimate(cost, device.bandwidth_gbs, device.peak_gflops, efficiency, PROMPT_TEXT_TOKENS)
-        row.update(phone_image_encode_s=phone.image_encode_s, phone_ttft_s=phone.ttft_s,
-                   phone_decode_tokens_per_s=phone.decode_tokens_per_s,
-                   phone_prompt_tokens_per_s=phone.prefill_tokens_per_s)
+        phone = PHONE_FIT.estimate(cost, device, PROMPT_TEXT_TOKENS)
+        row.update(phone_image_encode_s=phone["image_encode_s"]["value"], phone_ttft_s=phone["ttft_s"]["value"],
+                   phone_ttft_s_low=phone["ttft_s"]["low"], phone_ttft_s_high=phone["ttft_s"]["high"],
+                   phone_decode_tokens_per_s=phone["decode_tokens_per_s"]["value"],
+                   phone_prompt_tokens_per_s=phone["prefill_tokens_per_s"]["value"])
         with atomic_output(cached) as tmp:
             tmp.write_text(json.dumps(row, indent=2) + "\n")
         rows.append(row)
@@ -302,7 +302,8 @@ def pareto_front(rows: list[dict], cost: str) -> list[dict]:
 COLUMNS = ("type", "image_size", "token_reduction", "image_tokens", "runtime", "method", "accuracy", "mean_kld",
            "top1_agreement", "eval_items", "image_encode_s", "ttft_s", "prompt_tokens_per_s", "decode_tokens_per_s",
            "peak_rss_mb", "text_gguf_mb", "mmproj_gguf_mb", "total_mb", "phone_image_encode_s", "phone_ttft_s",
-           "phone_prompt_tokens_per_s", "phone_decode_tokens_per_s", "flash_attn", "original", "key")
+           "phone_ttft_s_low", "phone_ttft_s_high", "phone_prompt_tokens_per_s", "phone_decode_tokens_per_s",
+           "flash_attn", "original", "key")
 
 
 def _write_outputs(out: Path, spec: ModelSpec, rows: list[dict], recommended: dict | None, settings: SweepSettings,
