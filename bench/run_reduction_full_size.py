@@ -49,7 +49,7 @@ def main() -> None:
                    "flash_attn": flash, "prompt_tokens": figures["prompt_tokens"],
                    **{k: figures[k]["median"] for k in ("image_encode_s", "prefill_s", "ttft_s",
                                                         "prompt_tokens_per_s", "decode_tokens_per_s")},
-                   "peak_rss_mb": figures["peak_rss_mb"], "phone": phone.to_dict()}
+                   "peak_rss_mb": figures["peak_rss_mb"], "phone": phone}
             rows.append(row)
             print(json.dumps(row), flush=True)
 

@@ -40,7 +40,8 @@ def main() -> None:
              f"`python bench/run_sweep.py` at commit {commit.strip()}, 2 CPU cores. {rows[0]['eval_items']} items of "
              "the shapes eval split per point; KLD and top-1 agreement of the first answer token against the "
              "full-precision model at its native 168 px; times are medians of 3 runs after a warm-up in llama.cpp "
-             "(llama-cpp-python 0.3.36); the phone column is the roofline estimate for a Snapdragon 8 Gen 3. "
+             "(llama-cpp-python 0.3.36); the phone column is the roofline estimate for a Snapdragon 8 Gen 3's CPU, "
+             "fitted on published phone measurements, with its leave-one-out range (bench/results/phone_fit.md). "
              "PyTorch-only points (2x2 pooling of a grid other than 24x24, which stock llama.cpp cannot run) are "
              "measured in PyTorch with the GGUF's dequantized weights and have no measured time.", "",
              "| type | px | tokens | reduction | runtime | flash attn | accuracy | mean KLD | TTFT s | decode tok/s | "
@@ -50,7 +51,8 @@ def main() -> None:
         decode = "—" if r["decode_tokens_per_s"] is None else f"{r['decode_tokens_per_s']:.0f}"
         lines.append(f"| {r['type']} | {r['image_size']} | {r['image_tokens']} | {r['token_reduction']} | "
                      f"{r['runtime']} | {r['flash_attn'] or '—'} | {r['accuracy']:.1%} | {r['mean_kld']:.3g} | {ttft} | "
-                     f"{decode} | {r['phone_ttft_s']:.4f} | {r['total_mb']:.2f} |")
+                     f"{decode} | {r['phone_ttft_s']:.4f} ({r['phone_ttft_s_low']:.4f}-{r['phone_ttft_s_high']:.4f}) | "
+                     f"{r['total_mb']:.2f} |")
     best = result.recommended
     lines += ["", f"Recommended with no budget: {best['type']} at {best['image_size']} px, reduction "
                   f"{best['token_reduction']}, flash attention {best['flash_attn']}.", "",

@@ -10,6 +10,7 @@ import dataclasses
 import json
 import re
 import resource
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -178,9 +179,45 @@ class QuantizeReport:
     peak_rss_mb: float
     device: str = "cpu"
     verification: dict = field(default_factory=dict)
+    stages: dict = field(default_factory=dict)    # stage -> wall seconds and peak RSS within it
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+class _Stages:
+    """Wall time and peak resident memory of each stage of a run, one after another. The peak is sampled from
+    /proc/self/statm every 50 ms (the kernel's own high-water mark cannot be read per stage without resetting it,
+    which would hide the run's peak from whoever started the process); elsewhere the process's peak so far."""
+
+    def __init__(self):
+        self.record: dict = {}
+        self._current: list | None = None       # [name, start, peak bytes]
+        self._page = resource.getpagesize()
+        self._stop = threading.Event()
+        threading.Thread(target=self._sample, daemon=True).start()
+
+    def _rss(self) -> int:
+        try:
+            return int(Path("/proc/self/statm").read_text().split()[1]) * self._page
+        except OSError:
+            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.05):
+            current = self._current
+            if current:
+                current[2] = max(current[2], self._rss())
+
+    def begin(self, name: str | None) -> None:
+        """End the current stage (if any) and begin `name` (None: end, and stop sampling)."""
+        if self._current:
+            stage, start, peak = self._current
+            self.record[stage] = {"seconds": round(time.perf_counter() - start, 2),
+                                  "peak_rss_mb": round(max(peak, self._rss()) / 2 ** 20)}
+        self._current = [name, time.perf_counter(), self._rss()] if name else None
+        if name is None:
+            self._stop.set()
 
 
 def quantize_model(model_dir: str | Path, out_dir: str | Path, settings: QuantizeSettings, *,
@@ -200,14 +237,18 @@ def quantize_model(model_dir: str | Path, out_dir: str | Path, settings: Quantiz
         text_tensors(spec, grid.qtype)
 
     (on_status or (lambda _: None))(f"calibrating on {device}")
-    lmm = LMM(spec)
+    stages = _Stages()
+    stages.begin("load")
+    budgeted = settings.target_bpw is not None or settings.target_size is not None
+    # the decoder is read block by block from the checkpoint, never whole; a budget's sensitivity measurement
+    # runs the whole model many times and keeps it loaded
+    lmm = LMM(spec, stream_decoder=not budgeted)
     aliases = {t.canonical: t.name for t in text_tensors(spec, QType.F16)}
     # every tensor's grid, fixed before the layer loop
     plan = plan_llm(lmm.llm, grid, settings.overrides(), aliases)
     if all(entry.grid is None for entry in plan.values()):
         raise ImpqError(spec.folder, f"no linear layer's input width is a multiple of {grid.block}, the "
                                      f"{grid.name} block: choose a smaller block or group")
-    budgeted = settings.target_bpw is not None or settings.target_size is not None
     if budgeted:
         candidates = {t: plan_llm(lmm.llm, GRIDS[canonical_type_name(t, GRIDS, "--candidate-types")])
                       for t in settings.candidate_types}
@@ -236,6 +277,7 @@ def quantize_model(model_dir: str | Path, out_dir: str | Path, settings: Quantiz
             measured = _measurement_prompts(lmm, model_dir, settings)
     out_dir = ensure_writable_dir(Path(out_dir))
     calibration_side = (lmm.vision, lmm.projector, lmm.llm.get_input_embeddings())
+    stages.begin("calibrate")
     for module in calibration_side:
         module.to(device)
     embeddings = calibration_embeddings(lmm, samples, settings.nsamples, settings.seqlen, settings.seed)
@@ -244,6 +286,7 @@ def quantize_model(model_dir: str | Path, out_dir: str | Path, settings: Quantiz
     allocation = {}
     if budgeted:
         (on_status or (lambda _: None))("measuring sensitivity for the budget")
+        stages.begin("sensitivity")
         plan, allocation = _budgeted_plan(lmm, embeddings, measured, settings, spec, candidates, budget, aliases)
         if settings.target_size is not None:
             allocation.update(target_size=settings.target_size,
@@ -251,9 +294,11 @@ def quantize_model(model_dir: str | Path, out_dir: str | Path, settings: Quantiz
     options = {"damp": settings.damp, "block_size": settings.block_size, "act_order": settings.act_order,
                "static_groups": settings.static_groups}
     # the artifacts are written from the codes: the quantized weights are released block by block
+    stages.begin("quantize")
     result = quantize_llm(lmm, embeddings, plan, settings.method, gptq_options=options, device=device,
                           release_weights=True, on_layer=on_layer)
     embeddings = [e.cpu() for e in embeddings]
+    stages.begin("export")
 
     stem = f"{spec.name}-{settings.grid_label}-{settings.method}"
     if settings.format == "safetensors":
@@ -296,6 +341,7 @@ def quantize_model(model_dir: str | Path, out_dir: str | Path, settings: Quantiz
             resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, str(device))
         del result                                   # the codes are in the artifacts now
         if verify_items:
+            stages.begin("verify")
             # the check builds a full-precision reference: at most one other model may be alive beside it
             if settings.format == "gguf":
                 del lmm
@@ -310,6 +356,9 @@ def quantize_model(model_dir: str | Path, out_dir: str | Path, settings: Quantiz
                 lmm.llm.load_state_dict(read_dequantized_llm(folder), strict=False, assign=True)
                 report.verification = {"runtime": "pytorch (weights unpacked from the written files)",
                                        **_verify(TorchAnswerer(lmm), model_dir, verify_items)}
+        stages.begin(None)
+        report.stages = stages.record
+        report.peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024   # verification included
         report.total_seconds = time.perf_counter() - start
         (stage / f"{stem}.report.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")
     return report
@@ -430,23 +479,25 @@ def _verify(candidate, model_dir, n_items: int) -> dict:
     from .verify import DEFAULT_PROMPTS, default_images
 
     out: dict = {}
-    reference = TorchAnswerer(model_dir)
     with contextlib.ExitStack() as stack:
         if hasattr(candidate, "__exit__"):
             stack.enter_context(candidate)
         if (Path(model_dir) / "config.json").resolve() == (PACKAGE / "assets" / "imp-tiny" / "config.json").resolve():
+            reference = TorchAnswerer(model_dir)
             items = read_vqa_jsonl(default_eval_data())[:n_items]
             report = evaluate(candidate, items, model="quantized", dataset="eval", reference=reference)
             full = evaluate(reference, items, model="pytorch", dataset="eval")
             out.update(eval_items=len(items), accuracy=report.accuracy, reference_accuracy=full.accuracy,
                        mean_kld=report.mean_kld, top1_agreement=report.top1_agreement)
         else:
+            # the full-precision reference streams its decoder: one block in memory beside the candidate
+            reference = LMM(read_spec(model_dir), stream_decoder=True)
+            prompts = [(load_image(path), prompt) for path in default_images() for prompt in DEFAULT_PROMPTS]
+            ref_logits = reference.next_token_logits([reference.prompt_embeddings(*p) for p in prompts])
+            del reference
             divergence = Divergence()
-            for path in default_images():
-                image = load_image(path)
-                for prompt in DEFAULT_PROMPTS:
-                    _, ref_logits = reference.answer(image, prompt, 1)
-                    _, logits = candidate.answer(image, prompt, 1)
-                    divergence.add(ref_logits, logits)
+            for (image, prompt), ref in zip(prompts, ref_logits):
+                _, logits = candidate.answer(image, prompt, 1)
+                divergence.add(ref.numpy(), logits)
             out.update(mean_kld=divergence.mean_kld, top1_agreement=divergence.top1_agreement)
     return out

@@ -172,11 +172,9 @@ def test_default_calibration_for_other_checkpoints_is_real_photos_and_text(model
 
 
 def _first_block(models_dir, tmp_path, layout="imp-phi2"):
-    from impq.quant.driver import capture_first_block_inputs
-
     lmm = LMM(read_spec(models_dir / layout))
     embeddings = calibration_embeddings(lmm, read_calibration(_calib_file(tmp_path)), 8, 256)
-    inputs = capture_first_block_inputs(lmm, embeddings)
+    inputs = lmm.first_block_inputs(embeddings)
     return lmm.llm.model.layers[0], inputs
 
 

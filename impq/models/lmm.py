@@ -3,6 +3,7 @@ Image features are spliced in at `<image>`; this forward is the ground truth tha
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -26,6 +27,32 @@ def build_vision_model(vision: VisionSpec) -> nn.Module:
     return getattr(tower, "vision_model", tower)
 
 
+@contextlib.contextmanager
+def _parameters_on_meta():
+    """Parameters created inside are moved to the meta device as they are registered (one real tensor at a time);
+    buffers stay real (rotary frequencies, position ids). accelerate's init_empty_weights(include_buffers=False)
+    does the same; impq does not depend on accelerate for these few lines."""
+    register = nn.Module.register_parameter
+
+    def on_meta(module, name, param):
+        register(module, name, param)
+        if param is not None:
+            module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
+    nn.Module.register_parameter = on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
+
+
+class _StopForward(Exception):
+    pass
+
+
+DECODER = "llm.model.layers."
+
+
 @dataclass
 class Generation:
     tokens: list[int]
@@ -33,13 +60,23 @@ class Generation:
 
 
 class LMM(nn.Module):
-    def __init__(self, spec: ModelSpec, dtype: torch.dtype = torch.float32):
+    """`stream_decoder`: the decoder blocks' parameters stay on the meta device until `load_block` reads one from
+    the checkpoint (memory-mapped safetensors), so the whole LLM is never in memory (quantization, and the
+    streamed reference of `next_token_logits`); everything else is loaded as usual."""
+
+    def __init__(self, spec: ModelSpec, dtype: torch.dtype = torch.float32, stream_decoder: bool = False):
         super().__init__()
         self.spec = spec
         self.tokenizer = spec.tokenizer
+        self.streams_decoder = stream_decoder
         # Built on the CPU (not the meta device) so that non-persistent buffers such as rotary frequencies and
         # position ids are real; the random initial weights are then overwritten.
-        self.llm = AutoModelForCausalLM.from_config(spec.text_config, attn_implementation="eager", dtype=dtype)
+        with _parameters_on_meta() if stream_decoder else contextlib.nullcontext():
+            self.llm = AutoModelForCausalLM.from_config(spec.text_config, attn_implementation="eager", dtype=dtype)
+        if stream_decoder:
+            for name, param in list(self.llm.named_parameters(remove_duplicate=False)):
+                if not f"llm.{name}".startswith(DECODER):
+                    self._assign(self.llm, name, torch.empty(param.shape, dtype=param.dtype))
         self.vision = build_vision_model(spec.vision).to(dtype)
         hidden = spec.text_config.hidden_size
         self.projector = nn.Sequential(nn.Linear(spec.vision.config.hidden_size, hidden), nn.GELU(),
@@ -51,7 +88,8 @@ class LMM(nn.Module):
             targets = module.state_dict(keep_vars=True)
             with torch.no_grad():
                 for name in spec.tensors:
-                    if name.startswith(prefix) and name[len(prefix):] in targets:
+                    if name.startswith(prefix) and name[len(prefix):] in targets and not (
+                            stream_decoder and name.startswith(DECODER)):
                         targets[name[len(prefix):]].copy_(spec.load(name))
         if getattr(spec.text_config, "tie_word_embeddings", False) and "llm.lm_head.weight" not in spec.tensors:
             self.llm.lm_head.weight = self.llm.model.embed_tokens.weight
@@ -60,6 +98,68 @@ class LMM(nn.Module):
     @classmethod
     def from_folder(cls, folder) -> "LMM":
         return cls(read_spec(folder))
+
+    @staticmethod
+    def _assign(root: nn.Module, name: str, value: torch.Tensor) -> None:
+        module_name, _, param_name = name.rpartition(".")
+        module = root.get_submodule(module_name)
+        module._parameters[param_name] = nn.Parameter(value, requires_grad=False)
+
+    def load_block(self, index: int) -> nn.Module:
+        """Decoder block `index` with its tensors read from the checkpoint (a no-op when it is already loaded)."""
+        layer = self.llm.model.layers[index]
+        prefix = f"{DECODER}{index}."
+        for name, param in list(layer.named_parameters()):
+            if param.is_meta:
+                self._assign(layer, name, self.spec.load(prefix + name).to(param.dtype))
+        return layer
+
+    def release_block(self, index: int) -> None:
+        """Back to the meta device: the block's tensors can be read again from the checkpoint."""
+        layer = self.llm.model.layers[index]
+        for name, param in list(layer.named_parameters()):
+            self._assign(layer, name, param.to("meta"))
+
+    def first_block_inputs(self, embeddings: list[torch.Tensor]) -> list[tuple[torch.Tensor, dict]]:
+        """(hidden states, keyword arguments) that the first decoder block receives for each input embedding."""
+        layers = self.llm.model.layers
+        first = layers[0]
+        captured = []
+
+        class Catcher(nn.Module):
+            def forward(self, hidden_states, **kwargs):
+                captured.append((hidden_states, kwargs))
+                raise _StopForward
+
+        layers[0] = Catcher()
+        try:
+            for emb in embeddings:
+                try:
+                    self.llm(inputs_embeds=emb, use_cache=False)
+                except _StopForward:
+                    pass
+        finally:
+            layers[0] = first
+        return captured
+
+    @torch.no_grad()
+    def next_token_logits(self, embeddings: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The last position's logits for each input embedding, computed block by block: with a streamed decoder
+        each block is read once for all inputs and released, so at most one block is in memory."""
+        inputs = self.first_block_inputs(embeddings)
+        layers = self.llm.model.layers
+        for index, layer in enumerate(layers):
+            if self.streams_decoder:
+                self.load_block(index)
+            inputs = [(layer(hidden, **kwargs), kwargs) for hidden, kwargs in inputs]
+            if self.streams_decoder:
+                self.release_block(index)
+        # the model's own final norm and head, run on the last block's output with no blocks in between
+        self.llm.model.layers = nn.ModuleList()
+        try:
+            return [self.llm(inputs_embeds=hidden, use_cache=False).logits[0, -1].float() for hidden, _ in inputs]
+        finally:
+            self.llm.model.layers = layers
 
     def image_features(self, pixels: torch.Tensor, pool: bool = False) -> torch.Tensor:
         """[B, n_tokens, llm_hidden] from [B, 3, S, S] pixels: the selected vision layer (no post-layernorm),

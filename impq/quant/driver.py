@@ -54,32 +54,6 @@ class QuantizeResult:
     seconds: float = 0.0
 
 
-class _StopForward(Exception):
-    pass
-
-
-def capture_first_block_inputs(lmm: LMM, embeddings: list[torch.Tensor]) -> list[tuple[torch.Tensor, dict]]:
-    layers = lmm.llm.model.layers
-    first = layers[0]
-    captured = []
-
-    class Catcher(nn.Module):
-        def forward(self, hidden_states, **kwargs):
-            captured.append((hidden_states, kwargs))
-            raise _StopForward
-
-    layers[0] = Catcher()
-    try:
-        for emb in embeddings:
-            try:
-                lmm.llm(inputs_embeds=emb, use_cache=False)
-            except _StopForward:
-                pass
-    finally:
-        layers[0] = first
-    return captured
-
-
 @torch.no_grad()
 def quantize_llm(lmm: LMM, embeddings: list[torch.Tensor], plan: Plan, method: str, *,
                  gptq_options: dict | None = None, signround_options: dict | None = None,
@@ -92,13 +66,16 @@ def quantize_llm(lmm: LMM, embeddings: list[torch.Tensor], plan: Plan, method: s
     scales learned against the full-precision block's outputs, from GPTQ's error-compensated weights).
     On a GPU (`device`), one decoder block at a time moves there with the activations; the rest stays on the CPU.
     `release_weights`: once a block has produced the next block's inputs, its quantized weights move to the meta
-    device (the codes are the record), so a 2.7B LLM's decoder weights are never all held twice."""
+    device (the codes are the record), so a 2.7B LLM's decoder weights are never all held twice. With an LMM
+    that streams its decoder (models/lmm.py), each block is read from the checkpoint when its turn comes."""
     start = time.perf_counter()
     result = QuantizeResult()
     lmm.llm.model.rotary_emb.to(device)
-    inputs = capture_first_block_inputs(lmm, [e.to(device) for e in embeddings])
+    inputs = lmm.first_block_inputs([e.to(device) for e in embeddings])
     layers = lmm.llm.model.layers
     for index, layer in enumerate(layers):
+        if lmm.streams_decoder:
+            lmm.load_block(index)
         layer.to(device)
         linears = {name: m for name, m in layer.named_modules() if isinstance(m, nn.Linear)}
         grids = {name: plan[f"llm.model.layers.{index}.{name}.weight"].grid for name in linears}
@@ -167,7 +144,7 @@ def quantize_llm(lmm: LMM, embeddings: list[torch.Tensor], plan: Plan, method: s
                 _narrowest(codes.cpu()), params.to("cpu"), grid, error, alphas.get(name))
         inputs = [(layer(hidden, **kwargs), kwargs) for hidden, kwargs in inputs]
         layer.to("cpu")
-        if release_weights:
+        if release_weights or lmm.streams_decoder:
             for name in rounded:
                 module = quantizable[name]
                 module.weight = nn.Parameter(module.weight.to("meta"), requires_grad=False)

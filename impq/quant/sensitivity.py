@@ -25,7 +25,6 @@ import torch
 from torch import nn
 
 from ..models.lmm import LMM
-from .driver import capture_first_block_inputs
 from .error import output_error
 from .gptq import gptq
 from .grids import GRIDS
@@ -221,7 +220,7 @@ def measure_sensitivity(lmm: LMM, calib: list[torch.Tensor], measurements: list[
     decoder = lmm.llm.model.layers
     chosen = range(len(decoder)) if layers is None else layers
     results = []
-    inputs = capture_first_block_inputs(lmm, calib)
+    inputs = lmm.first_block_inputs(calib)
     for index in range(max(chosen) + 1):
         groups, hessians, next_inputs = _layer_statistics(decoder[index], inputs)
         inputs = next_inputs
