@@ -93,10 +93,12 @@ def markdown(r: dict) -> str:
         lines.append(f"| {label} px | {tokens} | " + " | ".join(cells) + " |")
     lines += ["", "Ranges: the leave-one-out band. For comparison, not a reference: "
               + "; ".join(f"{k}: {v}" for k, v in r["published"].items()) + " (another runtime, on the GPU).", "",
-              "Limits: the references are small models (1.4-2B), mostly older llama.cpp builds (early 2024 for "
-              "MobileVLM) and four phones; PocketPal's thread count and prompt length are not stated. Newer llama.cpp "
-              "builds with repacked Q4_0 kernels prefill several times faster on the same phones, which the band "
-              "shows as the spread between the MobileVLM and Qwen3 references."]
+              "Limits: the references are small models (1.4-2B) on four phones, measured with llama.cpp builds two "
+              "years apart (MobileVLM's in early 2024, PocketPal's and the S23 Ultra's in 2026), and PocketPal's thread "
+              "count and prompt length are not stated. The fit treats every build alike: the decode references split "
+              "by era (efficiency 0.20-0.22 on the 2024 builds, 0.32-0.55 on the 2026 ones), which is most of the "
+              "decode band. No reference is a Snapdragon 8 Gen 3, and none measures a SigLIP tower or a 729-token "
+              "prefill; the Imp estimates extrapolate along the roofline."]
     return "\n".join(lines) + "\n"
 
 

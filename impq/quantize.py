@@ -283,6 +283,8 @@ def quantize_model(model_dir: str | Path, out_dir: str | Path, settings: Quantiz
     embeddings = calibration_embeddings(lmm, samples, settings.nsamples, settings.seqlen, settings.seed)
     for module in calibration_side:
         module.to("cpu")
+    if lmm.streams_decoder and settings.format == "gguf":
+        lmm.release_all_but_decoder()
     allocation = {}
     if budgeted:
         (on_status or (lambda _: None))("measuring sensitivity for the budget")
@@ -369,8 +371,15 @@ def _write_gguf_pair(lmm: LMM, out_dir: Path, stem: str, settings: QuantizeSetti
     spec = lmm.spec
     text_path, mmproj_path = out_dir / f"{stem}.gguf", out_dir / f"mmproj-{stem}.gguf"
     state = {f"llm.{k}": v for k, v in lmm.llm.state_dict().items()}
+
+    def source(name: str):
+        """The model's tensor as quantization left it (AWQ folds its scales into norms), or, for one released
+        to the meta device, the checkpoint's."""
+        value = state[name]
+        return spec.load(name) if value.is_meta else value
+
     write_text_gguf(spec, text_path, GRIDS[settings.type].qtype, digest, recorded, quantized=result.tensors,
-                    source=state.__getitem__, head_type=QType[settings.embeddings.upper()])
+                    source=source, head_type=QType[settings.embeddings.upper()])
     write_mmproj_gguf(spec, mmproj_path, QType[settings.vision.upper()], digest, recorded)
     return {"text_gguf": text_path, "mmproj_gguf": mmproj_path}
 

@@ -103,3 +103,14 @@ def test_estimate_command_prints_ranges(run_cli, tmp_path):
     assert status == 0, err
     row = json.loads(out)["estimates"]["snapdragon-8-gen-3"]
     assert row["ttft_s"]["low"] < row["ttft_s"]["value"] < row["ttft_s"]["high"]
+
+
+def test_default_estimate_is_the_committed_imp_v1_5_3b_196_figure(run_cli):
+    from impq.defaults import REPO
+
+    status, out, err = run_cli("estimate", "--device", "snapdragon-8-gen-3", "--json")
+    assert status == 0, err
+    committed = json.loads((REPO / "bench" / "results" / "phone_fit.json").read_text())
+    got = json.loads(out)["estimates"]["snapdragon-8-gen-3"]
+    for figure, expected in committed["imp_v1_5_3b_estimates"]["196"].items():
+        assert got[figure] == pytest.approx(expected), figure

@@ -189,7 +189,8 @@ def test_released_weights_leave_the_codes_unchanged_and_free_the_quantized_matri
     assert released.tensors.keys() == kept.tensors.keys()
     for name, q in kept.tensors.items():
         assert torch.equal(released.tensors[name].codes, q.codes)
-        assert released.tensors[name].stored_codes.dtype == torch.int8
+        stored = released.tensors[name].stored_codes        # Q4_0's 0..15: two codes to a byte
+        assert stored.dtype == torch.uint8 and stored.numel() * 2 == q.codes.numel()
         assert released_model.llm.get_parameter(name.removeprefix("llm.")).is_meta
         assert not kept_model.llm.get_parameter(name.removeprefix("llm.")).is_meta
     others = [n for n, _ in released_model.llm.named_parameters() if f"llm.{n}" not in kept.tensors]

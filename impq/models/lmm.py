@@ -120,6 +120,17 @@ class LMM(nn.Module):
         for name, param in list(layer.named_parameters()):
             self._assign(layer, name, param.to("meta"))
 
+    def release_all_but_decoder(self) -> None:
+        """The vision tower, projector, token embedding and head to the meta device: once the calibration
+        embeddings exist, quantizing and exporting a GGUF need only the decoder, and the export reads these
+        tensors from the checkpoint again."""
+        for root in (self.vision, self.projector):
+            for name, param in list(root.named_parameters(remove_duplicate=False)):
+                self._assign(root, name, param.to("meta"))
+        for name, param in list(self.llm.named_parameters(remove_duplicate=False)):
+            if not f"llm.{name}".startswith(DECODER):
+                self._assign(self.llm, name, param.to("meta"))
+
     def first_block_inputs(self, embeddings: list[torch.Tensor]) -> list[tuple[torch.Tensor, dict]]:
         """(hidden states, keyword arguments) that the first decoder block receives for each input embedding."""
         layers = self.llm.model.layers
