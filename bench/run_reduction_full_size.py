@@ -36,12 +36,18 @@ def main() -> None:
     parser.add_argument("--work", type=Path, required=True)
     parser.add_argument("--runs", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--phone-only", action="store_true",
+                        help="recompute only the phone columns of the committed results, from the same files; the "
+                             "measured columns (and the commit that measured them) stay")
     args = parser.parse_args()
     spec, device = full_size_spec(args.work), DEVICES[PHONE]
-    rows = []
+    rows, phones = [], {}
     for size, token_reduction in REDUCTIONS:
         text, mmproj, reduction = full_size_pair(args.work, spec, size, token_reduction)
         phone = PHONE_FIT.estimate(ModelCost.from_gguf_pair(text, mmproj), device, prompt_text_tokens=40)
+        phones[reduction.image_size, token_reduction] = phone
+        if args.phone_only:
+            continue
         for flash in ("off", "on"):
             figures = bench_pair(text, mmproj, default_images()[0], runs=args.runs, warmup=1, decode_tokens=16,
                                  n_threads=args.threads, flash_attn=flash)
@@ -53,6 +59,14 @@ def main() -> None:
             rows.append(row)
             print(json.dumps(row), flush=True)
 
+    measured_at = None
+    if args.phone_only:
+        committed = json.loads((RESULTS / "reduction_full_size.json").read_text())
+        rows, measured_at = committed["rows"], committed.get("measured_at", committed["commit"])
+        args.threads, args.runs = committed["threads"], committed["runs"]
+        for row in rows:
+            row["phone"] = phones[row["image_size"], row["token_reduction"]]
+
     def ttft(size, reduction, flash):
         return next(r["ttft_s"] for r in rows if (r["image_size"], r["token_reduction"], r["flash_attn"]) ==
                     (size, reduction, flash))
@@ -62,10 +76,11 @@ def main() -> None:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO).stdout
     record = {"model": "generated imp-v1-3b (Phi-2 2.7B + SigLIP so400m, random weights), text Q4_0, mmproj F16",
               "threads": args.threads, "runs": args.runs, "commit": commit.strip(), "phone": device.name,
-              "rows": rows, "ttft_ratio_729_to_196_tokens": ratios}
+              "rows": rows, "ttft_ratio_729_to_196_tokens": ratios, "measured_at": measured_at or commit.strip()}
     (RESULTS / "reduction_full_size.json").write_text(json.dumps(record, indent=2) + "\n")
     lines = ["# Vision reductions at the Imp-3B dimensions (speed only)", "",
-             f"`python bench/run_reduction_full_size.py` at commit {commit.strip()}: {record['model']}; llama.cpp "
+             f"`python bench/run_reduction_full_size.py`, measured at commit {record['measured_at']} (phone columns "
+             f"at {commit.strip()}): {record['model']}; llama.cpp "
              f"through llama-cpp-python 0.3.36, {args.threads} threads, median of {args.runs} runs after a warm-up, "
              f"16 decoded tokens. Phone columns: the roofline estimate for the {device.name}'s CPU in llama.cpp, "
              "fitted on published phone measurements, with its leave-one-out range (bench/results/phone_fit.md).",

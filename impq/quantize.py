@@ -24,6 +24,7 @@ from .export.gguf_text import gguf_vocab, text_tensors, write_text_gguf
 from .export.safetensors_layouts import LAYOUTS
 from .export.safetensors_model import read_dequantized_llm, write_safetensors_model
 from .fileio import artifact_set, ensure_writable_dir, sha256_files
+from .memory import map_large_allocations, trim
 from .models.layouts import read_spec
 from .models.lmm import LMM
 from .quant.driver import METHODS, quantize_llm
@@ -237,6 +238,7 @@ def quantize_model(model_dir: str | Path, out_dir: str | Path, settings: Quantiz
         text_tensors(spec, grid.qtype)
 
     (on_status or (lambda _: None))(f"calibrating on {device}")
+    map_large_allocations()
     stages = _Stages()
     stages.begin("load")
     budgeted = settings.target_bpw is not None or settings.target_size is not None
@@ -285,6 +287,7 @@ def quantize_model(model_dir: str | Path, out_dir: str | Path, settings: Quantiz
         module.to("cpu")
     if lmm.streams_decoder and settings.format == "gguf":
         lmm.release_all_but_decoder()
+        trim()
     allocation = {}
     if budgeted:
         (on_status or (lambda _: None))("measuring sensitivity for the budget")
@@ -347,6 +350,7 @@ def quantize_model(model_dir: str | Path, out_dir: str | Path, settings: Quantiz
             # the check builds a full-precision reference: at most one other model may be alive beside it
             if settings.format == "gguf":
                 del lmm
+                trim()
                 (on_status or (lambda _: None))("verifying in llama.cpp")
                 from .measure.vqa import GGUFAnswerer
                 candidate = GGUFAnswerer(artifacts["text_gguf"], artifacts["mmproj_gguf"])

@@ -4,7 +4,6 @@ and a peak memory bounded by one block rather than the whole LLM (measured in a 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
@@ -72,6 +71,11 @@ from impq.models.lmm import LMM
 from impq.quant.driver import quantize_llm
 from impq.quant.grids import GRIDS
 from impq.quant.plan import plan_llm
+from impq.memory import map_large_allocations
+
+# every tensor over 128 kB gets its own mapping and goes back to the system when freed, as impq quantize
+# arranges for a full-size model's; glibc's heap would otherwise keep this small model's freed blocks resident
+map_large_allocations(128 << 10)
 
 def status(key):
     return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith(key))
@@ -101,11 +105,8 @@ def test_streaming_peak_memory_is_bounded_by_a_block_not_the_model(tmp_path):
     assert bound < decoder_f32                  # the test tells streaming from holding the decoder
 
     def run(mode):
-        # a fixed mmap threshold: each tensor over 128 kB gets its own mapping and goes back to the OS when freed,
-        # as a full-size model's tensors do; glibc's heap would otherwise keep this small model's freed blocks
-        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(128 << 10)}
         done = subprocess.run([sys.executable, "-c", PEAK, str(folder), mode], capture_output=True, text=True,
-                              check=True, env=env)
+                              check=True)
         return json.loads(done.stdout.strip().splitlines()[-1])
 
     streamed, whole = run("stream"), run("whole")

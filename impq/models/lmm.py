@@ -11,6 +11,7 @@ from PIL import Image
 from torch import nn
 from transformers import AutoModelForCausalLM, CLIPVisionModel, SiglipVisionModel
 
+from ..memory import trim
 from .layouts import ModelSpec, VisionSpec, read_spec
 from .preprocess import normalized, to_model_square
 from .reduction import VisionReduction, pool_tokens
@@ -165,6 +166,7 @@ class LMM(nn.Module):
             inputs = [(layer(hidden, **kwargs), kwargs) for hidden, kwargs in inputs]
             if self.streams_decoder:
                 self.release_block(index)
+                trim()
         # the model's own final norm and head, run on the last block's output with no blocks in between
         self.llm.model.layers = nn.ModuleList()
         try:

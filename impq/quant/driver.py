@@ -13,6 +13,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ..memory import trim
 from ..models.lmm import LMM
 from .awq import apply_scales, search_clip, search_scales, usable_groups
 from .error import output_error
@@ -165,6 +166,7 @@ def quantize_llm(lmm: LMM, embeddings: list[torch.Tensor], plan: Plan, method: s
                 module = quantizable[name]
                 module.weight = nn.Parameter(module.weight.to("meta"), requires_grad=False)
         del hessian, rounded            # before the next block allocates its own
+        trim()
         if on_layer:
             on_layer(index, len(layers))
     lmm.llm.model.rotary_emb.to("cpu")
