@@ -353,15 +353,15 @@ def quantize_model(model_dir: str | Path, out_dir: str | Path, settings: Quantiz
                 trim()
                 (on_status or (lambda _: None))("verifying in llama.cpp")
                 from .measure.vqa import GGUFAnswerer
-                candidate = GGUFAnswerer(artifacts["text_gguf"], artifacts["mmproj_gguf"])
-                report.verification = {"runtime": "llama.cpp", **_verify(candidate, model_dir, verify_items)}
+                report.verification = {"runtime": "llama.cpp", **_verify(
+                    lambda: GGUFAnswerer(artifacts["text_gguf"], artifacts["mmproj_gguf"]), model_dir, verify_items)}
             else:
                 (on_status or (lambda _: None))("verifying the written safetensors in PyTorch")
                 from .measure.vqa import TorchAnswerer
                 # what the files hold, in place of the released weights
                 lmm.llm.load_state_dict(read_dequantized_llm(folder), strict=False, assign=True)
                 report.verification = {"runtime": "pytorch (weights unpacked from the written files)",
-                                       **_verify(TorchAnswerer(lmm), model_dir, verify_items)}
+                                       **_verify(lambda: TorchAnswerer(lmm), model_dir, verify_items)}
         stages.begin(None)
         report.stages = stages.record
         report.peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024   # verification included
@@ -482,9 +482,11 @@ def _size(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else path.stat().st_size
 
 
-def _verify(candidate, model_dir, n_items: int) -> dict:
+def _verify(make_candidate, model_dir, n_items: int) -> dict:
     """Accuracy on the first items of the shipped eval split (for the embedded model) and next-token agreement
-    with the full-precision PyTorch model on the bundled images and prompts."""
+    with the full-precision PyTorch model on the bundled images and prompts. `make_candidate()` builds the
+    answerer under test; for a model other than imp-tiny it is built only once the streamed reference's logits
+    exist and the reference is freed, so the two are never in memory together."""
     from .defaults import PACKAGE, default_eval_data
     from .measure.divergence import Divergence
     from .measure.vqa import TorchAnswerer, evaluate, read_vqa_jsonl
@@ -493,21 +495,26 @@ def _verify(candidate, model_dir, n_items: int) -> dict:
 
     out: dict = {}
     with contextlib.ExitStack() as stack:
-        if hasattr(candidate, "__exit__"):
-            stack.enter_context(candidate)
+
+        def opened(candidate):
+            return stack.enter_context(candidate) if hasattr(candidate, "__exit__") else candidate
+
         if (Path(model_dir) / "config.json").resolve() == (PACKAGE / "assets" / "imp-tiny" / "config.json").resolve():
-            reference = TorchAnswerer(model_dir)
+            reference, candidate = TorchAnswerer(model_dir), opened(make_candidate())
             items = read_vqa_jsonl(default_eval_data())[:n_items]
             report = evaluate(candidate, items, model="quantized", dataset="eval", reference=reference)
             full = evaluate(reference, items, model="pytorch", dataset="eval")
             out.update(eval_items=len(items), accuracy=report.accuracy, reference_accuracy=full.accuracy,
                        mean_kld=report.mean_kld, top1_agreement=report.top1_agreement)
         else:
-            # the full-precision reference streams its decoder: one block in memory beside the candidate
+            # the full-precision reference streams its decoder (one block in memory), and is gone before the
+            # candidate loads
             reference = LMM(read_spec(model_dir), stream_decoder=True)
             prompts = [(load_image(path), prompt) for path in default_images() for prompt in DEFAULT_PROMPTS]
             ref_logits = reference.next_token_logits([reference.prompt_embeddings(*p) for p in prompts])
             del reference
+            trim()
+            candidate = opened(make_candidate())
             divergence = Divergence()
             for (image, prompt), ref in zip(prompts, ref_logits):
                 _, logits = candidate.answer(image, prompt, 1)

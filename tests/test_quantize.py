@@ -230,6 +230,7 @@ def test_signround_lowers_block_output_error_against_its_starting_point(models_d
 
 
 @pytest.mark.parametrize("iterations", [0, 2, 40])
+@torch.no_grad()
 def test_learned_rounding_never_ends_above_gptqs_block_error(models_dir, tmp_path, iterations):
     """As the driver runs it: from GPTQ's error-compensated weights, compared with GPTQ's own codes."""
     from torch import nn
@@ -238,7 +239,7 @@ def test_learned_rounding_never_ends_above_gptqs_block_error(models_dir, tmp_pat
     layer, inputs = _first_block(models_dir, tmp_path)
     targets = [layer(h, **kw) for h, kw in inputs]
     linears = {n: m for n, m in layer.named_modules() if isinstance(m, nn.Linear)}
-    grids = dict.fromkeys(linears, GRIDS["q4_k"])
+    grids = dict.fromkeys(linears, GRIDS["q4_0"])
     hessians = {}
     for name, module in linears.items():       # each layer's input second moment on the calibration inputs
         seen = []
@@ -247,20 +248,17 @@ def test_learned_rounding_never_ends_above_gptqs_block_error(models_dir, tmp_pat
             seen.append(args[0].reshape(-1, args[0].shape[-1]))
 
         handle = module.register_forward_hook(keep)
-        with torch.no_grad():
-            for h, kw in inputs:
-                layer(h, **kw)
+        for h, kw in inputs:
+            layer(h, **kw)
         handle.remove()
         x = torch.cat(seen).float()
         hessians[name] = x.T @ x / x.shape[0]
     fits = {n: gptq(m.weight.float(), hessians[n], grids[n]) for n, m in linears.items()}
-    with torch.no_grad():
-        gptq_error = _block_error(layer, inputs, targets, {n: (f.codes, f.params) for n, f in fits.items()}, grids)
+    gptq_error = _block_error(layer, inputs, targets, {n: (f.codes, f.params) for n, f in fits.items()}, grids)
     with torch.enable_grad():
         learned = signround_block(layer, inputs, targets, {n: (f.unrounded, f.params) for n, f in fits.items()},
                                   grids, iterations=iterations)
-    with torch.no_grad():
-        assert _block_error(layer, inputs, targets, learned, grids) <= gptq_error
+    assert _block_error(layer, inputs, targets, learned, grids) <= gptq_error
 
 
 def test_awq_clip_search_never_loses_to_no_clipping(models_dir, tmp_path):
