@@ -20,7 +20,7 @@ from full_size_pair import full_size_pair, full_size_spec
 
 from impq.defaults import REPO
 from impq.measure.phone import DEVICES, ModelCost
-from impq.measure.phone_fit import KINDS, PHONE_FIT, PUBLISHED, REFERENCES
+from impq.measure.phone_fit import KINDS, PHONE_FIT, PUBLISHED, REFERENCES, format_range
 
 RESULTS = REPO / "bench" / "results"
 PHONE = "snapdragon-8-gen-3"
@@ -89,7 +89,7 @@ def markdown(r: dict) -> str:
               "|---|---|" + "---|" * len(FIGURES)]
     for label, est in r["imp_v1_5_3b_estimates"].items():
         tokens = r["imp_v1_5_3b_costs"][label]["vision_tokens"]
-        cells = [f"{est[k]['value']:.{d}f} ({est[k]['low']:.{d}f}-{est[k]['high']:.{d}f})" for k, _, d in FIGURES]
+        cells = [format_range(est[k], d) for k, _, d in FIGURES]
         lines.append(f"| {label} px | {tokens} | " + " | ".join(cells) + " |")
     lines += ["", "Ranges: the leave-one-out band. For comparison, not a reference: "
               + "; ".join(f"{k}: {v}" for k, v in r["published"].items()) + " (another runtime, on the GPU).", "",

@@ -21,7 +21,7 @@ from full_size_pair import full_size_pair, full_size_spec
 from impq.defaults import REPO
 from impq.measure.bench import bench_pair
 from impq.measure.phone import DEVICES, ModelCost
-from impq.measure.phone_fit import PHONE_FIT
+from impq.measure.phone_fit import PHONE_FIT, format_range
 from impq.verify import default_images
 
 RESULTS = REPO / "bench" / "results"
@@ -90,18 +90,14 @@ def main() -> None:
     for r in rows:
         label = (f"{r['image_size']} px" if r["image_size"] != native else "384 px (native; 378 px of patches)") + (
             " + 2x2 pool" if r["token_reduction"] == "pool2" else "")
+        phone = [format_range(r["phone"][k], 1) for k in ("image_encode_s", "ttft_s", "decode_tokens_per_s")]
         lines.append(f"| {label} | {r['image_tokens']} | {r['flash_attn']} | {r['image_encode_s']:.2f} | "
                      f"{r['ttft_s']:.2f} | {r['prompt_tokens_per_s']:.0f} | {r['decode_tokens_per_s']:.1f} | "
-                     f"{r['peak_rss_mb']:.0f} | {_ranged(r['phone']['image_encode_s'], 1)} | "
-                     f"{_ranged(r['phone']['ttft_s'], 1)} | {_ranged(r['phone']['decode_tokens_per_s'], 1)} |")
+                     f"{r['peak_rss_mb']:.0f} | " + " | ".join(phone) + " |")
     lines += ["", f"Measured ratio of time to first token, 729 image tokens (384 px) to 196 (196 px): "
                   f"{ratios['off']:.2f}x with flash attention off, {ratios['on']:.2f}x with it on."]
     (RESULTS / "reduction_full_size.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
-
-
-def _ranged(figure: dict, digits: int) -> str:
-    return f"{figure['value']:.{digits}f} ({figure['low']:.{digits}f}-{figure['high']:.{digits}f})"
 
 
 if __name__ == "__main__":

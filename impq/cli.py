@@ -289,7 +289,7 @@ def estimate_cmd(
     fitted on published llama.cpp phone measurements, each with its leave-one-out range."""
     from .defaults import REPO
     from .measure.phone import DEVICES, ModelCost
-    from .measure.phone_fit import PHONE_FIT, PUBLISHED
+    from .measure.phone_fit import PHONE_FIT, PUBLISHED, format_range
     from .models.checkpoint import read_json
     from .runtime.gguf_pair import resolve_pair
 
@@ -306,13 +306,9 @@ def estimate_cmd(
         cost, title = ModelCost.from_gguf_pair(*pair), f"{pair[0].name} + {pair[1].name}"
     rows = {n: PHONE_FIT.estimate(cost, DEVICES[n], text_tokens) for n in names}
     table = Table("device", "decode tok/s", "prompt tok/s", "image encode s", "TTFT s", title=title)
-
-    def cell(figure: dict, digits: int) -> str:
-        return f"{figure['value']:.{digits}f} ({figure['low']:.{digits}f}-{figure['high']:.{digits}f})"
-
+    figures = ("decode_tokens_per_s", "prefill_tokens_per_s", "image_encode_s", "ttft_s")
     for name, row in rows.items():
-        table.add_row(DEVICES[name].name, cell(row["decode_tokens_per_s"], 1), cell(row["prefill_tokens_per_s"], 1),
-                      cell(row["image_encode_s"], 1), cell(row["ttft_s"], 1))
+        table.add_row(DEVICES[name].name, *(format_range(row[k], 1) for k in figures))
     table.caption = ("llama.cpp on the CPU; ranges: leave-one-out error of the fit on published phone measurements "
                      "(bench/results/phone_fit.md)")
     _emit(as_json, {"estimates": rows, "band": PHONE_FIT.band, "published": PUBLISHED}, table)

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import gc
 
 _M_MMAP_THRESHOLD = -3          # mallopt's parameter number in glibc's malloc.h
 
 
+@functools.cache       # find_library runs ldconfig: once per process, not once per decoder block
 def _libc():
     name = ctypes.util.find_library("c")
     try:

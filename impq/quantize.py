@@ -12,6 +12,7 @@ import re
 import resource
 import threading
 import time
+import weakref
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -189,36 +190,42 @@ class QuantizeReport:
 class _Stages:
     """Wall time and peak resident memory of each stage of a run, one after another. The peak is sampled from
     /proc/self/statm every 50 ms (the kernel's own high-water mark cannot be read per stage without resetting it,
-    which would hide the run's peak from whoever started the process); elsewhere the process's peak so far."""
+    which would hide the run's peak from whoever started the process); elsewhere the process's peak so far.
+    The sampler holds only a weak reference: it ends with `begin(None)` or when a failed run drops its stages."""
 
     def __init__(self):
         self.record: dict = {}
         self._current: list | None = None       # [name, start, peak bytes]
-        self._page = resource.getpagesize()
         self._stop = threading.Event()
-        threading.Thread(target=self._sample, daemon=True).start()
-
-    def _rss(self) -> int:
-        try:
-            return int(Path("/proc/self/statm").read_text().split()[1]) * self._page
-        except OSError:
-            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-    def _sample(self) -> None:
-        while not self._stop.wait(0.05):
-            current = self._current
-            if current:
-                current[2] = max(current[2], self._rss())
+        threading.Thread(target=_sample_stages, args=(weakref.ref(self), self._stop), daemon=True).start()
 
     def begin(self, name: str | None) -> None:
         """End the current stage (if any) and begin `name` (None: end, and stop sampling)."""
         if self._current:
             stage, start, peak = self._current
             self.record[stage] = {"seconds": round(time.perf_counter() - start, 2),
-                                  "peak_rss_mb": round(max(peak, self._rss()) / 2 ** 20)}
-        self._current = [name, time.perf_counter(), self._rss()] if name else None
+                                  "peak_rss_mb": round(max(peak, _rss_bytes()) / 2 ** 20)}
+        self._current = [name, time.perf_counter(), _rss_bytes()] if name else None
         if name is None:
             self._stop.set()
+
+
+def _rss_bytes() -> int:
+    try:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * resource.getpagesize()
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _sample_stages(stages_ref, stop: threading.Event) -> None:
+    while not stop.wait(0.05):
+        stages = stages_ref()
+        if stages is None:
+            return
+        current = stages._current
+        del stages
+        if current:
+            current[2] = max(current[2], _rss_bytes())
 
 
 def quantize_model(model_dir: str | Path, out_dir: str | Path, settings: QuantizeSettings, *,

@@ -16,10 +16,19 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
+import gguf
+
 from .phone import DEVICES, Device, Efficiency, Estimate, ModelCost, estimate
 
-# bits per weight of llama.cpp's block types (gguf-py's GGML_QUANT_SIZES: bytes per block / weights per block)
-Q4_0, Q4_K, Q6_K, Q8_0, F16 = 4.5, 4.5, 6.5625, 8.5, 16.0
+
+
+def _bits(qtype: gguf.GGMLQuantizationType) -> float:
+    """Bits per weight of one of llama.cpp's block types."""
+    block, type_size = gguf.GGML_QUANT_SIZES[qtype]
+    return 8 * type_size / block
+
+
+Q4_0, Q4_K, Q6_K, Q8_0 = (_bits(getattr(gguf.GGMLQuantizationType, t)) for t in ("Q4_0", "Q4_K", "Q6_K", "Q8_0"))
 
 
 def _use_more_bits(i: int, n: int) -> bool:
@@ -181,6 +190,11 @@ def fit_phones(references: tuple[Reference, ...] = REFERENCES) -> PhoneFit:
                                "efficiency": values[i]})
         band[kind] = math.exp(math.sqrt(sum(e * e for e in log_errors) / len(log_errors)))
     return PhoneFit(Efficiency(**efficiencies), band, rows)
+
+
+def format_range(figure: dict, digits: int) -> str:
+    """'value (low-high)' for one figure of `PhoneFit.estimate`."""
+    return f"{figure['value']:.{digits}f} ({figure['low']:.{digits}f}-{figure['high']:.{digits}f})"
 
 
 PHONE_FIT = fit_phones()

@@ -71,13 +71,13 @@ class LMM(nn.Module):
         self.tokenizer = spec.tokenizer
         self.streams_decoder = stream_decoder
         # Built on the CPU (not the meta device) so that non-persistent buffers such as rotary frequencies and
-        # position ids are real; the random initial weights are then overwritten.
+        # position ids are real; the random initial weights are then overwritten. A streamed decoder's
+        # parameters are created on the meta device and only the rest is allocated.
         with _parameters_on_meta() if stream_decoder else contextlib.nullcontext():
             self.llm = AutoModelForCausalLM.from_config(spec.text_config, attn_implementation="eager", dtype=dtype)
         if stream_decoder:
-            for name, param in list(self.llm.named_parameters(remove_duplicate=False)):
-                if not f"llm.{name}".startswith(DECODER):
-                    self._assign(self.llm, name, torch.empty(param.shape, dtype=param.dtype))
+            for name, param in self._outside_decoder():
+                self._assign(self.llm, name, torch.empty(param.shape, dtype=param.dtype))
         self.vision = build_vision_model(spec.vision).to(dtype)
         hidden = spec.text_config.hidden_size
         self.projector = nn.Sequential(nn.Linear(spec.vision.config.hidden_size, hidden), nn.GELU(),
@@ -128,9 +128,14 @@ class LMM(nn.Module):
         for root in (self.vision, self.projector):
             for name, param in list(root.named_parameters(remove_duplicate=False)):
                 self._assign(root, name, param.to("meta"))
-        for name, param in list(self.llm.named_parameters(remove_duplicate=False)):
-            if not f"llm.{name}".startswith(DECODER):
-                self._assign(self.llm, name, param.to("meta"))
+        for name, param in self._outside_decoder():
+            self._assign(self.llm, name, param.to("meta"))
+
+    def _outside_decoder(self) -> list[tuple[str, nn.Parameter]]:
+        """The LLM's parameters that are not in a decoder block (embedding, final norm, head), tied ones by each
+        of their names."""
+        return [(name, param) for name, param in self.llm.named_parameters(remove_duplicate=False)
+                if not f"llm.{name}".startswith(DECODER)]
 
     def first_block_inputs(self, embeddings: list[torch.Tensor]) -> list[tuple[torch.Tensor, dict]]:
         """(hidden states, keyword arguments) that the first decoder block receives for each input embedding."""
