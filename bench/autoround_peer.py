@@ -1,5 +1,6 @@
-"""AutoRound (the `auto-round` package, learned rounding) as the peer in the quantization benchmark: it tunes
-imp-tiny's LLM on the same multimodal calibration sequences as impq and writes the GGUF with its own exporter.
+"""AutoRound (the `auto-round` package, learned rounding) as the peer in the quantization benchmarks: it tunes a
+checkpoint's LLM (imp-tiny's, or the real LM's of run_quant_real_lm.py) on the same calibration sequences as impq
+(images + text, or text alone) and writes the GGUF with its own exporter.
 
 Bench-only glue, kept out of the package. What it has to work around in auto-round 0.16.1, and why:
 - Imp keeps its image settings (`image_token_index`, `mm_*`) in the LLM config; auto-round reads any config key
@@ -31,12 +32,11 @@ FORMATS = {"q4_0": "gguf:q4_0", "q4_1": "gguf:q4_1", "q4_k": "gguf:q4_k_s", "q3_
            "q2_k": "gguf:q2_k_s"}
 
 
-def _calibration_loader(lmm, nsamples: int, seqlen: int):
+def _calibration_loader(lmm, calib: Path, nsamples: int, seqlen: int):
     """(token-id batches for auto-round, {first id: embeddings}) for impq's calibration sequences."""
     from impq.calib import calibration_embeddings, read_calibration
-    from impq.defaults import default_calib_data
 
-    embeds = calibration_embeddings(lmm, read_calibration(default_calib_data()), nsamples, seqlen)
+    embeds = calibration_embeddings(lmm, read_calibration(calib), nsamples, seqlen)
     length = min(e.shape[1] for e in embeds)
     by_key, batches = {}, []
     for index, sequence in enumerate(embeds):
@@ -83,16 +83,15 @@ def _copy_under_impq_metadata(autoround_gguf: Path, impq_gguf: Path, target: Pat
     copy_with_new_metadata(theirs, gguf.GGUFWriter(target, arch=arch), metadata, [])
 
 
-def autoround_gguf(type_name: str, impq_f16_text: Path, out: Path, nsamples: int, iters: int,
-                   seqlen: int = 512) -> Path:
-    """Quantize imp-tiny's LLM with AutoRound onto `type_name`; the text GGUF, under impq's metadata."""
+def autoround_gguf(model_dir: Path, calib: Path, type_name: str, impq_f16_text: Path, out: Path, nsamples: int,
+                   iters: int, seqlen: int = 512, stem: str = "imp-tiny") -> Path:
+    """Quantize the checkpoint's LLM with AutoRound onto `type_name`; the text GGUF, under impq's metadata."""
     from auto_round import AutoRound
 
-    from impq.defaults import default_model_dir
     from impq.models.lmm import LMM
 
-    lmm = LMM.from_folder(default_model_dir())
-    batches, by_key, length = _calibration_loader(lmm, nsamples, seqlen)
+    lmm = LMM.from_folder(model_dir)
+    batches, by_key, length = _calibration_loader(lmm, calib, nsamples, seqlen)
     llm, tokenizer = _save_llm(lmm, out / "llm-hf")
     del lmm
     llm.get_input_embeddings().register_forward_hook(
@@ -105,7 +104,7 @@ def autoround_gguf(type_name: str, impq_f16_text: Path, out: Path, nsamples: int
                         layer_config=layer_config, device_map="cpu")
     rounder.quantize_and_save(str(out / "autoround"), format=FORMATS[type_name])
     written = next((out / "autoround").rglob("*.gguf"))
-    target = out / f"imp-tiny-{type_name.upper()}-autoround.gguf"
+    target = out / f"{stem}-{type_name.upper()}-autoround.gguf"
     _copy_under_impq_metadata(written, impq_f16_text, target)
     print(f"autoround {type_name}: {time.perf_counter() - start:.1f} s", flush=True)
     return target

@@ -73,8 +73,9 @@ def _chunks(text: str, chars: int) -> list[str]:
     return pieces
 
 
-def prepare(model: str, work: Path, nsamples: int, limit: int) -> dict:
-    """Folder, calibration file, sensitivity measurement file, evaluation text (and eval VQA items) of a model."""
+def prepare(model: str, work: Path, nsamples: int, limit: int, eval_bytes: int = 60_000) -> dict:
+    """Folder, calibration file, sensitivity measurement file, evaluation text (and eval VQA items) of a model;
+    `eval_bytes`: the real LM's evaluation text."""
     from impq.defaults import default_calib_data, default_eval_data, default_model_dir
 
     work.mkdir(parents=True, exist_ok=True)
@@ -107,14 +108,14 @@ def prepare(model: str, work: Path, nsamples: int, limit: int) -> dict:
         sys.exit(f"bench: only {len(pieces)} calibration pieces")
     (work / "calib.txt").write_text("\n\n".join(pieces[:nsamples]) + "\n")
     (work / "sensitivity.txt").write_text("\n\n".join(p[:1200] for p in pieces[nsamples:nsamples + 8]) + "\n")
-    (work / "eval.txt").write_text(stdlib_text(False, 60_000))
+    (work / "eval.txt").write_text(stdlib_text(False, eval_bytes))
     return {"folder": folder, "calib": work / "calib.txt", "calib_text": work / "calib.txt",
             "sensitivity": work / "sensitivity.txt", "eval_text": work / "eval.txt", "ctx": 512, "vqa_limit": 0, "text_lm": True,
             "sensitivity_prompts": 8, "candidates": REAL_LM_CANDIDATES,
             "sources": {"calibration": f"{nsamples} pieces of ~2.4 kB (512 tokens) of docstrings of Python "
                                        "standard-library modules named a-l",
                         "sensitivity": "the next 8 pieces of the a-l docstrings, cut to ~1.2 kB (every position)",
-                        "evaluation": "60 kB of docstrings of standard-library modules named m-z"}}
+                        "evaluation": f"{eval_bytes // 1000} kB of docstrings of standard-library modules named m-z"}}
 
 
 # --- quantizer jobs (each in its own process) -------------------------------------------------------------------

@@ -80,11 +80,13 @@ def _llamacpp(type_name: str, with_imatrix: bool, f16_dir: str, out: str, nsampl
 def _autoround(type_name: str, f16_dir: str, out: str, nsamples: int, iters: int) -> dict:
     from autoround_peer import autoround_gguf
 
+    from impq.defaults import default_calib_data, default_model_dir
     from impq.verify import find_pair
 
     start = time.perf_counter()
     text_f16, mmproj_f16 = find_pair(Path(f16_dir))
-    target = autoround_gguf(type_name, text_f16, Path(out) / type_name, nsamples, iters)
+    target = autoround_gguf(default_model_dir(), default_calib_data(), type_name, text_f16, Path(out) / type_name,
+                            nsamples, iters)
     return _made(target, _copy_mmproj(mmproj_f16, target), start)
 
 

@@ -76,7 +76,8 @@ def quantize_llm(lmm: LMM, embeddings: list[torch.Tensor], plan: Plan, method: s
     weights become their grid values; a tensor planned at no grid is left as it is) and return the codes and block
     parameters by canonical tensor name. `method`: rtn, gptq, awq (AWQ's scales,
     then rounding with the grid's importance-weighted scale search), or signround (rounding and block
-    scales learned against the full-precision block's outputs, from GPTQ's error-compensated weights).
+    scales learned against the full-precision model's outputs of each block, from GPTQ's error-compensated
+    weights).
     On a GPU (`device`), one decoder block at a time moves there with the activations; the rest stays on the CPU.
     `release_weights`: once a block has produced the next block's inputs, its quantized weights move to the meta
     device (the codes are the record), so a 2.7B LLM's decoder weights are never all held twice. With an LMM
@@ -85,6 +86,10 @@ def quantize_llm(lmm: LMM, embeddings: list[torch.Tensor], plan: Plan, method: s
     result = QuantizeResult()
     lmm.llm.model.rotary_emb.to(device)
     inputs = lmm.first_block_inputs([e.to(device) for e in embeddings])
+    # learned rounding's targets: the full-precision model's own block outputs, carried in a second stream, so that
+    # each block also learns to undo the error the quantized blocks before it left in its inputs (AutoRound's
+    # setup: trained on the quantized stream's inputs against the full-precision stream's outputs)
+    fp_inputs = inputs if method == "signround" else None
     layers = lmm.llm.model.layers
     for index, layer in enumerate(layers):
         if lmm.streams_decoder:
@@ -115,10 +120,12 @@ def quantize_llm(lmm: LMM, embeddings: list[torch.Tensor], plan: Plan, method: s
             return hook
 
         handles = [m.register_forward_hook(accumulate(name)) for name, m in linears.items()]
-        outputs = [layer(hidden, **kwargs) for hidden, kwargs in inputs]   # full precision: learned rounding's target
+        for hidden, kwargs in inputs:
+            layer(hidden, **kwargs)
         for handle in handles:
             handle.remove()
         last.clear()
+        targets = None if fp_inputs is None else [layer(hidden, **kwargs) for hidden, kwargs in fp_inputs]
         alphas = {}
         for group in groups:
             first = group.linears[0]
@@ -141,7 +148,7 @@ def quantize_llm(lmm: LMM, embeddings: list[torch.Tensor], plan: Plan, method: s
             if method == "signround":
                 unrounded = {name: (fit.unrounded, fit.params) for name, fit in fits.items()}
                 with torch.enable_grad():
-                    rounded = signround_block(layer, inputs, outputs, unrounded, grids, **(signround_options or {}))
+                    rounded = signround_block(layer, inputs, targets, unrounded, grids, **(signround_options or {}))
                 del unrounded
             del fits
         elif method == "awq":
@@ -149,7 +156,6 @@ def quantize_llm(lmm: LMM, embeddings: list[torch.Tensor], plan: Plan, method: s
                                  grids[name]) for name, m in quantizable.items()}
         else:
             rounded = {name: rtn(m.weight.float(), hessian[name], grids[name]) for name, m in quantizable.items()}
-        del outputs
         for name, (codes, params) in rounded.items():
             module, H, grid = quantizable[name], hessian[name], grids[name]
             W = module.weight.float()
@@ -160,6 +166,9 @@ def quantize_llm(lmm: LMM, embeddings: list[torch.Tensor], plan: Plan, method: s
             result.tensors[f"llm.model.layers.{index}.{name}.weight"] = QuantizedTensor.store(
                 codes, params.to("cpu"), grid, error, alphas.get(name))
         inputs = [(layer(hidden, **kwargs), kwargs) for hidden, kwargs in inputs]
+        if fp_inputs is not None:
+            fp_inputs = [(target, kwargs) for target, (_, kwargs) in zip(targets, fp_inputs)]
+            del targets
         layer.to("cpu")
         if release_weights or lmm.streams_decoder:
             for name in rounded:

@@ -145,7 +145,8 @@ class LegacyGrid:
 
     def fit(self, w: torch.Tensor, importance: torch.Tensor | None = None, steps: int = 24) -> BlockParams:
         """Per-block scale (and minimum) minimising sum(importance * (w - value)^2) over a grid of candidates
-        around the min/max choice (the search llama.cpp's make_qx_quants does, here vectorised over blocks)."""
+        around the min/max choice (the search llama.cpp's make_qx_quants does, here vectorised over blocks).
+        `steps=0`: the min/max choice alone, no search (AWQ's clip search quantizes each candidate clip so)."""
         blocks = self._blocks(w.float())
         imp = torch.ones(w.shape[1], device=w.device) if importance is None else importance.float()
         imp = self._blocks(imp.expand(w.shape[0], -1))
@@ -158,9 +159,15 @@ class LegacyGrid:
             candidates = [BlockParams(_fp16(b * (1 + 0.025 * k)), None)
                           for b in bases for k in range(-steps // 2, steps // 2 + 1)]
         else:
-            candidates = [self._range_candidate(blocks, shrink_lo, shrink_hi)
-                          for shrink_lo in RANGE_SHRINKS for shrink_hi in RANGE_SHRINKS]
+            shrinks = RANGE_SHRINKS if steps else [0.0]
+            candidates = [self._range_candidate(blocks, shrink_lo, shrink_hi) for shrink_lo in shrinks
+                          for shrink_hi in shrinks]
         return _best_per_block(candidates, [self._error(w, c, imp) for c in candidates])
+
+    def shrink(self, params: BlockParams, ratio: float) -> BlockParams:
+        """Effective parameters whose levels are `ratio` times those of `params` (the range pulled toward 0): a
+        clip candidate. Only `codes` and `values` read them; a format's stored scales are refitted after."""
+        return BlockParams(params.scale * ratio, None if params.minimum is None else params.minimum * ratio)
 
     def _range_candidate(self, blocks: torch.Tensor, shrink_lo: float, shrink_hi: float) -> BlockParams:
         """Asymmetric parameters for the blocks' [min, max] range with each end pulled in by a fraction of it."""
@@ -222,7 +229,7 @@ class KQuantGrid(LegacyGrid):
         per = self.block // self.sub
         if not self.symmetric:
             # k-quant minimums are stored as magnitudes: the lowest level must be <= 0
-            float_params = self._least_squares_asymmetric(w, importance)
+            float_params = self._least_squares_asymmetric(w, importance, steps)
             scales = float_params.scale.clamp_min(0).reshape(rows, n_super, per)
             mins = (-float_params.minimum).clamp_min(0).reshape(rows, n_super, per)
             d_super, sc = _integer_scales(scales, scales.amax(-1), 0, self.scale_levels)
@@ -239,9 +246,10 @@ class KQuantGrid(LegacyGrid):
         scale = (d_super.unsqueeze(-1) * sc).reshape(rows, -1)
         return BlockParams(scale, None, {"d": d_super, "sc": sc.to(torch.int32).reshape(rows, -1)})
 
-    def _least_squares_asymmetric(self, w: torch.Tensor, importance: torch.Tensor | None) -> BlockParams:
+    def _least_squares_asymmetric(self, w: torch.Tensor, importance: torch.Tensor | None, steps: int) -> BlockParams:
         """Per sub-block (scale, min <= 0): for each of 21 candidate inverse scales, round, then solve the weighted
-        least-squares scale and minimum for those codes; keep the best (the search of ggml's make_qkx2_quants)."""
+        least-squares scale and minimum for those codes; keep the best (the search of ggml's make_qkx2_quants).
+        `steps=0`: the min/max inverse scale alone."""
         x = self._blocks(w.float())
         if importance is None:   # ggml's default weighting: typical magnitude plus the value's own
             weights = x.pow(2).mean(-1, keepdim=True).sqrt() + x.abs()
@@ -252,7 +260,7 @@ class KQuantGrid(LegacyGrid):
         span = (hi - lo).clamp_min(1e-12)
         sw, sx = weights.sum(-1, keepdim=True), (weights * x).sum(-1, keepdim=True)
         candidates, errors = [], []
-        for step in range(21):
+        for step in range(21) if steps else [10]:
             iscale = (-1.0 + 0.1 * step + self.qmax) / span
             codes = torch.round(iscale * (x - lo)).clamp(0, self.qmax)
             sl, sl2 = (weights * codes).sum(-1, keepdim=True), (weights * codes * codes).sum(-1, keepdim=True)
@@ -360,6 +368,10 @@ class IntegerGrid(LegacyGrid):
 
     def _dequantize(self, q, scale, zero):
         return scale * (q - (self.offset if self.symmetric else zero))
+
+    def shrink(self, params: BlockParams, ratio: float) -> BlockParams:
+        # value = scale * (q - zero): the integer zero point stays
+        return BlockParams(params.scale * ratio, params.minimum)
 
     def _range_candidate(self, blocks: torch.Tensor, shrink_lo: float, shrink_hi: float) -> BlockParams:
         # the range must hold 0 so that the integer zero point lies on the grid
