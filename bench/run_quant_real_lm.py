@@ -192,6 +192,11 @@ def write_results(record: dict, types: list[str]) -> None:
                   ("met" if any(_seconds(r) < _seconds(peer) for r in reach) else "missed") if peer else "-",
                   f"{_seconds(ours['awq']) / _seconds(ours['gptq']):.2f}" if {"awq", "gptq"} <= ours.keys() else "-"]
         lines.append("| " + " | ".join(cells) + " |")
+    expected = [f"{prefix} {t}" for t in types for prefix in ("llama.cpp", *(f"impq {m}" for m in METHODS),
+                                                                "AutoRound")]
+    missing = [label for label in expected if label not in rows]
+    if missing:
+        lines += ["", f"Not measured yet (the run stopped before them): {', '.join(missing)}."]
     (RESULTS / "quant_real_lm.md").write_text("\n".join(lines) + "\n")
 
 

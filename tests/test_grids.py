@@ -65,3 +65,22 @@ def test_scale_search_matches_or_beats_llamacpp(name):
     ours = grid.values(grid.codes(w, p := grid.fit(w)), p)
     theirs = torch.from_numpy(llamacpp_quantize(w.numpy(), grid.qtype))
     assert ((ours - w) ** 2).sum() <= 1.02 * ((theirs - w) ** 2).sum()
+
+
+@pytest.mark.parametrize("name", ["q4_0", "q4_1", "q4_k", "q3_k"])
+def test_shrink_scales_every_level_toward_zero(name):
+    """AWQ's clip candidates: the same codes read back at `ratio` times their values, on every GGUF grid."""
+    grid = GRIDS[name]
+    weight = torch.randn(8, 256)
+    params = grid.fit(weight)
+    codes = grid.codes(weight, params)
+    assert torch.allclose(grid.values(codes, grid.shrink(params, 0.8)), 0.8 * grid.values(codes, params), atol=1e-6)
+
+
+def test_shrink_keeps_an_integer_grids_zero_point():
+    from impq.quant.grids import IntegerGrid
+
+    grid = IntegerGrid(4, 32, symmetric=False)
+    params = grid.fit(torch.randn(4, 64))
+    shrunk = grid.shrink(params, 0.5)
+    assert torch.equal(shrunk.minimum, params.minimum) and torch.equal(shrunk.scale, params.scale * 0.5)

@@ -145,8 +145,7 @@ class LegacyGrid:
 
     def fit(self, w: torch.Tensor, importance: torch.Tensor | None = None, steps: int = 24) -> BlockParams:
         """Per-block scale (and minimum) minimising sum(importance * (w - value)^2) over a grid of candidates
-        around the min/max choice (the search llama.cpp's make_qx_quants does, here vectorised over blocks).
-        `steps=0`: the min/max choice alone, no search (AWQ's clip search quantizes each candidate clip so)."""
+        around the min/max choice (the search llama.cpp's make_qx_quants does, here vectorised over blocks)."""
         blocks = self._blocks(w.float())
         imp = torch.ones(w.shape[1], device=w.device) if importance is None else importance.float()
         imp = self._blocks(imp.expand(w.shape[0], -1))
@@ -159,9 +158,8 @@ class LegacyGrid:
             candidates = [BlockParams(_fp16(b * (1 + 0.025 * k)), None)
                           for b in bases for k in range(-steps // 2, steps // 2 + 1)]
         else:
-            shrinks = RANGE_SHRINKS if steps else [0.0]
-            candidates = [self._range_candidate(blocks, shrink_lo, shrink_hi) for shrink_lo in shrinks
-                          for shrink_hi in shrinks]
+            candidates = [self._range_candidate(blocks, shrink_lo, shrink_hi)
+                          for shrink_lo in RANGE_SHRINKS for shrink_hi in RANGE_SHRINKS]
         return _best_per_block(candidates, [self._error(w, c, imp) for c in candidates])
 
     def shrink(self, params: BlockParams, ratio: float) -> BlockParams:
@@ -229,7 +227,7 @@ class KQuantGrid(LegacyGrid):
         per = self.block // self.sub
         if not self.symmetric:
             # k-quant minimums are stored as magnitudes: the lowest level must be <= 0
-            float_params = self._least_squares_asymmetric(w, importance, steps)
+            float_params = self._least_squares_asymmetric(w, importance)
             scales = float_params.scale.clamp_min(0).reshape(rows, n_super, per)
             mins = (-float_params.minimum).clamp_min(0).reshape(rows, n_super, per)
             d_super, sc = _integer_scales(scales, scales.amax(-1), 0, self.scale_levels)
@@ -246,10 +244,9 @@ class KQuantGrid(LegacyGrid):
         scale = (d_super.unsqueeze(-1) * sc).reshape(rows, -1)
         return BlockParams(scale, None, {"d": d_super, "sc": sc.to(torch.int32).reshape(rows, -1)})
 
-    def _least_squares_asymmetric(self, w: torch.Tensor, importance: torch.Tensor | None, steps: int) -> BlockParams:
+    def _least_squares_asymmetric(self, w: torch.Tensor, importance: torch.Tensor | None) -> BlockParams:
         """Per sub-block (scale, min <= 0): for each of 21 candidate inverse scales, round, then solve the weighted
-        least-squares scale and minimum for those codes; keep the best (the search of ggml's make_qkx2_quants).
-        `steps=0`: the min/max inverse scale alone."""
+        least-squares scale and minimum for those codes; keep the best (the search of ggml's make_qkx2_quants)."""
         x = self._blocks(w.float())
         if importance is None:   # ggml's default weighting: typical magnitude plus the value's own
             weights = x.pow(2).mean(-1, keepdim=True).sqrt() + x.abs()
@@ -260,7 +257,7 @@ class KQuantGrid(LegacyGrid):
         span = (hi - lo).clamp_min(1e-12)
         sw, sx = weights.sum(-1, keepdim=True), (weights * x).sum(-1, keepdim=True)
         candidates, errors = [], []
-        for step in range(21) if steps else [10]:
+        for step in range(21):
             iscale = (-1.0 + 0.1 * step + self.qmax) / span
             codes = torch.round(iscale * (x - lo)).clamp(0, self.qmax)
             sl, sl2 = (weights * codes).sum(-1, keepdim=True), (weights * codes * codes).sum(-1, keepdim=True)

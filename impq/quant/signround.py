@@ -3,8 +3,8 @@ decoder block, a rounding offset V in [-0.5, 0.5] (round up or down), and for ev
 multiplier in [0.5, 1.5], by signed gradient descent on the block's output error. As in AutoRound, the block
 runs on the inputs the quantized blocks before it produce, and its target is what the full-precision model's
 block outputs on the full-precision inputs: it learns to absorb the error the earlier blocks left as well as its
-own. (Targets taken from the full-precision block on the quantized inputs instead ended at a mean KLD 1.5x
-AutoRound's on SmolLM2-135M at Q4_0.) Rounding uses the straight-through estimator.
+own. (The first version's targets, the full-precision block on the quantized inputs, ended at a mean KLD of
+0.075 against AutoRound's 0.050 on SmolLM2-135M at Q4_0, as issue 12 measured.) Rounding uses the straight-through estimator.
 
 It starts from given weights and block parameters, whose plain rounding is the start: the driver passes the
 weights as GPTQ rounded them (after its error compensation) with GPTQ's parameters, so the start is GPTQ's result
