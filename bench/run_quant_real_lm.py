@@ -115,6 +115,7 @@ def main() -> None:
                 made = pool.submit(fn, *fn_args).result()
             if "text_gguf" in made:
                 made.update(score(args.llama_cpp_bin, Path(made["text_gguf"]), base, prepared, None))
+            made["measured"] = time.strftime("%Y-%m-%d")       # rows of different days may not share a machine's speed
             rows[label] = made
             print(label, json.dumps({k: v for k, v in made.items() if k in ("text_bytes", "mean_kld", "same_top1",
                                                                            "quantize_s")}), flush=True)
@@ -164,11 +165,15 @@ def write_results(record: dict, types: list[str]) -> None:
              "copied under impq's metadata. Scores: llama-perplexity --kl-divergence against the F16 GGUF on the "
              "evaluation text (512-token windows). Times and peak RSS per process on this machine (2 cores).", "",
              f"Versions: {json.dumps(record['versions'])}.", "",
-             "| file | text MB | mean KLD | same top-1 | PPL ratio | quantize s | peak RSS MB |", "|---|---|---|---|---|---|---|"]
+             "Rows of different days ran on different machines of the same kind: compare times within a day. "
+             "Measured float32 matrix products (2 threads): 25-30 GFLOPS on "
+             "2026-12-01, 110 GFLOPS on 2026-12-02.", "",
+             "| file | text MB | mean KLD | same top-1 | PPL ratio | quantize s | peak RSS MB | measured |",
+             "|---|---|---|---|---|---|---|---|"]
     for label, r in rows.items():
         if "mean_kld" in r:
             lines.append(f"| {label} | {r['text_bytes'] / 1e6:.2f} | {r['mean_kld']:.4f} | {r['same_top1']:.2%} | "
-                         f"{r['ppl_ratio']:.4f} | {_seconds(r):.0f} | {r['peak_rss_mb']:.0f} |")
+                         f"{r['ppl_ratio']:.4f} | {_seconds(r):.0f} | {r['peak_rss_mb']:.0f} | {r.get('measured', '-')} |")
     lines += ["", "The bar: impq's best method at or below AutoRound's KLD at Q4_0 and Q4_K; the goal: in less time. "
               "AWQ: at most 2x GPTQ's time.", "",
               "| type | impq best (KLD, s) | AutoRound (KLD, s) | llama.cpp + imatrix KLD | size vs AutoRound | bar | goal "
@@ -180,6 +185,8 @@ def write_results(record: dict, types: list[str]) -> None:
             continue
         best = min(ours, key=lambda m: ours[m]["mean_kld"])
         peer, lcpp = rows.get(f"AutoRound {type_name}"), rows.get(f"llama.cpp {type_name} + imatrix")
+        if peer and "invalid" in peer:       # a broken peer file sets no bar (the reason is listed below)
+            peer = None
         cells = [type_name.upper(), f"{best} ({ours[best]['mean_kld']:.4f}, {_seconds(ours[best]):.0f} s)"]
         if peer:
             reach = [r for r in ours.values() if r["mean_kld"] <= peer["mean_kld"]]
@@ -192,6 +199,9 @@ def write_results(record: dict, types: list[str]) -> None:
                   ("met" if any(_seconds(r) < _seconds(peer) for r in reach) else "missed") if peer else "-",
                   f"{_seconds(ours['awq']) / _seconds(ours['gptq']):.2f}" if {"awq", "gptq"} <= ours.keys() else "-"]
         lines.append("| " + " | ".join(cells) + " |")
+    invalid = [f"- {label}: {r['invalid']}" for label, r in rows.items() if "invalid" in r]
+    if invalid:
+        lines += ["", "Rows that set no bar:", *invalid]
     expected = [f"{prefix} {t}" for t in types for prefix in ("llama.cpp", *(f"impq {m}" for m in METHODS),
                                                                 "AutoRound")]
     missing = [label for label in expected if label not in rows]

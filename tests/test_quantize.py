@@ -261,6 +261,35 @@ def test_learned_rounding_never_ends_above_gptqs_block_error(models_dir, tmp_pat
     assert _block_error(layer, inputs, targets, learned, grids) <= gptq_error
 
 
+
+@torch.no_grad()
+def test_learned_rounding_keep_best_ends_on_the_lowest_loss_step(models_dir, tmp_path, monkeypatch):
+    """With every input in each step's batch, the kept step's loss is the returned rounding's block error."""
+    from torch import nn
+    from impq.quant import signround
+
+    layer, inputs = _first_block(models_dir, tmp_path)
+    targets = [layer(h, **kw) for h, kw in inputs]
+    grid = GRIDS["q4_0"]
+    linears = {n: m for n, m in layer.named_modules() if isinstance(m, nn.Linear)}
+    start = {n: (m.weight.float(), grid.fit(m.weight.float())) for n, m in linears.items()}
+    grids = dict.fromkeys(linears, grid)
+    step_losses, output_error = [], signround._output_error
+
+    def recorded(*args):
+        loss = output_error(*args)
+        if torch.is_grad_enabled():                # a training step's term, not the final comparison's
+            step_losses.append(float(loss.detach()))
+        return loss
+
+    monkeypatch.setattr(signround, "_output_error", recorded)
+    with torch.enable_grad():
+        kept = signround.signround_block(layer, inputs, targets, start, grids, iterations=30, batch=len(inputs),
+                                         keep_best=True)
+    per_step = [sum(step_losses[i:i + len(inputs)]) for i in range(0, len(step_losses), len(inputs))]
+    assert len(per_step) == 30 and min(per_step) < per_step[0]
+    assert signround._block_error(layer, inputs, targets, kept, grids) == pytest.approx(min(per_step), rel=1e-2)
+
 def test_awq_clip_search_never_loses_to_no_clipping(models_dir, tmp_path):
     from impq.quant.awq import search_clip
 

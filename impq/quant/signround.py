@@ -81,25 +81,28 @@ Rounding = dict[str, tuple[torch.Tensor, BlockParams]]      # linear layer name 
 
 
 def signround_block(layer: nn.Module, inputs: list[tuple[torch.Tensor, dict]], targets: list[torch.Tensor],
-                    start: Start, grids: dict[str, LegacyGrid], *, iterations: int = ITERATIONS, seed: int = 0,
+                    start: Start, grids: dict[str, LegacyGrid], *, iterations: int = ITERATIONS,
+                    batch: int = BATCH, keep_best: bool = False, seed: int = 0,
                     on_step: Callable[[int], None] | None = None) -> Rounding:
     """Learn the rounding of the linear layers in `start` (name -> weights to round, fitted block parameters), each
     onto its grid in `grids`, so that the block's outputs on `inputs` approach `targets`. Returns name -> (codes,
-    parameters): the learned rounding, or the plain rounding of `start` where that has the lower error."""
+    parameters): the learned rounding, or the plain rounding of `start` where that has the lower error.
+    `keep_best`: end on the step with the lowest batch loss, as AutoRound does, instead of the last step; on
+    SmolLM2 it left a higher block error (bench/results/signround_blocks.md), so it is off."""
     modules = {name: LearnedRounding(weight, params, grids[name]) for name, (weight, params) in start.items()}
     trainable = [p for m in modules.values() for p in (m.offset, m.scale_factor) if p.requires_grad]
     frozen = [p for p in layer.parameters() if p.requires_grad]       # only the rounding is trained
     for p in frozen:
         p.requires_grad_(False)
     try:
-        _train(layer, inputs, targets, modules, trainable, iterations, seed, on_step)
+        _train(layer, inputs, targets, modules, trainable, iterations, batch, keep_best, seed, on_step)
     finally:
         for p in frozen:
             p.requires_grad_(True)
     learned = {name: m.result() for name, m in modules.items()}
     plain = {name: (m.grid.codes(m.weight, m.params), m.params) for name, m in modules.items()}
     with torch.no_grad():
-        # the training loss is measured on 4 sequences at a time: compare the two on every calibration input
+        # the training loss is measured on `batch` sequences at a time: compare the two on every calibration input
         better = _block_error(layer, inputs, targets, learned, grids) < _block_error(layer, inputs, targets, plain, grids)
     return learned if better else plain
 
@@ -118,12 +121,15 @@ def _block_error(layer, inputs, targets, rounding: Rounding, grids: dict[str, Le
     return sum(float(_output_error(layer, weights, sample, target)) for sample, target in zip(inputs, targets))
 
 
-def _train(layer, inputs, targets, modules, trainable, iterations, seed, on_step) -> None:
+def _train(layer, inputs, targets, modules, trainable, iterations, batch, keep_best, seed, on_step) -> None:
     rng = random.Random(seed)
+    best_loss, best = float("inf"), None
     for step in range(iterations):
-        batch = rng.sample(range(len(inputs)), min(BATCH, len(inputs)))
+        chosen = rng.sample(range(len(inputs)), min(batch, len(inputs)))
         weights = {f"{name}.weight": m() for name, m in modules.items()}
-        loss = sum(_output_error(layer, weights, inputs[i], targets[i]) for i in batch)
+        loss = sum(_output_error(layer, weights, inputs[i], targets[i]) for i in chosen)
+        if keep_best and float(loss.detach()) < best_loss:   # the loss of the parameters before this update
+            best_loss, best = float(loss.detach()), [p.detach().clone() for p in trainable]
         for p in trainable:
             p.grad = None
         loss.backward()
@@ -137,3 +143,7 @@ def _train(layer, inputs, targets, modules, trainable, iterations, seed, on_step
             m.clamp_()
         if on_step:
             on_step(step)
+    if best is not None:
+        with torch.no_grad():
+            for p, kept in zip(trainable, best):
+                p.copy_(kept)
