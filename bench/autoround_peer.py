@@ -32,30 +32,40 @@ FORMATS = {"q4_0": "gguf:q4_0", "q4_1": "gguf:q4_1", "q4_k": "gguf:q4_k_s", "q3_
            "q2_k": "gguf:q2_k_s"}
 
 
-def _calibration_loader(lmm, calib: Path, nsamples: int, seqlen: int):
+def _calibration_loader(lmm, calib: Path, nsamples: int, seqlen: int, pad_id: int | None):
     """(token-id batches for auto-round, {first id: embeddings}) for impq's calibration sequences."""
     from impq.calib import calibration_embeddings, read_calibration
 
     embeds = calibration_embeddings(lmm, read_calibration(calib), nsamples, seqlen)
     length = min(e.shape[1] for e in embeds)
+    # auto-round takes pad ids (or, with no pad token, a run of repeated ids at the end) as padding and leaves them
+    # out of the attention and the loss: all-zero filler had it tune each block on the first position alone (a
+    # broken Q4_0 file of SmolLM2). The filler ids are distinct neighbours, never the pad id.
+    usable = [i for i in range(lmm.spec.text_config.vocab_size) if i != pad_id]
+    filler = [usable[(len(embeds) + j) % len(usable)] for j in range(length - 1)]
     by_key, batches = {}, []
     for index, sequence in enumerate(embeds):
         # the first id identifies the sequence; the rest only set the length (their embeddings are replaced)
-        ids = torch.zeros((1, length), dtype=torch.long)
-        ids[0, 0] = index
-        by_key[index] = sequence[:, :length].detach()
-        batches.append({"input_ids": ids})
+        key = usable[index]
+        by_key[key] = sequence[:, :length].detach()
+        batches.append({"input_ids": torch.tensor([[key, *filler]], dtype=torch.long)})
     return batches, by_key, length
 
 
+def _tokenizer(lmm):
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast(tokenizer_file=str(lmm.spec.tokenizer.path))
+
+
 def _save_llm(lmm, folder: Path):
-    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+    from transformers import AutoModelForCausalLM
 
     config = lmm.llm.config
     for key in [k for k in config.to_dict() if k.startswith(IMP_CONFIG_PREFIXES)]:
         delattr(config, key)
     lmm.llm.save_pretrained(folder)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(lmm.spec.tokenizer.path))
+    tokenizer = _tokenizer(lmm)
     tokenizer.save_pretrained(folder)
     return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32), tokenizer
 
@@ -91,7 +101,7 @@ def autoround_gguf(model_dir: Path, calib: Path, type_name: str, impq_f16_text: 
     from impq.models.lmm import LMM
 
     lmm = LMM.from_folder(model_dir)
-    batches, by_key, length = _calibration_loader(lmm, calib, nsamples, seqlen)
+    batches, by_key, length = _calibration_loader(lmm, calib, nsamples, seqlen, _tokenizer(lmm).pad_token_id)
     llm, tokenizer = _save_llm(lmm, out / "llm-hf")
     del lmm
     llm.get_input_embeddings().register_forward_hook(
