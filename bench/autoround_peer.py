@@ -52,22 +52,15 @@ def _calibration_loader(lmm, calib: Path, nsamples: int, seqlen: int, pad_id: in
     return batches, by_key, length
 
 
-def _tokenizer(lmm):
-    from transformers import PreTrainedTokenizerFast
-
-    return PreTrainedTokenizerFast(tokenizer_file=str(lmm.spec.tokenizer.path))
-
-
-def _save_llm(lmm, folder: Path):
+def _save_llm(lmm, tokenizer, folder: Path):
     from transformers import AutoModelForCausalLM
 
     config = lmm.llm.config
     for key in [k for k in config.to_dict() if k.startswith(IMP_CONFIG_PREFIXES)]:
         delattr(config, key)
     lmm.llm.save_pretrained(folder)
-    tokenizer = _tokenizer(lmm)
     tokenizer.save_pretrained(folder)
-    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32), tokenizer
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
 
 
 def _accept_gpt2_pre_tokenizer(hparams: dict) -> None:
@@ -97,12 +90,14 @@ def autoround_gguf(model_dir: Path, calib: Path, type_name: str, impq_f16_text: 
                    iters: int, seqlen: int = 512, stem: str = "imp-tiny") -> Path:
     """Quantize the checkpoint's LLM with AutoRound onto `type_name`; the text GGUF, under impq's metadata."""
     from auto_round import AutoRound
+    from transformers import PreTrainedTokenizerFast
 
     from impq.models.lmm import LMM
 
     lmm = LMM.from_folder(model_dir)
-    batches, by_key, length = _calibration_loader(lmm, calib, nsamples, seqlen, _tokenizer(lmm).pad_token_id)
-    llm, tokenizer = _save_llm(lmm, out / "llm-hf")
+    tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(lmm.spec.tokenizer.path))
+    batches, by_key, length = _calibration_loader(lmm, calib, nsamples, seqlen, tokenizer.pad_token_id)
+    llm = _save_llm(lmm, tokenizer, out / "llm-hf")
     del lmm
     llm.get_input_embeddings().register_forward_hook(
         lambda module, args, output: torch.cat([by_key[int(row[0])] for row in args[0]]).to(output.dtype))

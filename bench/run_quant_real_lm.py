@@ -111,11 +111,13 @@ def main() -> None:
 
     def run(label: str, fn, *fn_args) -> dict:
         if label not in rows:
+            gflops = matmul_gflops()
             with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
                 made = pool.submit(fn, *fn_args).result()
             if "text_gguf" in made:
                 made.update(score(args.llama_cpp_bin, Path(made["text_gguf"]), base, prepared, None))
-            made["measured"] = time.strftime("%Y-%m-%d")       # rows of different days may not share a machine's speed
+            # rows of different sessions may not share a machine's speed: each records the day and the speed
+            made.update(measured=time.strftime("%Y-%m-%d"), matmul_gflops=gflops)
             rows[label] = made
             print(label, json.dumps({k: v for k, v in made.items() if k in ("text_bytes", "mean_kld", "same_top1",
                                                                            "quantize_s")}), flush=True)
@@ -146,6 +148,18 @@ def main() -> None:
     print((RESULTS / "quant_real_lm.md").read_text())
 
 
+def matmul_gflops(size: int = 2048, repeats: int = 10) -> float:
+    """This machine's float32 matrix-product rate now (torch's default threads): what a row's times scale with."""
+    import torch
+
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b                                                   # warm-up
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    return round(repeats * 2 * size ** 3 / (time.perf_counter() - start) / 1e9, 1)
+
+
 def _seconds(row: dict) -> float:
     return row["quantize_s"] + row.get("imatrix_s", 0.0)
 
@@ -165,15 +179,15 @@ def write_results(record: dict, types: list[str]) -> None:
              "copied under impq's metadata. Scores: llama-perplexity --kl-divergence against the F16 GGUF on the "
              "evaluation text (512-token windows). Times and peak RSS per process on this machine (2 cores).", "",
              f"Versions: {json.dumps(record['versions'])}.", "",
-             "Rows of different days ran on different machines of the same kind: compare times within a day. "
-             "Measured float32 matrix products (2 threads): 25-30 GFLOPS on "
-             "2026-12-01, 110 GFLOPS on 2026-12-02.", "",
-             "| file | text MB | mean KLD | same top-1 | PPL ratio | quantize s | peak RSS MB | measured |",
-             "|---|---|---|---|---|---|---|---|"]
+             "Rows of different days ran on different machines of the same kind: compare times within a day. Rows "
+             "since 2026-12-02 also record the float32 matrix-product rate measured just before them.", "",
+             "| file | text MB | mean KLD | same top-1 | PPL ratio | quantize s | peak RSS MB | measured | GFLOPS |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for label, r in rows.items():
         if "mean_kld" in r:
             lines.append(f"| {label} | {r['text_bytes'] / 1e6:.2f} | {r['mean_kld']:.4f} | {r['same_top1']:.2%} | "
-                         f"{r['ppl_ratio']:.4f} | {_seconds(r):.0f} | {r['peak_rss_mb']:.0f} | {r.get('measured', '-')} |")
+                         f"{r['ppl_ratio']:.4f} | {_seconds(r):.0f} | {r['peak_rss_mb']:.0f} | {r.get('measured', '-')} | "
+                         f"{r.get('matmul_gflops', '-')} |")
     lines += ["", "The bar: impq's best method at or below AutoRound's KLD at Q4_0 and Q4_K; the goal: in less time. "
               "AWQ: at most 2x GPTQ's time.", "",
               "| type | impq best (KLD, s) | AutoRound (KLD, s) | llama.cpp + imatrix KLD | size vs AutoRound | bar | goal "

@@ -261,7 +261,6 @@ def test_learned_rounding_never_ends_above_gptqs_block_error(models_dir, tmp_pat
     assert _block_error(layer, inputs, targets, learned, grids) <= gptq_error
 
 
-
 @torch.no_grad()
 def test_learned_rounding_keep_best_ends_on_the_lowest_loss_step(models_dir, tmp_path, monkeypatch):
     """With every input in each step's batch, the kept step's loss is the returned rounding's block error."""
@@ -289,6 +288,7 @@ def test_learned_rounding_keep_best_ends_on_the_lowest_loss_step(models_dir, tmp
     per_step = [sum(step_losses[i:i + len(inputs)]) for i in range(0, len(step_losses), len(inputs))]
     assert len(per_step) == 30 and min(per_step) < per_step[0]
     assert signround._block_error(layer, inputs, targets, kept, grids) == pytest.approx(min(per_step), rel=1e-2)
+
 
 def test_awq_clip_search_never_loses_to_no_clipping(models_dir, tmp_path):
     from impq.quant.awq import search_clip

@@ -128,8 +128,8 @@ def _train(layer, inputs, targets, modules, trainable, iterations, batch, keep_b
         chosen = rng.sample(range(len(inputs)), min(batch, len(inputs)))
         weights = {f"{name}.weight": m() for name, m in modules.items()}
         loss = sum(_output_error(layer, weights, inputs[i], targets[i]) for i in chosen)
-        if keep_best and float(loss.detach()) < best_loss:   # the loss of the parameters before this update
-            best_loss, best = float(loss.detach()), [p.detach().clone() for p in trainable]
+        if keep_best and (value := float(loss.detach())) < best_loss:   # the parameters before this update
+            best_loss, best = value, [p.detach().clone() for p in trainable]
         for p in trainable:
             p.grad = None
         loss.backward()
