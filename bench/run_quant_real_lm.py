@@ -76,7 +76,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, required=True)
     parser.add_argument("--types", default="q4_0,q4_k,q3_k")
-    parser.add_argument("--methods", default=",".join(METHODS), help="impq's methods")
+    parser.add_argument("--methods", default=",".join(METHODS), help="impq's methods (empty: none)")
     parser.add_argument("--nsamples", type=int, default=64)
     parser.add_argument("--autoround-iters", type=int, default=50,
                         help="AutoRound's tuning steps per block (50: its auto-round-light recipe)")
@@ -137,7 +137,7 @@ def main() -> None:
                    work / f"llamacpp-{type_name}-imatrix.gguf", type_name, imatrix["imatrix"])
         # the imatrix's own time belongs to this file's cost
         made.setdefault("imatrix_s", imatrix["quantize_s"])
-        for method in args.methods.split(","):
+        for method in filter(None, args.methods.split(",")):
             run(f"impq {method} {type_name}", impq_job, str(prepared["folder"]), str(work / f"impq-{method}-{type_name}"),
                 str(prepared["calib"]), args.nsamples, type_name, method)
         if autoround:
