@@ -229,10 +229,12 @@ def test_signround_lowers_block_output_error_against_its_starting_point(models_d
     assert all(not p.requires_grad or p.grad is None for p in layer.parameters())
 
 
-@pytest.mark.parametrize("iterations", [0, 2, 40])
+@pytest.mark.parametrize("iterations,precision", [(0, torch.bfloat16), (2, torch.bfloat16), (40, torch.bfloat16),
+                                                  (40, torch.float32)])
 @torch.no_grad()
-def test_learned_rounding_never_ends_above_gptqs_block_error(models_dir, tmp_path, iterations):
-    """As the driver runs it: from GPTQ's error-compensated weights, compared with GPTQ's own codes."""
+def test_learned_rounding_never_ends_above_gptqs_block_error(models_dir, tmp_path, iterations, precision):
+    """As the driver runs it: from GPTQ's error-compensated weights, compared with GPTQ's own codes; trained under
+    bfloat16 autocast (the default) or in float32."""
     from torch import nn
     from impq.quant.signround import _block_error, signround_block
 
@@ -257,7 +259,7 @@ def test_learned_rounding_never_ends_above_gptqs_block_error(models_dir, tmp_pat
     gptq_error = _block_error(layer, inputs, targets, {n: (f.codes, f.params) for n, f in fits.items()}, grids)
     with torch.enable_grad():
         learned = signround_block(layer, inputs, targets, {n: (f.unrounded, f.params) for n, f in fits.items()},
-                                  grids, iterations=iterations)
+                                  grids, iterations=iterations, precision=precision)
     assert _block_error(layer, inputs, targets, learned, grids) <= gptq_error
 
 
