@@ -81,8 +81,7 @@ def main() -> None:
             row = {"gptq": signround._block_error(layer, inputs, targets, plain, grids)}
             if other_weights:
                 weights = {f"{n}.weight": other_weights[f"llm.model.layers.{index}.{n}.weight"] for n in start}
-                row[other.stem] = sum(float(signround._output_error(layer, weights, sample, target))
-                                      for sample, target in zip(inputs, targets))
+                row[other.stem] = signround.weights_error(layer, inputs, targets, weights)
         kept = None
         for label, variant in VARIANTS.items():
             begin = time.perf_counter()

@@ -92,7 +92,8 @@ def signround_block(layer: nn.Module, inputs: list[tuple[torch.Tensor, dict]], t
     onto its grid in `grids`, so that the block's outputs on `inputs` approach `targets`. Returns name -> (codes,
     parameters): the learned rounding, or the plain rounding of `start` where that has the lower error.
     `keep_best`: end on the step with the lowest batch loss, as AutoRound does, instead of the last step; on
-    SmolLM2 it left a higher block error (bench/results/signround_blocks.md), so it is off."""
+    SmolLM2 it left a higher block error (bench/results/signround_blocks.md), so it is off. `precision`: the dtype
+    the training steps run in under autocast (float32: none)."""
     modules = {name: LearnedRounding(weight, params, grids[name]) for name, (weight, params) in start.items()}
     trainable = [p for m in modules.values() for p in (m.offset, m.scale_factor) if p.requires_grad]
     frozen = [p for p in layer.parameters() if p.requires_grad]       # only the rounding is trained
@@ -120,9 +121,14 @@ def _output_error(layer, weights: dict[str, torch.Tensor], sample: tuple[torch.T
     return torch.nn.functional.mse_loss(out.float(), target.float())
 
 
-def _block_error(layer, inputs, targets, rounding: Rounding, grids: dict[str, LegacyGrid]) -> float:
-    weights = {f"{name}.weight": grids[name].values(codes, params) for name, (codes, params) in rounding.items()}
+def weights_error(layer, inputs, targets, weights: dict[str, torch.Tensor]) -> float:
+    """The block's summed output MSE on every input with `weights` (parameter name -> tensor) in place of its own."""
     return sum(float(_output_error(layer, weights, sample, target)) for sample, target in zip(inputs, targets))
+
+
+def _block_error(layer, inputs, targets, rounding: Rounding, grids: dict[str, LegacyGrid]) -> float:
+    return weights_error(layer, inputs, targets, {f"{name}.weight": grids[name].values(codes, params)
+                                                  for name, (codes, params) in rounding.items()})
 
 
 def _train(layer, inputs, targets, modules, trainable, iterations, batch, keep_best, seed, precision, on_step) -> None:
