@@ -67,11 +67,33 @@ class QuantizeResult:
     seconds: float = 0.0
 
 
+def gram(x: torch.Tensor) -> torch.Tensor:
+    """X^T X in float64 from float32 products (as in GPTQ; float64 matmuls are several times slower), with
+    autocast off. A wide input's is built from the blocks on and above the diagonal, mirrored: 10 of 16 column-
+    block products, a third less work on the widest (Phi-2's 10240-wide fc2 input: 1.4 TFLOP per block at 8x1024
+    tokens), as BLAS's syrk would (torch has none)."""
+    with torch.autocast(x.device.type, enabled=False):
+        x = x.float()
+        width = x.shape[1]
+        if width < 2048:
+            return (x.T @ x).double()
+        out = torch.empty(width, width, dtype=torch.float64, device=x.device)
+        bounds = [width * i // 4 for i in range(5)]
+        for i in range(4):
+            rows = x[:, bounds[i]:bounds[i + 1]]
+            for j in range(i, 4):
+                block = (rows.T @ x[:, bounds[j]:bounds[j + 1]]).double()
+                out[bounds[i]:bounds[i + 1], bounds[j]:bounds[j + 1]] = block
+                if j > i:
+                    out[bounds[j]:bounds[j + 1], bounds[i]:bounds[i + 1]] = block.T
+        return out
+
+
 @torch.no_grad()
 def quantize_llm(lmm: LMM, embeddings: list[torch.Tensor], plan: Plan, method: str, *,
                  gptq_options: dict | None = None, signround_options: dict | None = None,
                  device: str | torch.device = "cpu", release_weights: bool = False,
-                 on_layer: Callable[[int, int], None] | None = None) -> QuantizeResult:
+                 compute_dtype: torch.dtype = torch.float32, on_layer: Callable[[int, int], None] | None = None) -> QuantizeResult:
     """Quantize every linear layer of the LLM's decoder blocks in place onto its grid in `plan` (quant/plan.py;
     weights become their grid values; a tensor planned at no grid is left as it is) and return the codes and block
     parameters by canonical tensor name. `method`: rtn, gptq, awq (AWQ's scales,
@@ -81,10 +103,20 @@ def quantize_llm(lmm: LMM, embeddings: list[torch.Tensor], plan: Plan, method: s
     On a GPU (`device`), one decoder block at a time moves there with the activations; the rest stays on the CPU.
     `release_weights`: once a block has produced the next block's inputs, its quantized weights move to the meta
     device (the codes are the record), so a 2.7B LLM's decoder weights are never all held twice. With an LMM
-    that streams its decoder (models/lmm.py), each block is read from the checkpoint when its turn comes."""
+    that streams its decoder (models/lmm.py), each block is read from the checkpoint when its turn comes.
+    `compute_dtype` bfloat16: the blocks' forward passes run under bfloat16 autocast, as AutoRound calibrates on
+    a CPU: they are most of a block's time, and a CPU with AVX-512 BF16 (or a GPU) runs them 2-3x faster. The
+    Hessians, the weights, GPTQ's updates and the grid fits stay float32: a bfloat16 X^T X rounds every entry
+    to 3 digits, which leaves SmolLM2's Hessians (a few massive channels) not positive definite even damped."""
     start = time.perf_counter()
     result = QuantizeResult()
     lmm.llm.model.rotary_emb.to(device)
+    device_type = torch.device(device).type
+    low_precision = compute_dtype != torch.float32
+
+    def autocast():
+        return torch.autocast(device_type, dtype=compute_dtype, enabled=low_precision)
+
     inputs = lmm.first_block_inputs([e.to(device) for e in embeddings])
     # learned rounding's targets: the full-precision model's own block outputs, carried in a second stream, so that
     # each block also learns to undo the error the quantized blocks before it left in its inputs (AutoRound's
@@ -111,8 +143,7 @@ def quantize_llm(lmm: LMM, embeddings: list[torch.Tensor], plan: Plan, method: s
             def hook(module, args, output):
                 x = args[0].reshape(-1, args[0].shape[-1])
                 if args[0] is not last["input"]:
-                    # float32 products (as in GPTQ), summed in float64: float64 matmuls are several times slower
-                    last.update(input=args[0], xtx=(x.float().T @ x.float()).double())
+                    last.update(input=args[0], xtx=gram(x))
                 hessians[name] += last["xtx"]
                 counts[name] += x.shape[0]
                 if name in abs_sums:
@@ -120,12 +151,13 @@ def quantize_llm(lmm: LMM, embeddings: list[torch.Tensor], plan: Plan, method: s
             return hook
 
         handles = [m.register_forward_hook(accumulate(name)) for name, m in linears.items()]
-        for hidden, kwargs in inputs:
-            layer(hidden, **kwargs)
-        for handle in handles:
-            handle.remove()
-        last.clear()
-        targets = None if fp_inputs is None else [layer(hidden, **kwargs) for hidden, kwargs in fp_inputs]
+        with autocast():
+            for hidden, kwargs in inputs:
+                layer(hidden, **kwargs)
+            for handle in handles:
+                handle.remove()
+            last.clear()
+            targets = None if fp_inputs is None else [layer(hidden, **kwargs) for hidden, kwargs in fp_inputs]
         alphas = {}
         for group in groups:
             first = group.linears[0]
@@ -165,7 +197,8 @@ def quantize_llm(lmm: LMM, embeddings: list[torch.Tensor], plan: Plan, method: s
             module.weight.copy_(Q.to(module.weight.dtype))
             result.tensors[f"llm.model.layers.{index}.{name}.weight"] = QuantizedTensor.store(
                 codes, params.to("cpu"), grid, error, alphas.get(name))
-        inputs = [(layer(hidden, **kwargs), kwargs) for hidden, kwargs in inputs]
+        with autocast():
+            inputs = [(layer(hidden, **kwargs), kwargs) for hidden, kwargs in inputs]
         if fp_inputs is not None:
             fp_inputs = [(target, kwargs) for target, (_, kwargs) in zip(targets, fp_inputs)]
             del targets
