@@ -336,3 +336,42 @@ def test_device_choice(run_cli, models_dir, tmp_path):
         assert status == 2 and "--device cuda" in err and not (tmp_path / "out").exists()
     status, _, err = run_cli("quantize", models_dir / "imp-phi2", "--device", "gpu0", "--out", tmp_path / "out")
     assert status == 2 and "--device gpu0" in err
+
+
+@pytest.mark.parametrize("width", [96, 2560])
+def test_gram_matrix_of_wide_inputs_is_the_full_product(width):
+    from impq.quant.driver import gram
+
+    x = torch.randn(300, width)
+    expected = (x.T @ x).double()
+    got = gram(x)
+    assert got.dtype == torch.float64 and torch.allclose(got, expected, rtol=1e-5, atol=1e-3)
+    assert torch.equal(got, got.T)
+
+
+def test_bfloat16_forward_passes_land_on_the_grid_near_float32s_error(models_dir, tmp_path):
+    spec = read_spec(models_dir / "imp-phi2")
+    exact, fast = LMM(spec), LMM(spec)
+    embeddings = calibration_embeddings(exact, read_calibration(_calib_file(tmp_path)), 4, 256)
+    reference = quantize_llm(exact, embeddings, plan_llm(exact.llm, GRIDS["q4_k"]), "gptq")
+    result = quantize_llm(fast, embeddings, plan_llm(fast.llm, GRIDS["q4_k"]), "gptq", compute_dtype=torch.bfloat16)
+    assert result.tensors.keys() == reference.tensors.keys()
+    changed = 0
+    for name, q in result.tensors.items():
+        weight = fast.llm.get_parameter(name.removeprefix("llm."))
+        assert weight.dtype == torch.float32 and torch.equal(weight, q.grid.values(q.codes, q.params))
+        # the bfloat16 stream moves the Hessians a little: each layer's error stays near float32's
+        assert q.relative_error < 1.5 * reference.tensors[name].relative_error + 1e-4
+        changed += not torch.equal(q.codes, reference.tensors[name].codes)
+    assert changed                                    # the forward passes did run in bfloat16
+
+
+def test_compute_dtype_is_checked_and_recorded(run_cli, models_dir, tmp_path):
+    status, _, err = run_cli("quantize", models_dir / "imp-phi2", "--compute-dtype", "float16", "--out",
+                             tmp_path / "bad")
+    assert status == 2 and "--compute-dtype float16" in err and not (tmp_path / "bad").exists()
+    status, _, err = run_cli("quantize", models_dir / "imp-phi2", "--method", "rtn", "--compute-dtype", "bfloat16",
+                             "--verify-items", "0", "--nsamples", "4", "--out", tmp_path / "out")
+    assert status == 0, err
+    recipe = yaml.safe_load(next((tmp_path / "out").glob("*.recipe.yaml")).read_text())
+    assert recipe["quantize"]["compute_dtype"] == "bfloat16"
