@@ -139,9 +139,13 @@ class LegacyGrid:
     def values(self, codes: torch.Tensor, params: BlockParams) -> torch.Tensor:
         return self._dequantize(self._blocks(codes.float()), *self._per_block(params)).reshape(codes.shape)
 
-    def _error(self, w: torch.Tensor, params: BlockParams, imp: torch.Tensor) -> torch.Tensor:
-        """Importance-weighted squared error per block, [rows, blocks]."""
-        return (imp * (self._blocks(w.float()) - self._blocks(self.values(self.codes(w, params), params))) ** 2).sum(-1)
+    def _error(self, blocks: torch.Tensor, params: BlockParams, imp: torch.Tensor) -> torch.Tensor:
+        """Importance-weighted squared error per block, [rows, blocks], of blocked weights [rows, blocks, sub]: the
+        values `values(codes(...))` gives, bit for bit, without the integer codes and reshapes between (the fit's
+        whole cost is this, once per candidate), the error's passes in place."""
+        scale, minimum = self._per_block(params)
+        diff = self._dequantize(self._quantize(blocks, scale, minimum), scale, minimum)
+        return diff.sub_(blocks).square_().mul_(imp).sum(-1)
 
     def fit(self, w: torch.Tensor, importance: torch.Tensor | None = None, steps: int = 24) -> BlockParams:
         """Per-block scale (and minimum) minimising sum(importance * (w - value)^2) over a grid of candidates
@@ -160,7 +164,7 @@ class LegacyGrid:
         else:
             candidates = [self._range_candidate(blocks, shrink_lo, shrink_hi)
                           for shrink_lo in RANGE_SHRINKS for shrink_hi in RANGE_SHRINKS]
-        return _best_per_block(candidates, [self._error(w, c, imp) for c in candidates])
+        return _best_per_block(candidates, [self._error(blocks, c, imp) for c in candidates])
 
     def shrink(self, params: BlockParams, ratio: float) -> BlockParams:
         """Effective parameters whose levels are `ratio` times those of `params` (the range pulled toward 0): a
