@@ -56,5 +56,5 @@ def gptq(weight: torch.Tensor, hessian: torch.Tensor, grid: LegacyGrid, *, block
             err = (W1[:, i] - value) / Hinv1[i, i]
             W1[:, i:] -= err.unsqueeze(1) * Hinv1[i, i:].unsqueeze(0)
             Err1[:, i] = err
-        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+        W[:, i2:].addmm_(Err1, Hinv[i1:i2, i2:], alpha=-1)     # in place: no [rows, cols] temporary
     return GPTQFit(codes, BlockParams.concat([fitted[b] for b in range(cols // g)]), unrounded)

@@ -260,19 +260,26 @@ class KQuantGrid(LegacyGrid):
         hi = x.amax(-1, keepdim=True)
         span = (hi - lo).clamp_min(1e-12)
         sw, sx = weights.sum(-1, keepdim=True), (weights * x).sum(-1, keepdim=True)
+        sxx = (weights * x * x).sum(-1, keepdim=True)
+        shifted = x - lo
         candidates, errors = [], []
         for step in range(21):
             iscale = (-1.0 + 0.1 * step + self.qmax) / span
-            codes = torch.round(iscale * (x - lo)).clamp(0, self.qmax)
-            sl, sl2 = (weights * codes).sum(-1, keepdim=True), (weights * codes * codes).sum(-1, keepdim=True)
-            sxl = (weights * codes * x).sum(-1, keepdim=True)
+            codes = torch.round(iscale * shifted).clamp_(0, self.qmax)
+            weighted = weights * codes
+            sl, sl2 = weighted.sum(-1, keepdim=True), (weighted * codes).sum(-1, keepdim=True)
+            sxl = (weighted * x).sum(-1, keepdim=True)
             det = (sw * sl2 - sl * sl).clamp_min(1e-30)
             scale = (sw * sxl - sx * sl) / det
             minimum = (sl2 * sx - sl * sxl) / det
             positive = minimum > 0
             scale = torch.where(positive, sxl / sl2.clamp_min(1e-30), scale)
             minimum = torch.where(positive, torch.zeros_like(minimum), minimum)
-            errors.append((weights * (scale * codes + minimum - x) ** 2).sum(-1))
+            # sum(w (scale * q + min - x)^2) from the sums already taken: no further pass over the block (the
+            # search is most of a Q4_K / Q5_K / Q2_K GPTQ run at Phi-2's size)
+            error = (scale * scale * sl2 + 2 * scale * minimum * sl - 2 * scale * sxl + minimum * minimum * sw
+                     - 2 * minimum * sx + sxx)
+            errors.append(error.squeeze(-1))
             candidates.append(BlockParams(scale.squeeze(-1), minimum.squeeze(-1)))
         return _best_per_block(candidates, errors)
 
