@@ -375,3 +375,22 @@ def test_compute_dtype_is_checked_and_recorded(run_cli, models_dir, tmp_path):
     assert status == 0, err
     recipe = yaml.safe_load(next((tmp_path / "out").glob("*.recipe.yaml")).read_text())
     assert recipe["quantize"]["compute_dtype"] == "bfloat16"
+
+
+def test_reported_layer_error_from_sampled_rows_estimates_the_whole():
+    from impq.quant.awq import sampled_rows
+    from impq.quant.driver import ERROR_ROWS
+    from impq.quant.error import output_error
+
+    torch.manual_seed(0)
+    weight = torch.randn(4096, 256) * torch.rand(4096, 1)       # rows of very different sizes
+    x = torch.randn(1000, 256) * torch.rand(256) * 4
+    hessian = x.T @ x / x.shape[0]
+    grid = GRIDS["q4_0"]
+    codes, params = rtn(weight, hessian, grid)
+    delta = weight - grid.values(codes, params)
+    exact = output_error(delta, hessian) / output_error(weight, hessian)
+    sampled = (output_error(sampled_rows(delta, ERROR_ROWS), hessian)
+               / output_error(sampled_rows(weight, ERROR_ROWS), hessian))
+    assert sampled_rows(delta, ERROR_ROWS).shape[0] == ERROR_ROWS
+    assert abs(sampled / exact - 1) < 0.05
