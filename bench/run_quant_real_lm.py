@@ -164,6 +164,15 @@ def _seconds(row: dict) -> float:
     return row["quantize_s"] + row.get("imatrix_s", 0.0)
 
 
+def _time_ratio(row: dict | None, base: dict | None) -> str:
+    """row's time over base's, only for rows measured on the same day (the same machine)."""
+    if not row or not base:
+        return "-"
+    if row.get("measured") != base.get("measured"):
+        return f"- (measured {row.get('measured', '?')} and {base.get('measured', '?')})"
+    return f"{_seconds(row) / _seconds(base):.2f}"
+
+
 def write_results(record: dict, types: list[str]) -> None:
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "quant_real_lm.json").write_text(json.dumps(record, indent=2) + "\n")
@@ -211,7 +220,7 @@ def write_results(record: dict, types: list[str]) -> None:
                   f"{ours[best]['text_bytes'] / peer['text_bytes'] - 1:+.2%}" if peer else "-",
                   ("met" if reach else "missed") if peer else "-",
                   ("met" if any(_seconds(r) < _seconds(peer) for r in reach) else "missed") if peer else "-",
-                  f"{_seconds(ours['awq']) / _seconds(ours['gptq']):.2f}" if {"awq", "gptq"} <= ours.keys() else "-"]
+                  _time_ratio(ours.get("awq"), ours.get("gptq"))]
         lines.append("| " + " | ".join(cells) + " |")
     invalid = [f"- {label}: {r['invalid']}" for label, r in rows.items() if "invalid" in r]
     if invalid:
