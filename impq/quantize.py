@@ -39,9 +39,9 @@ from .recipe import input_recipe, output_files, sha256_file, write_resolved_reci
 DEFAULT_TYPE_FOR_BITS = {8: "q8_0", 6: "q6_k", 5: "q5_k", 4: "q4_k", 3: "q3_k", 2: "q2_k"}
 FORMATS = ("gguf", "safetensors")
 DEFAULT_GROUP_SIZE = 128          # safetensors: int<bits> with one scale per 128 input columns
-UNQUANTIZED_TYPES = ("q8_0", "f16", "f32")
+UNQUANTIZED_TYPES = ("q8_0", "f16", "f32")   # GGUF choices for the token embedding, output head and vision side
 SENSITIVITY_MODES = ("measured", "scaled")
-COMPUTE_DTYPES = ("float32", "bfloat16")   # GGUF choices for the token embedding, output head and vision side
+COMPUTE_DTYPES = ("float32", "bfloat16")
 
 
 @dataclass

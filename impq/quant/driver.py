@@ -95,7 +95,8 @@ def gram(x: torch.Tensor) -> torch.Tensor:
 def quantize_llm(lmm: LMM, embeddings: list[torch.Tensor], plan: Plan, method: str, *,
                  gptq_options: dict | None = None, signround_options: dict | None = None,
                  device: str | torch.device = "cpu", release_weights: bool = False,
-                 compute_dtype: torch.dtype = torch.float32, on_layer: Callable[[int, int], None] | None = None) -> QuantizeResult:
+                 compute_dtype: torch.dtype = torch.float32,
+                 on_layer: Callable[[int, int], None] | None = None) -> QuantizeResult:
     """Quantize every linear layer of the LLM's decoder blocks in place onto its grid in `plan` (quant/plan.py;
     weights become their grid values; a tensor planned at no grid is left as it is) and return the codes and block
     parameters by canonical tensor name. `method`: rtn, gptq, awq (AWQ's scales,
@@ -114,10 +115,9 @@ def quantize_llm(lmm: LMM, embeddings: list[torch.Tensor], plan: Plan, method: s
     result = QuantizeResult()
     lmm.llm.model.rotary_emb.to(device)
     device_type = torch.device(device).type
-    low_precision = compute_dtype != torch.float32
 
     def autocast():
-        return torch.autocast(device_type, dtype=compute_dtype, enabled=low_precision)
+        return torch.autocast(device_type, dtype=compute_dtype, enabled=compute_dtype != torch.float32)
 
     inputs = lmm.first_block_inputs([e.to(device) for e in embeddings])
     # learned rounding's targets: the full-precision model's own block outputs, carried in a second stream, so that
@@ -192,13 +192,11 @@ def quantize_llm(lmm: LMM, embeddings: list[torch.Tensor], plan: Plan, method: s
             rounded = {name: rtn(m.weight.float(), hessian[name], grids[name]) for name, m in quantizable.items()}
         for name, (codes, params) in rounded.items():
             module, H, grid = quantizable[name], hessian[name], grids[name]
-            W = module.weight.float()
             Q = grid.values(codes, params)
-            dW = W - Q
             # on sampled rows: each row's error is its own sum, and on every row the two traces cost 2 x rows x
             # cols^2 (1 TFLOP per Phi-2 block, as much as its forward passes)
-            rows = sampled_rows(W, ERROR_ROWS), sampled_rows(dW, ERROR_ROWS)
-            error = output_error(rows[1], H) / max(output_error(rows[0], H), 1e-30)
+            W = sampled_rows(module.weight.float(), ERROR_ROWS)
+            error = output_error(W - sampled_rows(Q, ERROR_ROWS), H) / max(output_error(W, H), 1e-30)
             module.weight.copy_(Q.to(module.weight.dtype))
             result.tensors[f"llm.model.layers.{index}.{name}.weight"] = QuantizedTensor.store(
                 codes, params.to("cpu"), grid, error, alphas.get(name))
