@@ -6,11 +6,13 @@ block outputs on the full-precision inputs: it learns to absorb the error the ea
 own. (The first version's targets, the full-precision block on the quantized inputs, ended at a mean KLD of
 0.075 against AutoRound's 0.050 on SmolLM2-135M at Q4_0, as issue 12 measured.) Rounding uses the straight-through estimator.
 
-It starts from given weights and block parameters, whose plain rounding is the start: the driver passes the
-weights as GPTQ rounded them (after its error compensation) with GPTQ's parameters, so the start is GPTQ's result
-and the weights nearest a rounding boundary are the cheapest to flip. (Starting from GPTQ's grid values instead
-puts every weight half a step from a boundary, and its flips made the block error several times worse.) The block
-keeps whichever rounding, start or learned, has the lower output error on all calibration inputs.
+It starts from given weights and block parameters, whose plain rounding is the start. The driver passes the
+original weights with their plain (importance-weighted) fit, as AutoRound starts. Starting from GPTQ's
+error-compensated weights instead left each block's own output error lower, yet the model's divergence much
+higher: on SmolLM2-135M at Q4_0 the RTN start reached a KLD of 0.044 where GPTQ alone gave 0.11
+(bench/results/quant_proxy_real_lm.jsonl), since a block trained against the accumulated error need not match
+GPTQ's per-layer optimum. The block keeps whichever rounding has the lowest output error on all calibration
+inputs: the learned one, the start's, or a rival's (the driver passes GPTQ's), so it never ends above GPTQ.
 
 Written here rather than taken from auto-round because the result must land on impq's grids: the codes are the
 grid's own rounding of w + V * scale with the grid's own parameters, so the k-quants' integer sub-block scales
@@ -87,10 +89,12 @@ Rounding = dict[str, tuple[torch.Tensor, BlockParams]]      # linear layer name 
 def signround_block(layer: nn.Module, inputs: list[tuple[torch.Tensor, dict]], targets: list[torch.Tensor],
                     start: Start, grids: dict[str, LegacyGrid], *, iterations: int = ITERATIONS,
                     batch: int = BATCH, keep_best: bool = False, seed: int = 0,
-                    precision: torch.dtype = PRECISION, on_step: Callable[[int], None] | None = None) -> Rounding:
+                    precision: torch.dtype = PRECISION, rivals: tuple[Rounding, ...] = (),
+                    on_step: Callable[[int], None] | None = None) -> Rounding:
     """Learn the rounding of the linear layers in `start` (name -> weights to round, fitted block parameters), each
     onto its grid in `grids`, so that the block's outputs on `inputs` approach `targets`. Returns name -> (codes,
-    parameters): the learned rounding, or the plain rounding of `start` where that has the lower error.
+    parameters): whichever of the learned rounding, the plain rounding of `start` and the `rivals` (other roundings
+    of the same layers: the driver passes GPTQ's) has the lowest error.
     `keep_best`: end on the step with the lowest batch loss, as AutoRound does, instead of the last step; on
     SmolLM2 it left a higher block error (bench/results/signround_blocks.md), so it is off. `precision`: the dtype
     the training steps run in under autocast (float32: none)."""
@@ -108,8 +112,7 @@ def signround_block(layer: nn.Module, inputs: list[tuple[torch.Tensor, dict]], t
     plain = {name: (m.grid.codes(m.weight, m.params), m.params) for name, m in modules.items()}
     with torch.no_grad():
         # the training loss is measured on `batch` sequences at a time: compare the two on every calibration input
-        better = _block_error(layer, inputs, targets, learned, grids) < _block_error(layer, inputs, targets, plain, grids)
-    return learned if better else plain
+        return min((learned, plain, *rivals), key=lambda rounding: _block_error(layer, inputs, targets, rounding, grids))
 
 
 def _output_error(layer, weights: dict[str, torch.Tensor], sample: tuple[torch.Tensor, dict],
