@@ -233,8 +233,8 @@ def test_signround_lowers_block_output_error_against_its_starting_point(models_d
                                                   (40, torch.float32)])
 @torch.no_grad()
 def test_learned_rounding_never_ends_above_gptqs_block_error(models_dir, tmp_path, iterations, precision):
-    """As the driver runs it: from GPTQ's error-compensated weights, compared with GPTQ's own codes; trained under
-    bfloat16 autocast (the default) or in float32."""
+    """As the driver runs it: from the original weights' plain fit (AutoRound's start), with GPTQ's rounding as the
+    rival; trained under bfloat16 autocast (the default) or in float32."""
     from torch import nn
     from impq.quant.signround import _block_error, signround_block
 
@@ -256,10 +256,12 @@ def test_learned_rounding_never_ends_above_gptqs_block_error(models_dir, tmp_pat
         x = torch.cat(seen).float()
         hessians[name] = x.T @ x / x.shape[0]
     fits = {n: gptq(m.weight.float(), hessians[n], grids[n]) for n, m in linears.items()}
-    gptq_error = _block_error(layer, inputs, targets, {n: (f.codes, f.params) for n, f in fits.items()}, grids)
+    gptq_rounding = {n: (f.codes, f.params) for n, f in fits.items()}
+    gptq_error = _block_error(layer, inputs, targets, gptq_rounding, grids)
+    start = {n: (m.weight.float(), rtn(m.weight.float(), hessians[n], grids[n])[1]) for n, m in linears.items()}
     with torch.enable_grad():
-        learned = signround_block(layer, inputs, targets, {n: (f.unrounded, f.params) for n, f in fits.items()},
-                                  grids, iterations=iterations, precision=precision)
+        learned = signround_block(layer, inputs, targets, start, grids, iterations=iterations, precision=precision,
+                                  rivals=(gptq_rounding,))
     assert _block_error(layer, inputs, targets, learned, grids) <= gptq_error
 
 
