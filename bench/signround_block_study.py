@@ -1,12 +1,12 @@
 """Study: which learned-rounding settings lower a decoder block's output error on the real LM (SmolLM2-135M-Instruct,
 stored at Q4_1 upstream, in bench/real_lm.py's LLaVA checkpoint; the real-LM benchmark's 64 x 512-token calibration).
 
-For each studied block, every variant starts from the same GPTQ rounding and the same inputs (the quantized
-stream) and targets (the full-precision stream), and its error is the block's summed output MSE on all 64 sequences.
+For each studied block, every variant starts from the driver's start (the original weights with their plain fit)
+with GPTQ's rounding as the rival, on the same inputs (the quantized stream) and targets (the full-precision stream), and its error is the block's summed output MSE on all 64 sequences.
 Variants: iterations x sequences per step; "bf16": the training steps' forward and backward under bfloat16 autocast,
 as AutoRound runs on a CPU with bfloat16 support. With a GGUF file of the same model (AUTOROUND), its block's weights
-are scored on the same inputs too. The quantization goes on with the first variant's rounding; blocks before FIRST
-keep GPTQ's rounding unstudied (no variant has improved on it in block 0). Each run replaces the table; the
+are scored on the same inputs too, and so are GPTQ's rounding and the start's. The quantization goes on with the
+first variant's rounding; blocks before FIRST keep GPTQ's rounding unstudied (no variant has improved on it in block 0). Each run replaces the table; the
 "Earlier runs" section of the results file is kept.
 
     python bench/signround_block_study.py [BLOCKS] [TYPE] [FIRST] [AUTOROUND]   # -> bench/results/signround_blocks.md
@@ -48,8 +48,8 @@ def write(rows: list[dict], type_name: str) -> None:
     lines = [f"# Learned rounding settings, block by block: SmolLM2-135M-Instruct (stored at Q4_1 upstream) at "
              f"{type_name.upper()}", "", __doc__.split("\n\n")[1].replace("\n", " "), "",
              "Each cell: summed output MSE on the 64 calibration sequences (seconds of that variant's training and "
-             "final comparison). Where a variant's rounding is worse than GPTQ's, signround keeps GPTQ's: the cell "
-             "then equals the gptq one.", "",
+             "final comparison). Where a variant's rounding is worse than GPTQ's or the start's, signround keeps the "
+             "better one: the cell then equals the gptq or start one.", "",
              "| block | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
     for index, row in studied:
         lines.append(f"| {index} | " + " | ".join(f"{v[0]:.4f} ({v[1]} s)" if isinstance(v, (list, tuple))
@@ -72,20 +72,22 @@ def main() -> None:
     rows: list[dict] = []
 
     def study(layer, inputs, targets, start, grids, **options):
-        plain = {n: (grids[n].codes(w, p), p) for n, (w, p) in start.items()}
+        (gptq,) = options["rivals"]
         if len(rows) < first:
             rows.append({})
-            return plain
+            return gptq
         index = len(rows)
+        plain = {n: (grids[n].codes(w, p), p) for n, (w, p) in start.items()}
         with torch.no_grad():
-            row = {"gptq": signround._block_error(layer, inputs, targets, plain, grids)}
+            row = {"gptq": signround._block_error(layer, inputs, targets, gptq, grids),
+                   "start": signround._block_error(layer, inputs, targets, plain, grids)}
             if other_weights:
                 weights = {f"{n}.weight": other_weights[f"llm.model.layers.{index}.{n}.weight"] for n in start}
                 row[other.stem] = signround.weights_error(layer, inputs, targets, weights)
         kept = None
         for label, variant in VARIANTS.items():
             begin = time.perf_counter()
-            rounding = learn(layer, inputs, targets, start, grids, **variant)
+            rounding = learn(layer, inputs, targets, start, grids, **options, **variant)
             with torch.no_grad():
                 row[label] = (signround._block_error(layer, inputs, targets, rounding, grids),
                               round(time.perf_counter() - begin))

@@ -54,8 +54,6 @@ def test_gptq_reduces_layer_error_against_rtn(name):
     fit = gptq(w, h, grid)
     e_gptq = error(fit.codes, fit.params)
     assert e_gptq < 0.6 * e_rtn, (e_gptq, e_rtn)
-    # the error-compensated weights GPTQ rounded (learned rounding's start) round to exactly its codes
-    assert torch.equal(grid.codes(fit.unrounded, fit.params), fit.codes)
 
 
 @pytest.mark.parametrize("layout,method", [("imp-qwen2", "gptq"), ("llava-siglip", "gptq"), ("imp-phi2", "rtn"),

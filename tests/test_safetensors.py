@@ -27,7 +27,7 @@ def _quantized(grid: IntegerGrid, rows: int = 64, cols: int = 256, seed: int = 0
     gen = torch.Generator().manual_seed(seed)
     weight = torch.randn(rows, cols, generator=gen) * torch.linspace(0.2, 2.0, cols)
     x = torch.randn(512, cols, generator=gen)
-    codes, params, _ = gptq(weight, x.T @ x / 512, grid)
+    codes, params = gptq(weight, x.T @ x / 512, grid)
     return weight, codes, params
 
 

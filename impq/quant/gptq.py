@@ -16,7 +16,6 @@ from .grids import BlockParams, LegacyGrid
 class GPTQFit(NamedTuple):
     codes: torch.Tensor
     params: BlockParams
-    unrounded: torch.Tensor     # each column as it was rounded (after the error compensation): learned rounding's start
 
 
 def gptq(weight: torch.Tensor, hessian: torch.Tensor, grid: LegacyGrid, *, block_size: int = 128,
@@ -38,7 +37,6 @@ def gptq(weight: torch.Tensor, hessian: torch.Tensor, grid: LegacyGrid, *, block
     H += damp * torch.mean(torch.diagonal(H)) * torch.eye(cols, device=H.device)
     Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
     codes = torch.zeros(rows, cols, dtype=torch.int32, device=W.device)
-    unrounded = torch.zeros(rows, cols, device=W.device)
     block_size = max(g, block_size // g * g)
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)
@@ -52,9 +50,8 @@ def gptq(weight: torch.Tensor, hessian: torch.Tensor, grid: LegacyGrid, *, block
             params, j = fitted[b], (col % g) // sub
             q, value = grid.column(W1[:, i], params.scale[:, j], None if params.minimum is None else params.minimum[:, j])
             codes[:, col] = q
-            unrounded[:, col] = W1[:, i]
             err = (W1[:, i] - value) / Hinv1[i, i]
             W1[:, i:] -= err.unsqueeze(1) * Hinv1[i, i:].unsqueeze(0)
             Err1[:, i] = err
         W[:, i2:].addmm_(Err1, Hinv[i1:i2, i2:], alpha=-1)     # in place: no [rows, cols] temporary
-    return GPTQFit(codes, BlockParams.concat([fitted[b] for b in range(cols // g)]), unrounded)
+    return GPTQFit(codes, BlockParams.concat([fitted[b] for b in range(cols // g)]))
