@@ -34,7 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from run_mix import _job_stats, _tool, prepare, score  # noqa: E402  (the bench folder's shared scoring)
 
 RESULTS = Path(__file__).resolve().parent / "results"
-METHODS = ("rtn", "gptq", "awq", "signround")
+# signround-50: learned rounding at AutoRound-light's 50 steps per block, the peer's own setting here
+METHODS = ("rtn", "gptq", "awq", "signround", "signround-50")
 EVAL_BYTES = 120_000
 
 
@@ -53,12 +54,14 @@ def imatrix_job(bin_dir: str, f16: str, calib_text: str, out: str) -> dict:
 
 
 def impq_job(folder: str, out: str, calib: str, nsamples: int, type_name: str, method: str) -> dict:
+    """`method`: one of impq's methods, or signround-N: learned rounding with --iterations N."""
     from impq.quant.grids import GRIDS
     from impq.quantize import QuantizeSettings, quantize_model
 
     start = time.perf_counter()
-    settings = QuantizeSettings.from_bits(GRIDS[type_name].bits, type_name, method=method, calib=calib,
-                                          nsamples=nsamples)
+    name, _, iterations = method.partition("-")
+    settings = QuantizeSettings.from_bits(GRIDS[type_name].bits, type_name, method=name, calib=calib,
+                                          nsamples=nsamples, **({"iterations": int(iterations)} if iterations else {}))
     report = quantize_model(folder, out, settings, verify_items=0)
     return {"text_gguf": report.artifacts["text_gguf"], "stages": report.stages, **_job_stats(start)}
 
@@ -76,7 +79,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, required=True)
     parser.add_argument("--types", default="q4_0,q4_k,q3_k")
-    parser.add_argument("--methods", default=",".join(METHODS), help="impq's methods (empty: none)")
+    parser.add_argument("--methods", default=",".join(METHODS), help="impq's methods (empty: none); signround-N: "
+                        "learned rounding with --iterations N")
     parser.add_argument("--nsamples", type=int, default=64)
     parser.add_argument("--autoround-iters", type=int, default=50,
                         help="AutoRound's tuning steps per block (50: its auto-round-light recipe)")

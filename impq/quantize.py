@@ -33,6 +33,7 @@ from .models.lmm import LMM
 from .quant.driver import METHODS, quantize_llm
 from .quant.grids import GRIDS
 from .quant.plan import plan_llm
+from .quant.signround import ITERATIONS
 from .recipe import input_recipe, output_files, sha256_file, write_resolved_recipe
 
 # --bits -> the GGUF grid used when --type is not given
@@ -64,6 +65,9 @@ class QuantizeSettings:
     # the blocks' forward passes during quantization: bfloat16 autocast is 2-3x faster on a CPU with AVX-512 BF16
     # or a GPU, float32 the exact default (quant/driver.py)
     compute_dtype: str = "float32"
+    # learned rounding's tuning steps per decoder block (AutoRound's iters: 200 by default, 50 in its light recipe);
+    # the learning rate is 1 / iterations, so fewer steps cover the same range
+    iterations: int = ITERATIONS
     tensor_types: list[str] = field(default_factory=list)   # GGUF: "REGEX=TYPE" overrides, the last match wins
     target_bpw: float | None = None   # GGUF: a per-group mix of candidate types within this many bits per weight
     target_size: int | None = None    # GGUF: ... or within this many bytes of the text GGUF, header and all
@@ -86,6 +90,9 @@ class QuantizeSettings:
         """Settings for --bits with the format's default grid, or the one --type / --layout / --group-size name."""
         if format not in FORMATS:
             raise ImpqError(None, f"--format {format}: choose one of {', '.join(FORMATS)}")
+        iterations = kwargs.get("iterations", ITERATIONS)
+        if not isinstance(iterations, int) or isinstance(iterations, bool) or iterations < 1:
+            raise ImpqError(None, f"--iterations {iterations}: a positive number of tuning steps")
         if format == "safetensors":
             if type_name is not None:
                 raise ImpqError(None, "--type names a GGUF grid; with --format safetensors use --layout and --group-size")
@@ -315,8 +322,8 @@ def quantize_model(model_dir: str | Path, out_dir: str | Path, settings: Quantiz
                "static_groups": settings.static_groups}
     # the artifacts are written from the codes: the quantized weights are released block by block
     stages.begin("quantize")
-    result = quantize_llm(lmm, embeddings, plan, settings.method, gptq_options=options, device=device,
-                          release_weights=True, compute_dtype=getattr(torch, settings.compute_dtype),
+    result = quantize_llm(lmm, embeddings, plan, settings.method, gptq_options=options,
+                          signround_options={"iterations": settings.iterations}, device=device, release_weights=True, compute_dtype=getattr(torch, settings.compute_dtype),
                           on_layer=on_layer)
     embeddings = [e.cpu() for e in embeddings]
     stages.begin("export")

@@ -377,6 +377,34 @@ def test_compute_dtype_is_checked_and_recorded(run_cli, models_dir, tmp_path):
     assert recipe["quantize"]["compute_dtype"] == "bfloat16"
 
 
+def test_iterations_reach_the_learned_rounding_and_are_checked(run_cli, models_dir, tmp_path, monkeypatch):
+    from impq.quant import driver
+
+    steps = []
+
+    def counted(*args, **kwargs):                    # the real training, its steps counted
+        return signround_block(*args, on_step=steps.append, **kwargs)
+
+    signround_block = driver.signround_block
+    monkeypatch.setattr(driver, "signround_block", counted)
+    status, _, err = run_cli("quantize", models_dir / "imp-phi2", "--method", "signround", "--type", "q4_0",
+                             "--iterations", "3", "--verify-items", "0", "--nsamples", "4", "--out", tmp_path / "out")
+    assert status == 0, err
+    blocks = len(LMM(read_spec(models_dir / "imp-phi2")).llm.model.layers)
+    assert steps == [0, 1, 2] * blocks
+    recipe_file = next((tmp_path / "out").glob("*.recipe.yaml"))
+    recipe = yaml.safe_load(recipe_file.read_text())
+    assert recipe["quantize"]["iterations"] == 3
+    status, _, err = run_cli("quantize", models_dir / "imp-phi2", "--iterations", "0", "--out", tmp_path / "bad")
+    assert status == 2 and "--iterations" in err and not (tmp_path / "bad").exists()
+    recipe["quantize"]["iterations"] = "many"
+    bad_recipe = tmp_path / "bad.recipe.yaml"
+    bad_recipe.write_text(yaml.safe_dump(recipe))
+    status, _, err = run_cli("quantize", models_dir / "imp-phi2", "--recipe", bad_recipe, "--out", tmp_path / "bad")
+    assert status == 2 and err.startswith("impq: error:") and "--iterations many" in err
+    assert not (tmp_path / "bad").exists()
+
+
 def test_reported_layer_error_from_sampled_rows_estimates_the_whole():
     from impq.quant.awq import sampled_rows
     from impq.quant.driver import ERROR_ROWS
