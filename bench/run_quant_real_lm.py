@@ -115,7 +115,7 @@ def main() -> None:
 
     def run(label: str, fn, *fn_args) -> dict:
         # the importance matrix is an input of later rows: a cached row whose file is gone is measured again
-        if label not in rows or not Path(rows[label].get("imatrix", __file__)).is_file():
+        if label not in rows or ("imatrix" in rows[label] and not Path(rows[label]["imatrix"]).is_file()):
             gflops = matmul_gflops()
             with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
                 made = pool.submit(fn, *fn_args).result()

@@ -2,12 +2,13 @@
 stored at Q4_1 upstream, in bench/real_lm.py's LLaVA checkpoint; the real-LM benchmark's 64 x 512-token calibration).
 
 For each studied block, every variant starts from the driver's start (the original weights with their plain fit)
-with GPTQ's rounding as the rival, on the same inputs (the quantized stream) and targets (the full-precision stream), and its error is the block's summed output MSE on all 64 sequences.
+with GPTQ's rounding as the rival, on the same inputs (the quantized stream) and targets (the full-precision
+stream), and its error is the block's summed output MSE on all 64 sequences.
 Variants: iterations x sequences per step; "bf16": the training steps' forward and backward under bfloat16 autocast,
 as AutoRound runs on a CPU with bfloat16 support. With a GGUF file of the same model (AUTOROUND), its block's weights
 are scored on the same inputs too, and so are GPTQ's rounding and the start's. The quantization goes on with the
-first variant's rounding; blocks before FIRST keep GPTQ's rounding unstudied (no variant has improved on it in block 0). Each run replaces the table; the
-"Earlier runs" section of the results file is kept.
+first variant's rounding; blocks before FIRST keep GPTQ's rounding unstudied (no variant has improved on it in
+block 0). Each run replaces the table; the "Earlier runs" section of the results file is kept.
 
     python bench/signround_block_study.py [BLOCKS] [TYPE] [FIRST] [AUTOROUND]   # -> bench/results/signround_blocks.md
 

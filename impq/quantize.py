@@ -323,8 +323,8 @@ def quantize_model(model_dir: str | Path, out_dir: str | Path, settings: Quantiz
     # the artifacts are written from the codes: the quantized weights are released block by block
     stages.begin("quantize")
     result = quantize_llm(lmm, embeddings, plan, settings.method, gptq_options=options,
-                          signround_options={"iterations": settings.iterations}, device=device, release_weights=True, compute_dtype=getattr(torch, settings.compute_dtype),
-                          on_layer=on_layer)
+                          signround_options={"iterations": settings.iterations}, device=device, release_weights=True,
+                          compute_dtype=getattr(torch, settings.compute_dtype), on_layer=on_layer)
     embeddings = [e.cpu() for e in embeddings]
     stages.begin("export")
 
