@@ -93,6 +93,9 @@ class QuantizeSettings:
         iterations = kwargs.get("iterations", ITERATIONS)
         if not isinstance(iterations, int) or isinstance(iterations, bool) or iterations < 1:
             raise ImpqError(None, f"--iterations {iterations}: a positive number of tuning steps")
+        # both formats run the same layer loop: checked before the format's own settings
+        if kwargs.get("compute_dtype", "float32") not in COMPUTE_DTYPES:
+            raise ImpqError(None, f"--compute-dtype {kwargs['compute_dtype']}: choose one of {', '.join(COMPUTE_DTYPES)}")
         if format == "safetensors":
             if type_name is not None:
                 raise ImpqError(None, "--type names a GGUF grid; with --format safetensors use --layout and --group-size")
@@ -117,8 +120,6 @@ class QuantizeSettings:
             canonical_type_name(value, GRIDS, "--candidate-types")
         if kwargs.get("target_bpw") is not None and kwargs.get("target_size") is not None:
             raise ImpqError(None, "--target-bpw and --target-size: give one budget")
-        if kwargs.get("compute_dtype", "float32") not in COMPUTE_DTYPES:
-            raise ImpqError(None, f"--compute-dtype {kwargs['compute_dtype']}: choose one of {', '.join(COMPUTE_DTYPES)}")
         if kwargs.get("sensitivity", "measured") not in SENSITIVITY_MODES:
             raise ImpqError(None, f"--sensitivity {kwargs['sensitivity']}: choose one of {', '.join(SENSITIVITY_MODES)}")
         if kwargs.get("budget_includes_vision") and kwargs.get("target_size") is None:

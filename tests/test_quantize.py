@@ -370,6 +370,9 @@ def test_compute_dtype_is_checked_and_recorded(run_cli, models_dir, tmp_path):
     status, _, err = run_cli("quantize", models_dir / "imp-phi2", "--compute-dtype", "float16", "--out",
                              tmp_path / "bad")
     assert status == 2 and "--compute-dtype float16" in err and not (tmp_path / "bad").exists()
+    status, _, err = run_cli("quantize", models_dir / "imp-phi2", "--format", "safetensors", "--compute-dtype",
+                             "float16", "--out", tmp_path / "bad")
+    assert status == 2 and "--compute-dtype float16" in err and not (tmp_path / "bad").exists()
     status, _, err = run_cli("quantize", models_dir / "imp-phi2", "--method", "rtn", "--compute-dtype", "bfloat16",
                              "--verify-items", "0", "--nsamples", "4", "--out", tmp_path / "out")
     assert status == 0, err
