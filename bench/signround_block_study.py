@@ -76,23 +76,21 @@ def main() -> None:
         (gptq,) = options["rivals"]
         if len(rows) < first:
             rows.append({})
-            return gptq
+            return signround.score_rounding(layer, inputs, targets, gptq, grids)
         index = len(rows)
         plain = {n: (grids[n].codes(w, p), p) for n, (w, p) in start.items()}
         with torch.no_grad():
-            row = {"gptq": signround._block_error(layer, inputs, targets, gptq, grids),
-                   "start": signround._block_error(layer, inputs, targets, plain, grids)}
+            row = {"gptq": signround.score_rounding(layer, inputs, targets, gptq, grids).error,
+                   "start": signround.score_rounding(layer, inputs, targets, plain, grids).error}
             if other_weights:
                 weights = {f"{n}.weight": other_weights[f"llm.model.layers.{index}.{n}.weight"] for n in start}
-                row[other.stem] = signround.weights_error(layer, inputs, targets, weights)
+                row[other.stem] = signround.score_weights(layer, inputs, targets, weights)[0]
         kept = None
         for label, variant in VARIANTS.items():
             begin = time.perf_counter()
-            rounding = learn(layer, inputs, targets, start, grids, **options, **variant)
-            with torch.no_grad():
-                row[label] = (signround._block_error(layer, inputs, targets, rounding, grids),
-                              round(time.perf_counter() - begin))
-            kept = kept or rounding
+            scored = learn(layer, inputs, targets, start, grids, **options, **variant)
+            row[label] = (scored.error, round(time.perf_counter() - begin))
+            kept = kept or scored
         rows.append(row)
         print(len(rows) - 1, json.dumps(row), flush=True)
         write(rows, type_name)

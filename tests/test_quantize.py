@@ -215,10 +215,17 @@ def test_signround_lowers_block_output_error_against_its_starting_point(models_d
     start = {n: (grid.codes(w, p), p) for n, (w, p) in weights.items()}
     with torch.enable_grad():
         grids = dict.fromkeys(weights, grid)
-        learned = signround_block(layer, inputs, targets, weights, grids, iterations=100)
+        scored = signround_block(layer, inputs, targets, weights, grids, iterations=100)
         # nothing learned: the plain rounding of the start comes back
-        unchanged = signround_block(layer, inputs, targets, weights, grids, iterations=0)
+        unchanged = signround_block(layer, inputs, targets, weights, grids, iterations=0).rounding
+    learned = scored.rounding
     assert all(torch.equal(unchanged[n][0], start[n][0]) for n in start)
+    # what comes back with the kept rounding is exactly its block's outputs (the driver's next inputs) and error
+    kept_weights = {f"{n}.weight": grid.values(*learned[n]) for n in learned}
+    assert len(scored.outputs) == len(inputs)
+    assert all(torch.equal(out, torch.func.functional_call(layer, kept_weights, (h,), kw))
+               for out, (h, kw) in zip(scored.outputs, inputs))
+    assert scored.error == pytest.approx(block_error(learned), rel=1e-5)
     for n, (codes, params) in learned.items():      # on the grid: codes in range, scales stored as fp16
         assert codes.min() >= 0 and codes.max() <= 15
         assert torch.equal(params.scale, params.scale.half().float())
@@ -234,7 +241,7 @@ def test_learned_rounding_never_ends_above_gptqs_block_error(models_dir, tmp_pat
     """As the driver runs it: from the original weights' plain fit (AutoRound's start), with GPTQ's rounding as the
     rival; trained under bfloat16 autocast (the default) or in float32."""
     from torch import nn
-    from impq.quant.signround import _block_error, signround_block
+    from impq.quant.signround import score_rounding, signround_block
 
     layer, inputs = _first_block(models_dir, tmp_path)
     targets = [layer(h, **kw) for h, kw in inputs]
@@ -255,12 +262,12 @@ def test_learned_rounding_never_ends_above_gptqs_block_error(models_dir, tmp_pat
         hessians[name] = x.T @ x / x.shape[0]
     fits = {n: gptq(m.weight.float(), hessians[n], grids[n]) for n, m in linears.items()}
     gptq_rounding = {n: (f.codes, f.params) for n, f in fits.items()}
-    gptq_error = _block_error(layer, inputs, targets, gptq_rounding, grids)
+    gptq_error = score_rounding(layer, inputs, targets, gptq_rounding, grids).error
     start = {n: (m.weight.float(), rtn(m.weight.float(), hessians[n], grids[n])[1]) for n, m in linears.items()}
     with torch.enable_grad():
         learned = signround_block(layer, inputs, targets, start, grids, iterations=iterations, precision=precision,
                                   rivals=(gptq_rounding,))
-    assert _block_error(layer, inputs, targets, learned, grids) <= gptq_error
+    assert score_rounding(layer, inputs, targets, learned.rounding, grids).error <= gptq_error
 
 
 @torch.no_grad()
@@ -289,7 +296,7 @@ def test_learned_rounding_keep_best_ends_on_the_lowest_loss_step(models_dir, tmp
                                          keep_best=True)
     per_step = [sum(step_losses[i:i + len(inputs)]) for i in range(0, len(step_losses), len(inputs))]
     assert len(per_step) == 30 and min(per_step) < per_step[0]
-    assert signround._block_error(layer, inputs, targets, kept, grids) == pytest.approx(min(per_step), rel=1e-2)
+    assert kept.error == pytest.approx(min(per_step), rel=1e-2)
 
 
 def test_awq_clip_search_never_loses_to_no_clipping(models_dir, tmp_path):

@@ -110,7 +110,9 @@ def quantize_llm(lmm: LMM, embeddings: list[torch.Tensor], plan: Plan, method: s
     `compute_dtype` bfloat16: the blocks' forward passes run under bfloat16 autocast, as AutoRound calibrates on
     a CPU: they are most of a block's time, and a CPU with AVX-512 BF16 (or a GPU) runs them 2-3x faster. The
     Hessians, the weights, GPTQ's updates and the grid fits stay float32: a bfloat16 X^T X rounds every entry
-    to 3 digits, which leaves SmolLM2's Hessians (a few massive channels) not positive definite even damped."""
+    to 3 digits, which leaves SmolLM2's Hessians (a few massive channels) not positive definite even damped.
+    With signround, the next block's inputs are the float32 outputs its final scoring computed with the kept
+    rounding (the same arithmetic as a float32 pass; under bfloat16, more precise than one)."""
     start = time.perf_counter()
     result = QuantizeResult()
     lmm.llm.model.rotary_emb.to(device)
@@ -175,6 +177,7 @@ def quantize_llm(lmm: LMM, embeddings: list[torch.Tensor], plan: Plan, method: s
         # each float64 sum is dropped as soon as its float32 mean exists: fc2's alone is 0.8 GB at Phi-2's width
         hessian = {name: (hessians.pop(name) / max(1, counts[name])).float() for name in quantizable}
         del hessians
+        outputs = None      # the next block's inputs, where learned rounding's final scoring has computed them
         if method in ("gptq", "signround"):
             fits = {name: gptq(m.weight.float(), hessian[name], grids[name], **(gptq_options or {}))
                     for name, m in quantizable.items()}
@@ -186,9 +189,10 @@ def quantize_llm(lmm: LMM, embeddings: list[torch.Tensor], plan: Plan, method: s
                 start_from = {name: (m.weight.detach().float(), rtn(m.weight.float(), hessian[name], grids[name])[1])
                               for name, m in quantizable.items()}
                 with torch.enable_grad():
-                    rounded = signround_block(layer, inputs, targets, start_from, grids, rivals=(rounded,),
+                    learned = signround_block(layer, inputs, targets, start_from, grids, rivals=(rounded,),
                                               **(signround_options or {}))
-                del start_from
+                rounded, outputs = learned.rounding, learned.outputs
+                del start_from, learned
             del fits
         elif method == "awq":
             rounded = {name: rtn(search_clip(name, m.weight.float(), hessian[name], grids[name]), hessian[name],
@@ -205,8 +209,11 @@ def quantize_llm(lmm: LMM, embeddings: list[torch.Tensor], plan: Plan, method: s
             module.weight.copy_(Q.to(module.weight.dtype))
             result.tensors[f"llm.model.layers.{index}.{name}.weight"] = QuantizedTensor.store(
                 codes, params.to("cpu"), grid, error, alphas.get(name))
-        with autocast():
-            inputs = [(layer(hidden, **kwargs), kwargs) for hidden, kwargs in inputs]
+        if outputs is None:
+            with autocast():
+                outputs = [layer(hidden, **kwargs) for hidden, kwargs in inputs]
+        inputs = [(hidden, kwargs) for hidden, (_, kwargs) in zip(outputs, inputs)]
+        del outputs
         if fp_inputs is not None:
             fp_inputs = [(target, kwargs) for target, (_, kwargs) in zip(targets, fp_inputs)]
             del targets
