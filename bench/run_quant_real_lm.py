@@ -54,14 +54,17 @@ def imatrix_job(bin_dir: str, f16: str, calib_text: str, out: str) -> dict:
 
 
 def impq_job(folder: str, out: str, calib: str, nsamples: int, type_name: str, method: str) -> dict:
-    """`method`: one of impq's methods, or signround-N: learned rounding with --iterations N."""
+    """`method`: one of impq's methods, then optionally -N (--iterations N) and -bf16 (--compute-dtype bfloat16)."""
     from impq.quant.grids import GRIDS
     from impq.quantize import QuantizeSettings, quantize_model
 
     start = time.perf_counter()
-    name, _, iterations = method.partition("-")
+    name, *suffixes = method.split("-")
+    options = {}
+    for suffix in suffixes:
+        options.update({"compute_dtype": "bfloat16"} if suffix == "bf16" else {"iterations": int(suffix)})
     settings = QuantizeSettings.from_bits(GRIDS[type_name].bits, type_name, method=name, calib=calib,
-                                          nsamples=nsamples, **({"iterations": int(iterations)} if iterations else {}))
+                                          nsamples=nsamples, **options)
     report = quantize_model(folder, out, settings, verify_items=0)
     return {"text_gguf": report.artifacts["text_gguf"], "stages": report.stages, **_job_stats(start)}
 
@@ -80,7 +83,7 @@ def main() -> None:
     parser.add_argument("--work", type=Path, required=True)
     parser.add_argument("--types", default="q4_0,q4_k,q3_k")
     parser.add_argument("--methods", default=",".join(METHODS), help="impq's methods (empty: none); signround-N: "
-                        "learned rounding with --iterations N")
+                        "learned rounding with --iterations N; a -bf16 suffix: --compute-dtype bfloat16")
     parser.add_argument("--nsamples", type=int, default=64)
     parser.add_argument("--autoround-iters", type=int, default=50,
                         help="AutoRound's tuning steps per block (50: its auto-round-light recipe)")

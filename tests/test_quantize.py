@@ -56,6 +56,33 @@ def test_gptq_reduces_layer_error_against_rtn(name):
     assert e_gptq < 0.6 * e_rtn, (e_gptq, e_rtn)
 
 
+@pytest.mark.parametrize("name,act_order", [("q4_k", False), ("q3_k", False), ("q4_0", False), ("q4_0", True)])
+def test_gptq_lazy_chunks_compute_the_column_by_column_updates(name, act_order, monkeypatch):
+    """The chunked error updates are the same sums as a rank-1 update per column (LAZY = 1), in another order:
+    the codes agree but where float rounding tips a near-tie (and, on a k-quant, the next super-block's fit
+    with it: 0.25 % of Q4_K's codes here), and so does the layer error."""
+    from impq.quant import gptq as gptq_module
+
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(2048, 512, generator=gen) @ (torch.randn(512, 512, generator=gen) * 0.05 + torch.eye(512))
+    x[:, :6] *= 8
+    w = torch.randn(96, 512, generator=gen) / 512 ** 0.5
+    h = x.T @ x / x.shape[0]
+    grid = GRIDS[name]
+
+    def error(fit):
+        d = w - grid.values(fit.codes, fit.params)
+        return float(torch.trace(d @ h @ d.T) / torch.trace(w @ h @ w.T))
+
+    options = {"act_order": act_order, "static_groups": act_order}
+    chunked = gptq(w, h, grid, **options)
+    monkeypatch.setattr(gptq_module, "LAZY", 1)
+    per_column = gptq(w, h, grid, **options)
+    assert (chunked.codes == per_column.codes).float().mean() > 0.99
+    assert error(chunked) == pytest.approx(error(per_column), rel=1e-3)
+    assert error(chunked) < 0.8 * error(type(chunked)(*rtn(w, h, grid)))
+
+
 @pytest.mark.parametrize("layout,method", [("imp-qwen2", "gptq"), ("llava-siglip", "gptq"), ("imp-phi2", "rtn"),
                                            ("imp-phi2", "awq"), ("imp-qwen2", "awq"), ("imp-phi3", "awq")])
 def test_quantized_gguf_holds_exactly_the_fake_quantized_weights(models_dir, tmp_path, layout, method):
@@ -345,7 +372,36 @@ def test_device_choice(run_cli, models_dir, tmp_path):
     assert status == 2 and "--device gpu0" in err
 
 
-@pytest.mark.parametrize("width", [96, 2560])
+@torch.no_grad()
+def test_statistics_pass_gathers_every_linear_input_before_it_stops(models_dir, tmp_path, monkeypatch):
+    """The pass that accumulates the Hessians ends at the block's last linear layer, before its product: every
+    linear layer's input still reaches the statistics, exactly as a whole forward pass gives it."""
+    from torch import nn
+    from impq.quant import driver
+
+    lmm = LMM(read_spec(models_dir / "imp-phi2"))
+    embeddings = calibration_embeddings(lmm, read_calibration(_calib_file(tmp_path)), 3, 128)
+    layer, inputs = lmm.llm.model.layers[0], lmm.first_block_inputs(embeddings)
+    expected, handles = [], []
+    for module in (m for m in layer.modules() if isinstance(m, nn.Linear)):
+        handles.append(module.register_forward_hook(
+            lambda m, args, out: expected.append(args[0]) if not any(args[0] is e for e in expected) else None))
+    for hidden, kwargs in inputs:
+        layer(hidden, **kwargs)
+    for handle in handles:
+        handle.remove()
+    recorded, gram = [], driver.gram
+    monkeypatch.setattr(driver, "gram", lambda x: recorded.append(x.clone()) or gram(x))
+    fc2_products = []                               # Phi-2's last product runs only in the pass making outputs
+    layer.mlp.fc2.register_forward_hook(lambda m, args, out: fc2_products.append(1))
+    quantize_llm(lmm, embeddings, plan_llm(lmm.llm, GRIDS["q4_0"]), "rtn")
+    expected = [x.reshape(-1, x.shape[-1]) for x in expected]
+    assert len(recorded) > len(expected)            # later blocks' inputs follow block 0's
+    assert all(torch.equal(got, want) for got, want in zip(recorded, expected))
+    assert len(fc2_products) == len(inputs)
+
+
+@pytest.mark.parametrize("width", [96, 1536, 2560])
 def test_gram_matrix_of_wide_inputs_is_the_full_product(width):
     from impq.quant.driver import gram
 

@@ -69,15 +69,19 @@ class QuantizeResult:
     seconds: float = 0.0
 
 
+class _InputsCaptured(Exception):
+    """Ends a statistics pass once every linear layer of the block has seen its input."""
+
+
 def gram(x: torch.Tensor) -> torch.Tensor:
     """X^T X in float64 from float32 products (as in GPTQ; float64 matmuls are several times slower), with
-    autocast off. A wide input's is built from the blocks on and above the diagonal, mirrored: 10 of 16 column-
-    block products, a third less work on the widest (Phi-2's 10240-wide fc2 input: 1.4 TFLOP per block at 8x1024
-    tokens), as BLAS's syrk would (torch has none)."""
+    autocast off. A wide input's (1024 columns or more: SmolLM2's 1536-wide down_proj input too) is built from the
+    blocks on and above the diagonal, mirrored: 10 of 16 column-block products, a third less work on the widest
+    (Phi-2's 10240-wide fc2 input: 1.4 TFLOP per block at 8x1024 tokens), as BLAS's syrk would (torch has none)."""
     with torch.autocast(x.device.type, enabled=False):
         x = x.float()
         width = x.shape[1]
-        if width < 2048:
+        if width < 1024:
             return (x.T @ x).double()
         out = torch.empty(width, width, dtype=torch.float64, device=x.device)
         bounds = [width * i // 4 for i in range(5)]
@@ -111,8 +115,8 @@ def quantize_llm(lmm: LMM, embeddings: list[torch.Tensor], plan: Plan, method: s
     a CPU: they are most of a block's time, and a CPU with AVX-512 BF16 (or a GPU) runs them 2-3x faster. The
     Hessians, the weights, GPTQ's updates and the grid fits stay float32: a bfloat16 X^T X rounds every entry
     to 3 digits, which leaves SmolLM2's Hessians (a few massive channels) not positive definite even damped.
-    With signround, the next block's inputs are the float32 outputs its final scoring computed with the kept
-    rounding (the same arithmetic as a float32 pass; under bfloat16, more precise than one)."""
+    With signround, the next block's inputs are the outputs its final scoring computed with the kept rounding,
+    under the same compute dtype as every other forward pass."""
     start = time.perf_counter()
     result = QuantizeResult()
     lmm.llm.model.rotary_emb.to(device)
@@ -141,26 +145,39 @@ def quantize_llm(lmm: LMM, embeddings: list[torch.Tensor], plan: Plan, method: s
         abs_sums = {name: torch.zeros(m.in_features, dtype=torch.float64, device=device)
                     for name, m in linears.items()} if method == "awq" else {}
 
-        last: dict = {"input": None}             # q, k, v (and Phi-2's fc1) receive the same input tensor
+        # this sample's (input, X^T X): q, k, v (and Phi-2's fc1, after the attention's dense) share one input
+        captured: list[tuple[torch.Tensor, torch.Tensor]] = []
+        seen: set[str] = set()                   # the linear layers whose input this sample has given
 
         def accumulate(name):
-            def hook(module, args, output):
+            def hook(module, args):
                 x = args[0].reshape(-1, args[0].shape[-1])
-                if args[0] is not last["input"]:
-                    last.update(input=args[0], xtx=gram(x))
-                hessians[name] += last["xtx"]
+                xtx = next((xtx for given, xtx in captured if given is args[0]), None)
+                if xtx is None:
+                    xtx = gram(x)
+                    captured.append((args[0], xtx))
+                hessians[name] += xtx
                 counts[name] += x.shape[0]
                 if name in abs_sums:
                     abs_sums[name] += x.float().abs().sum(0).double()
+                seen.add(name)
+                # every input is in: the last product (Phi-2's fc2 is a third of its block's weights) and what
+                # follows it would only make an output this pass throws away
+                if len(seen) == len(linears):
+                    raise _InputsCaptured
             return hook
 
-        handles = [m.register_forward_hook(accumulate(name)) for name, m in linears.items()]
+        handles = [m.register_forward_pre_hook(accumulate(name)) for name, m in linears.items()]
         with autocast():
             for hidden, kwargs in inputs:
-                layer(hidden, **kwargs)
+                try:
+                    layer(hidden, **kwargs)
+                except _InputsCaptured:
+                    pass
+                captured.clear()
+                seen.clear()
             for handle in handles:
                 handle.remove()
-            last.clear()
             targets = None if fp_inputs is None else [layer(hidden, **kwargs) for hidden, kwargs in fp_inputs]
         alphas = {}
         for group in groups:
@@ -188,7 +205,9 @@ def quantize_llm(lmm: LMM, embeddings: list[torch.Tensor], plan: Plan, method: s
                 # GPTQ's start each block's own error was lower. GPTQ's rounding still competes at the end.
                 start_from = {name: (m.weight.detach().float(), rtn(m.weight.float(), hessian[name], grids[name])[1])
                               for name, m in quantizable.items()}
-                with torch.enable_grad():
+                # training sets its own precision; the final scoring (whose outputs are the next block's inputs)
+                # is a forward pass like the others, under the run's compute dtype
+                with torch.enable_grad(), autocast():
                     learned = signround_block(layer, inputs, targets, start_from, grids, rivals=(rounded,),
                                               **(signround_options or {}))
                 rounded, outputs = learned.rounding, learned.outputs

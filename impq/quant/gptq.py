@@ -6,11 +6,15 @@ act-order since a GGUF block is 32 consecutive columns)."""
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
 
 from .grids import BlockParams, LegacyGrid
+
+
+LAZY = 32                    # columns per chunk of a block's error updates (see below)
 
 
 class GPTQFit(NamedTuple):
@@ -38,20 +42,31 @@ def gptq(weight: torch.Tensor, hessian: torch.Tensor, grid: LegacyGrid, *, block
     Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
     codes = torch.zeros(rows, cols, dtype=torch.int32, device=W.device)
     block_size = max(g, block_size // g * g)
+    # Within a block, each column's error reaches the block's later columns in chunks of `lazy` columns: a
+    # column's own update stays inside its chunk, and one product carries the chunk's errors to the rest of the
+    # block (the same sums as a rank-1 update per column, as GPTQ's lazy batches do across blocks). A k-quant's
+    # 256-column blocks updated column by column read and wrote all 256 columns once per column: at Phi-2's
+    # width, 27 GB of memory traffic per matrix. `lazy` divides g, so a block of g columns is fitted only once
+    # every earlier chunk's errors have reached it.
+    lazy = math.gcd(LAZY, g)
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)
         W1, Err1, Hinv1 = W[:, i1:i2].clone(), torch.zeros(rows, i2 - i1, device=W.device), Hinv[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            col = int(perm[i1 + i])
-            b = col // g
-            if b not in fitted:
-                # columns b*g .. b*g+g-1 are W1[:, i:i+g] here (no permutation, blocks aligned to g)
-                fitted[b] = grid.fit(W1[:, i:i + g], importance[b * g:(b + 1) * g])
-            params, j = fitted[b], (col % g) // sub
-            q, value = grid.column(W1[:, i], params.scale[:, j], None if params.minimum is None else params.minimum[:, j])
-            codes[:, col] = q
-            err = (W1[:, i] - value) / Hinv1[i, i]
-            W1[:, i:] -= err.unsqueeze(1) * Hinv1[i, i:].unsqueeze(0)
-            Err1[:, i] = err
+        for c1 in range(0, i2 - i1, lazy):
+            c2 = min(c1 + lazy, i2 - i1)
+            for i in range(c1, c2):
+                col = int(perm[i1 + i])
+                b = col // g
+                if b not in fitted:
+                    # columns b*g .. b*g+g-1 are W1[:, i:i+g] here (no permutation, blocks aligned to g)
+                    fitted[b] = grid.fit(W1[:, i:i + g], importance[b * g:(b + 1) * g])
+                params, j = fitted[b], (col % g) // sub
+                q, value = grid.column(W1[:, i], params.scale[:, j],
+                                       None if params.minimum is None else params.minimum[:, j])
+                codes[:, col] = q
+                err = (W1[:, i] - value) / Hinv1[i, i]
+                W1[:, i:c2] -= err.unsqueeze(1) * Hinv1[i, i:c2].unsqueeze(0)
+                Err1[:, i] = err
+            W1[:, c2:].addmm_(Err1[:, c1:c2], Hinv1[c1:c2, c2:], alpha=-1)
         W[:, i2:].addmm_(Err1, Hinv[i1:i2, i2:], alpha=-1)     # in place: no [rows, cols] temporary
     return GPTQFit(codes, BlockParams.concat([fitted[b] for b in range(cols // g)]))
