@@ -57,8 +57,9 @@ def main() -> None:
     source = Path(impq.__file__).resolve().parent.parent
     commit = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True,
                             cwd=source).stdout.strip()
-    row = {"impq_commit": commit, "method": args.method, "type": args.type, "tokens": sum(e.shape[1] for e in embeddings),
-           "block_seconds": seconds, "measured": time.strftime("%Y-%m-%d"), "cpus": os.cpu_count()}
+    row = {"impq_commit": commit, "method": args.method, "type": args.type,
+           "tokens": sum(e.shape[1] for e in embeddings), "block_seconds": seconds,
+           "measured": time.strftime("%Y-%m-%d"), "cpus": os.cpu_count()}
     path = RESULTS / "full_size_block_time.json"
     rows = json.loads(path.read_text()) if path.is_file() else []
     rows.append(row)

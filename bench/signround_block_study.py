@@ -49,8 +49,8 @@ def write(rows: list[dict], type_name: str) -> None:
     lines = [f"# Learned rounding settings, block by block: SmolLM2-135M-Instruct (stored at Q4_1 upstream) at "
              f"{type_name.upper()}", "", __doc__.split("\n\n")[1].replace("\n", " "), "",
              "Each cell: summed output MSE on the 64 calibration sequences (seconds of that variant's training and "
-             "final comparison). Where a variant's rounding is worse than GPTQ's or the start's, signround keeps the "
-             "better one: the cell then equals the gptq or start one.", "",
+             "final comparison). Where a variant's rounding is worse than GPTQ's, signround keeps GPTQ's: the cell "
+             "then equals the gptq one.", "",
              "| block | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
     for index, row in studied:
         lines.append(f"| {index} | " + " | ".join(f"{v[0]:.4f} ({v[1]} s)" if isinstance(v, (list, tuple))

@@ -13,8 +13,9 @@ higher: on SmolLM2-135M at Q4_0 the RTN start reached a KLD of 0.044 where GPTQ 
 (bench/results/quant_proxy_real_lm.jsonl), since a block trained against the accumulated error need not match
 GPTQ's per-layer optimum. The block keeps whichever rounding has the lowest output error on all calibration
 inputs: the learned one or a rival's (the driver passes GPTQ's), so it never ends above GPTQ; with no rival, the
-start's plain rounding competes instead (on SmolLM2 at Q4_0 it never beat the learned one, by 20-45 % in eight
-blocks, so scoring it beside a rival cost a forward pass of every input for nothing). The kept rounding's
+start's plain rounding competes instead (beside GPTQ's it won no block of SmolLM2 at Q4_0: the file's KLD was
+the same to the sixth digit without it, bench/results/quant_real_lm.md, so scoring it cost a forward pass of every
+input for nothing). The kept rounding's
 outputs on every input come back with it: they are the next block's inputs, so no further pass computes them.
 
 Written here rather than taken from auto-round because the result must land on impq's grids: the codes are the
