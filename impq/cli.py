@@ -14,6 +14,7 @@ from rich.table import Table
 
 from .errors import ImpqError
 from .export.gguf_file import canonical_type_name
+from .recipe import MINIMUMS
 
 app = typer.Typer(help="Quantize and export small multimodal models (Imp, Bunny, LLaVA) for llama.cpp on phones.",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
@@ -57,6 +58,28 @@ def _flash_attn_option():
     return typer.Option("off", "--flash-attn", help="on | off | auto (llama.cpp's default, which is on for its CPU "
                                                     "backend): it speeds up image encoding and prefill but can slow "
                                                     "decoding with many image tokens in the context.")
+
+
+def _llama_device_option():
+    return typer.Option("auto", "--device", help="Where llama.cpp runs: auto (the GPU, all layers and the mmproj, "
+                                                 "where this llama-cpp-python build can offload; else the CPU), cpu, "
+                                                 "gpu.")
+
+
+def _gpu_layers_option():
+    return typer.Option(None, "--gpu-layers", help="Text-model layers llama.cpp offloads to the GPU (-1: all); "
+                                                   "overrides --device.")
+
+
+def _template_option():
+    return typer.Option(None, "--template", help="Prompt format for a pair whose GGUF has no chat template: phi2, "
+                                                 "qwen2, phi3, llama (Imp/LLaVA templates); it also replaces the "
+                                                 "GGUF's own.")
+
+
+def _gpu_layers(device: str, gpu_layers: Optional[int]) -> int:
+    from .runtime.llamacpp import resolve_gpu_layers
+    return resolve_gpu_layers(device, gpu_layers)
 
 
 def _emit(as_json: bool, payload: dict, table: Table | None = None) -> None:
@@ -146,15 +169,20 @@ def verify_cmd(
     prompt: Optional[list[str]] = typer.Option(None, "--prompt", help="Question(s); default: bundled prompts."),
     max_new_tokens: int = typer.Option(16, min=1, help="Greedy tokens compared per image and prompt."),
     threads: Optional[int] = typer.Option(None, min=1, help="llama.cpp threads (default: all cores)."),
+    device: str = _llama_device_option(),
+    gpu_layers: Optional[int] = _gpu_layers_option(),
+    template: Optional[str] = _template_option(),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ):
     """Run the pair in llama.cpp and the checkpoint in PyTorch on the same inputs; exit 1 if F16/Q8_0 disagree."""
     from .verify import verify_pair
 
+    layers = _gpu_layers(device, gpu_layers)
     with _progress() as progress:
         task = progress.add_task("verifying", total=None)
         report = verify_pair(export_dir, reference, image, prompt, max_new_tokens, threads,
-                             on_case=lambda _: progress.advance(task), text=text, mmproj=mmproj)
+                             on_case=lambda _: progress.advance(task), text=text, mmproj=mmproj, gpu_layers=layers,
+                             template=template)
     table = Table("metric", "value", title=f"{Path(report.text_gguf).name} vs PyTorch ({report.weight_type})")
     for key in ("top1_agreement", "max_abs_logit_diff", "max_abs_image_embedding_diff", "mean_kld",
                 "generations_matched", "near_ties", "passed"):
@@ -193,6 +221,9 @@ def eval_cmd(
     image_size: Optional[int] = _image_size_option(),
     token_reduction: str = _token_reduction_option(),
     threads: Optional[int] = typer.Option(None, min=1, help="llama.cpp threads (default: all cores)."),
+    device: str = _llama_device_option(),
+    gpu_layers: Optional[int] = _gpu_layers_option(),
+    template: Optional[str] = _template_option(),
     results: Optional[Path] = typer.Option(None, help="Write the full report (every item) to this JSON file."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ):
@@ -206,12 +237,13 @@ def eval_cmd(
     items = read_vqa_jsonl(data)[:limit]
     if results is not None:
         ensure_writable_dir(results.parent)
-    answerer = load_answerer(model, image_size, threads, text, mmproj, token_reduction)
+    layers = _gpu_layers(device, gpu_layers)
+    answerer = load_answerer(model, image_size, threads, text, mmproj, token_reduction, layers, template)
     evaluated = Path(model or text or mmproj)
-    ref = load_answerer(reference) if reference else None
+    ref = load_answerer(reference, gpu_layers=layers) if reference else None
     with _progress() as progress:
         task = progress.add_task(f"evaluating {evaluated.name}", total=len(items))
-        report = evaluate(answerer, items, model=str(evaluated), dataset=str(data), reference=ref,
+        report = evaluate(answerer, items, model=evaluated.name, dataset=data.name, reference=ref,
                           on_item=lambda _: progress.advance(task))
     if results is not None:
         with atomic_output(results) as tmp:
@@ -239,6 +271,9 @@ def bench_cmd(
     decode_tokens: int = typer.Option(32, min=2, help="Tokens generated per run (end-of-sequence ignored)."),
     threads: Optional[int] = typer.Option(None, min=1, help="llama.cpp threads (default: all cores)."),
     flash_attn: str = _flash_attn_option(),
+    device: str = _llama_device_option(),
+    gpu_layers: Optional[int] = _gpu_layers_option(),
+    template: Optional[str] = _template_option(),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ):
     """Image encode time, prompt and decode tokens/s, time to first token, peak RSS and file sizes in llama.cpp."""
@@ -250,6 +285,7 @@ def bench_cmd(
     from .verify import default_images
 
     resolve_flash_attn(flash_attn)
+    layers = _gpu_layers(device, gpu_layers)
     image = image or default_images()[0]
     with tempfile.TemporaryDirectory(prefix="impq-bench-") as scratch:
         if export_dir is None and text is None and mmproj is None:
@@ -262,11 +298,12 @@ def bench_cmd(
         text_path, mmproj_path = resolve_pair(export_dir, text, mmproj)
         with console.status(f"benchmarking {text_path.name} ({warmup} warm-up + {runs} runs)"):
             figures = bench_pair(text_path, mmproj_path, image, question, runs, warmup, decode_tokens, threads,
-                                 flash_attn)
+                                 flash_attn, layers, template)
     figures = {"text_gguf": str(text_path.name), "mmproj_gguf": str(mmproj_path.name), **figures}
     table = Table("figure", "median", "min", "max", title=f"{text_path.name}: {figures['prompt_tokens']} prompt tokens, "
                                                            f"{figures['threads']} threads, flash attention "
-                                                           f"{figures['flash_attn']}")
+                                                           f"{figures['flash_attn']}, {figures['backend']['device']}"
+                                                           f", repacking {'on' if figures['backend']['repack'] else 'off'}")
     for key in ("image_encode_s", "prefill_s", "ttft_s", "prompt_tokens_per_s", "decode_tokens_per_s"):
         row = figures[key]
         table.add_row(key, *(f"{row[k]:.4g}" for k in ("median", "min", "max")))
@@ -330,7 +367,8 @@ def quantize_cmd(
                                                                  "q4_1 q3_k q2_k; default from --bits (4: q4_k)."),
     layout: Optional[str] = typer.Option(None, help="safetensors layout: compressed-tensors (default; transformers "
                                                     "loads it) | gptq | awq."),
-    group_size: Optional[int] = typer.Option(None, min=1, help="safetensors: input columns per scale (default 128)."),
+    group_size: Optional[int] = typer.Option(None, min=MINIMUMS["group_size"], help="safetensors: input columns per "
+                                                                                    "scale (default 128)."),
     embeddings: Optional[str] = typer.Option(None, help="GGUF type of the token embedding and output head: q8_0 "
                                                         "(default), f16, f32."),
     vision: Optional[str] = typer.Option(None, help="GGUF type of the mmproj (vision tower, projector): f16 "
@@ -353,8 +391,8 @@ def quantize_cmd(
                                                     "data disjoint from the calibration: a VQA JSONL (the answer's "
                                                     "position) or a text file (every position of each paragraph); "
                                                     "default: the eval split (imp-tiny)."),
-    sensitivity_prompts: int = typer.Option(32, "--sensitivity-prompts", min=1, help="Measurement sequences (the "
-                                            "file's last ones)."),
+    sensitivity_prompts: int = typer.Option(32, "--sensitivity-prompts", min=MINIMUMS["sensitivity_prompts"],
+                                            help="Measurement sequences (the file's last ones)."),
     sensitivity_file: Optional[Path] = typer.Option(None, "--sensitivity-file", help="A budget's sensitivity from "
                                                     "an earlier budgeted run's report.json (or impq sensitivity's "
                                                     "JSON) instead of measuring it again."),
@@ -364,8 +402,9 @@ def quantize_cmd(
     out: Path = typer.Option(Path("quantized"), help="Output folder."),
     calib: Optional[Path] = typer.Option(None, help="Calibration JSONL ({image, prompt}) or text; default: the "
                                                     "shapes split for imp-tiny, calib_data/photos otherwise."),
-    nsamples: int = typer.Option(64, min=1, help="Calibration sequences."),
-    seqlen: int = typer.Option(512, min=8, help="Longest calibration sequence (tokens, image tokens included)."),
+    nsamples: int = typer.Option(64, min=MINIMUMS["nsamples"], help="Calibration sequences."),
+    seqlen: int = typer.Option(512, min=MINIMUMS["seqlen"], help="Longest calibration sequence (tokens, image tokens "
+                                                                 "included)."),
     seed: int = typer.Option(0, help="Seed of the calibration sampling."),
     damp: float = typer.Option(0.01, help="GPTQ damping, as a fraction of the mean Hessian diagonal."),
     act_order: bool = typer.Option(False, "--act-order", help="GPTQ: quantize columns by decreasing activation."),
@@ -375,7 +414,8 @@ def quantize_cmd(
     compute_dtype: str = typer.Option("float32", "--compute-dtype", help="The blocks' forward passes while "
                                       "quantizing: float32, or bfloat16 (2-3x faster on a CPU with AVX-512 BF16 "
                                       "or a GPU; Hessians and rounding stay float32)."),
-    iterations: int = typer.Option(200, "--iterations", min=1, help="--method signround: tuning steps per decoder "
+    iterations: int = typer.Option(200, "--iterations", min=MINIMUMS["iterations"],
+                                   help="--method signround: tuning steps per decoder "
                                    "block (AutoRound's default 200; 50, its light recipe, took about half the "
                                    "time on SmolLM2-135M)."),
     verify_items: int = typer.Option(140, min=0, help="Eval items for the llama.cpp check (embedded model); 0 skips it."),
@@ -559,7 +599,10 @@ def reproduce_cmd(
     _emit(as_json, result, table)
     if check and not result["identical"]:
         differing = [r["file"] for r in result["files"] if not r["rerun_matches"] or r["present_matches"] is False]
-        console.print(f"impq: reproduce: not the recipe's bytes: {', '.join(differing)}")
+        if not result["calibration_matches"]:
+            differing.insert(0, "the calibration digest")
+        # print, not the console: one line whatever the terminal's width
+        print(f"impq: reproduce: not the recipe's bytes: {', '.join(differing)}", file=sys.stderr)
         raise typer.Exit(1)
 
 
@@ -608,6 +651,8 @@ def sweep_resolution_cmd(
     calib: Optional[Path] = typer.Option(None, help="Calibration file for the quantized types."),
     nsamples: int = typer.Option(64, min=1, help="Calibration sequences."),
     threads: Optional[int] = typer.Option(None, min=1, help="llama.cpp threads (default: all cores)."),
+    device: str = _llama_device_option(),
+    gpu_layers: Optional[int] = _gpu_layers_option(),
     out: Path = typer.Option(Path("sweep"), help="Output folder (cache, CSV, JSON, plots, recommended pair)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ):
@@ -622,7 +667,8 @@ def sweep_resolution_cmd(
         resolutions=None if resolutions is None else _comma_list(resolutions, "--resolutions", int),
         token_reductions=_comma_list(token_reduction, "--token-reduction"), types=_comma_list(types, "--types"),
         method=method, calib=None if calib is None else str(calib), nsamples=nsamples, limit=limit, runs=runs,
-        threads=threads, flash_attn=_comma_list(flash_attn, "--flash-attn"), device_profile=device_profile, budget_ttft_ms=budget_ttft,
+        threads=threads, gpu_layers=_gpu_layers(device, gpu_layers), flash_attn=_comma_list(flash_attn, "--flash-attn"),
+        device_profile=device_profile, budget_ttft_ms=budget_ttft,
         budget_size_mb=budget_size)
     points = plan_points(read_spec(model), settings)           # every value is checked before anything is written
     with _progress() as progress:
@@ -657,7 +703,15 @@ def _usage_line(err) -> str:
 
 
 @app.callback(invoke_without_command=True)
-def _root(version: bool = typer.Option(False, "--version", is_eager=True, help="Print impq's version and exit.")):
+def _root(version: bool = typer.Option(False, "--version", is_eager=True, help="Print impq's version and exit."),
+          max_image_pixels: Optional[int] = typer.Option(None, "--max-image-pixels", help="Refuse images "
+                                                         "with more pixels than this (default 89478485, PIL's "
+                                                         "limit against decompression bombs).")):
+    from .models.preprocess import DEFAULT_MAX_IMAGE_PIXELS, set_max_image_pixels
+    # every command starts at the default, also where one process runs several (the tests)
+    set_max_image_pixels(DEFAULT_MAX_IMAGE_PIXELS)
+    if max_image_pixels is not None:
+        set_max_image_pixels(max_image_pixels)
     if version:
         from . import __version__
         print(f"impq {__version__}")
@@ -668,7 +722,7 @@ def main() -> None:
     try:
         code = app(standalone_mode=False, prog_name="impq")
     except ImpqError as err:
-        print(f"impq: error: {err}", file=sys.stderr)
+        print(f"impq: error: {' '.join(str(err).splitlines())}", file=sys.stderr)
         sys.exit(2)
     except _CLICK_EXCEPTION as err:
         if type(err).__name__ == "NoArgsIsHelpError":     # `impq` or a group alone: its help, as --help would

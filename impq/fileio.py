@@ -42,11 +42,26 @@ def atomic_output(final: Path) -> Iterator[Path]:
                 tmp.unlink()
 
 
+def _process_alive(pid: str) -> bool:
+    if not pid.isdigit():
+        return True                                   # not a staging folder impq names: leave it
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:                           # another user's live process
+        return True
+    return True
+
+
 @contextlib.contextmanager
 def artifact_set(out_dir: Path, last: str) -> Iterator[Path]:
     """Yield a staging folder inside `out_dir` for all the files of one artifact. When the block completes, each is
     moved into `out_dir` (replacing a stale set of the same names), the one named `last`, which marks a set as
     complete, after the others; on any failure or interrupt the staging folder and everything in it is removed."""
+    for stale in out_dir.glob(".impq-stage-*"):        # left by a killed run: its process is gone
+        if not _process_alive(stale.name.removeprefix(".impq-stage-")):
+            shutil.rmtree(stale, ignore_errors=True)
     stage = out_dir / f".impq-stage-{os.getpid()}"
     shutil.rmtree(stage, ignore_errors=True)
     stage.mkdir()

@@ -12,6 +12,8 @@ import re
 import resource
 import threading
 import time
+import types
+import typing
 import weakref
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -34,7 +36,7 @@ from .quant.driver import METHODS, quantize_llm
 from .quant.grids import GRIDS
 from .quant.plan import plan_llm
 from .quant.signround import ITERATIONS
-from .recipe import input_recipe, output_files, sha256_file, write_resolved_recipe
+from .recipe import MINIMUMS, input_recipe, output_files, sha256_file, write_resolved_recipe
 
 # --bits -> the GGUF grid used when --type is not given
 DEFAULT_TYPE_FOR_BITS = {8: "q8_0", 6: "q6_k", 5: "q5_k", 4: "q4_k", 3: "q3_k", 2: "q2_k"}
@@ -43,6 +45,26 @@ DEFAULT_GROUP_SIZE = 128          # safetensors: int<bits> with one scale per 12
 UNQUANTIZED_TYPES = ("q8_0", "f16", "f32")   # GGUF choices for the token embedding, output head and vision side
 SENSITIVITY_MODES = ("measured", "scaled")
 COMPUTE_DTYPES = ("float32", "bfloat16")
+
+
+def check_field(key: str, value) -> None:
+    """A setting's type (as QuantizeSettings declares it) and least value: the same rule for a flag and a recipe."""
+    hints = typing.get_type_hints(QuantizeSettings)
+    if key not in hints:
+        raise ImpqError(None, f"{key}: not a quantize setting; known: {', '.join(sorted(hints))}")
+    expected = hints[key]
+    allowed = typing.get_args(expected) if typing.get_origin(expected) is types.UnionType else (expected,)
+    if value is None and type(None) in allowed:
+        return
+    kinds = tuple(typing.get_origin(a) or a for a in allowed if a is not type(None))
+    if float in kinds:
+        kinds += (int,)                                    # 4 is a fine --target-bpw
+    if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
+        raise ImpqError(None, f"{key} {value!r}: expected {' or '.join(k.__name__ for k in kinds)}")
+    if list in kinds and not all(isinstance(item, str) for item in value):
+        raise ImpqError(None, f"{key} {value!r}: expected a list of strings")
+    if key in MINIMUMS and value < MINIMUMS[key]:
+        raise ImpqError(None, f"{key} {value!r}: at least {MINIMUMS[key]}")
 
 
 @dataclass
@@ -93,6 +115,11 @@ class QuantizeSettings:
         iterations = kwargs.get("iterations", ITERATIONS)
         if not isinstance(iterations, int) or isinstance(iterations, bool) or iterations < 1:
             raise ImpqError(None, f"--iterations {iterations}: a positive number of tuning steps")
+        named = {"type": type_name, "layout": layout, "group_size": group_size, "embeddings": embeddings,
+                 "vision": vision}                      # None here: the format's default
+        for key, value in {"bits": bits, "format": format, **{k: v for k, v in named.items() if v is not None},
+                           **kwargs}.items():
+            check_field(key, value)
         # both formats run the same layer loop: checked before the format's own settings
         if kwargs.get("compute_dtype", "float32") not in COMPUTE_DTYPES:
             raise ImpqError(None, f"--compute-dtype {kwargs['compute_dtype']}: choose one of {', '.join(COMPUTE_DTYPES)}")
@@ -377,8 +404,12 @@ def quantize_model(model_dir: str | Path, out_dir: str | Path, settings: Quantiz
                 trim()
                 (on_status or (lambda _: None))("verifying in llama.cpp")
                 from .measure.vqa import GGUFAnswerer
+                from .runtime.llamacpp import resolve_gpu_layers
+                # llama.cpp on the GPU where it can offload, unless the run was told to stay on the CPU
+                gpu_layers = resolve_gpu_layers("cpu" if settings.device == "cpu" else "auto")
                 report.verification = {"runtime": "llama.cpp", **_verify(
-                    lambda: GGUFAnswerer(artifacts["text_gguf"], artifacts["mmproj_gguf"]), model_dir, verify_items)}
+                    lambda: GGUFAnswerer(artifacts["text_gguf"], artifacts["mmproj_gguf"], gpu_layers=gpu_layers),
+                    model_dir, verify_items)}
             else:
                 (on_status or (lambda _: None))("verifying the written safetensors in PyTorch")
                 from .measure.vqa import TorchAnswerer
@@ -390,7 +421,10 @@ def quantize_model(model_dir: str | Path, out_dir: str | Path, settings: Quantiz
         report.stages = stages.record
         report.peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024   # verification included
         report.total_seconds = time.perf_counter() - start
-        (stage / f"{stem}.report.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+        # the file names the artifact's files by name, relative to its own folder: no path of this machine
+        on_disk = {**report.to_dict(), "artifacts": {k: Path(v).name for k, v in report.artifacts.items()},
+                   "recipe": Path(report.recipe).name}
+        (stage / f"{stem}.report.json").write_text(json.dumps(on_disk, indent=2) + "\n")
     return report
 
 
@@ -544,4 +578,6 @@ def _verify(make_candidate, model_dir, n_items: int) -> dict:
                 _, logits = candidate.answer(image, prompt, 1)
                 divergence.add(ref.numpy(), logits)
             out.update(mean_kld=divergence.mean_kld, top1_agreement=divergence.top1_agreement)
+        if hasattr(candidate, "backend"):
+            out["backend"] = candidate.backend          # where llama.cpp ran
     return out

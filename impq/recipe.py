@@ -1,7 +1,7 @@
 """The recipe: what one `impq quantize` run does, as one typed, versioned YAML document.
 
 The CLI flags build one; `impq quantize --recipe FILE` runs one (flags given beside it override it and are
-recorded). Every artifact carries the recipe without a machine path (the GGUF's `impq.recipe`, the safetensors
+recorded). Every artifact carries the recipe without a machine path (the GGUF's `impq.settings`, the safetensors
 folder's impq.json), so the same inputs give the same bytes from any folder; `<stem>.recipe.yaml` beside it adds
 what was resolved on this machine (every tensor's type, the device used, library versions, input digests) and the
 sha256 of each output file, which `impq reproduce RECIPE --check` compares against a fresh run.
@@ -33,6 +33,10 @@ SCHEMA_VERSION = 1
 EMBEDDED_MODEL = "embedded:imp-tiny"
 DEFAULT_CALIBRATION = "default"
 PATH_FIELDS = ("sensitivity_data", "sensitivity_file")
+TOP_LEVEL = ("schema_version", "model", "calibration", "quantize", "resolved", "outputs")
+# the least value of each counted quantize setting: the command line's options take their `min` from here
+MINIMUMS = {"nsamples": 1, "seqlen": 8, "iterations": 1, "sensitivity_prompts": 1, "group_size": 1,
+            "block_size": 1}
 
 
 def model_reference(model_dir: Path) -> str:
@@ -66,9 +70,19 @@ def read_recipe(path: Path) -> dict:
         raise ImpqError(path, "recipe not found")
     try:
         recipe = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as err:
-        raise ImpqError(path, f"recipe is not valid YAML ({err})") from None
-    if not isinstance(recipe, dict) or not isinstance(recipe.get("quantize"), dict):
+    except UnicodeDecodeError as err:
+        raise ImpqError(path, f"recipe is not UTF-8 text ({err.reason} at byte {err.start})") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise ImpqError(path, f"recipe is not valid YAML: {getattr(err, 'problem', None) or err}{where}") from None
+    if not isinstance(recipe, dict):
+        raise ImpqError(path, "recipe needs a mapping at the top (see impq/recipe.py for the schema)")
+    unknown = [key for key in recipe if key not in TOP_LEVEL]
+    if unknown:
+        raise ImpqError(path, f"recipe key {unknown[0]!r} is unknown at the top level (known: {', '.join(TOP_LEVEL)}; "
+                              f"quantize settings go under 'quantize')")
+    if not isinstance(recipe.get("quantize"), dict):
         raise ImpqError(path, "recipe needs a 'quantize' mapping (see impq/recipe.py for the schema)")
     version = recipe.get("schema_version")
     if not isinstance(version, int) or version < 1:
@@ -79,7 +93,7 @@ def read_recipe(path: Path) -> dict:
     known = {f.name for f in dataclasses.fields(QuantizeSettings)} - {"calib"}
     unknown = sorted(set(recipe["quantize"]) - known)
     if unknown:
-        raise ImpqError(path, f"recipe quantize field {unknown[0]!r} is unknown; known: {', '.join(sorted(known))}")
+        raise ImpqError(path, f"recipe key {unknown[0]!r} under 'quantize' is unknown; known: {', '.join(sorted(known))}")
     return recipe
 
 
@@ -145,6 +159,7 @@ def reproduce(recipe_path: Path, model: Path | None = None, calib: Path | None =
     """Re-run a recipe and compare every output's sha256 with the recipe's record and with the files beside it."""
     import tempfile
 
+    from .calib import calibration_digest
     from .fileio import sha256_files
     from .models.layouts import read_spec
     from .quantize import quantize_model
@@ -164,6 +179,8 @@ def reproduce(recipe_path: Path, model: Path | None = None, calib: Path | None =
     recorded_digest = (recipe.get("resolved") or {}).get("model_digest")
     if recorded_digest and digest != recorded_digest:
         raise ImpqError(model_dir, "this checkpoint is not the recipe's model (its digest differs)")
+    recorded_calibration = (recipe.get("resolved") or {}).get("calibration_digest")
+    calibration_matches = recorded_calibration == calibration_digest(settings.calib)
     with tempfile.TemporaryDirectory(prefix="impq-reproduce-") as scratch:
         target = Path(out) if out is not None else Path(scratch)
         quantize_model(model_dir, target, settings, verify_items=0)
@@ -173,5 +190,6 @@ def reproduce(recipe_path: Path, model: Path | None = None, calib: Path | None =
             files.append({"file": name, "recorded": recorded,
                           "rerun_matches": rerun.is_file() and sha256_file(rerun) == recorded,
                           "present_matches": sha256_file(present) == recorded if present.is_file() else None})
-    return {"recipe": str(recipe_path), "files": files,
-            "identical": all(f["rerun_matches"] and f["present_matches"] is not False for f in files)}
+    return {"recipe": str(recipe_path), "files": files, "calibration_matches": calibration_matches,
+            "identical": calibration_matches and all(f["rerun_matches"] and f["present_matches"] is not False
+                                                     for f in files)}

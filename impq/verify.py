@@ -14,7 +14,7 @@ from .measure.divergence import Divergence
 from .models.lmm import LMM
 from .models.preprocess import load_image
 from .models.reduction import VisionReduction
-from .runtime.gguf_pair import read_gguf_header, resolve_pair
+from .runtime.gguf_pair import read_gguf_header, require_text_arch, resolve_pair
 from .runtime.llamacpp import PairRunner
 
 DEFAULT_PROMPTS = ("What is in the image?", "What color is the largest shape? Answer in one word.")
@@ -64,19 +64,24 @@ class VerifyReport:
     tolerance: dict | None
     passed: bool | None
     cases: list[CaseResult] = field(default_factory=list)
+    backend: dict = field(default_factory=dict)  # where llama.cpp ran (device, offloaded layers, repacking)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
 def weight_type(path: Path) -> str:
-    file_type = int(read_gguf_header(path, ("general.file_type",)).fields["general.file_type"])
-    return gguf.LlamaFileType(file_type).name.replace("MOSTLY_", "").replace("ALL_", "")
+    """The file type the converter recorded ("unknown" where it recorded none: then no tolerance applies)."""
+    header = require_text_arch(read_gguf_header(path, ("general.file_type",)), "verifies")
+    if "general.file_type" not in header.fields:
+        return "unknown"
+    return gguf.LlamaFileType(int(header.fields["general.file_type"])).name.replace("MOSTLY_", "").replace("ALL_", "")
 
 
 def verify_pair(export_dir: str | Path | None, reference_dir: str | Path, images: list[Path] | None = None,
                 prompts: list[str] | None = None, max_new_tokens: int = 16, n_threads: int | None = None,
-                on_case=None, text: Path | None = None, mmproj: Path | None = None) -> VerifyReport:
+                on_case=None, text: Path | None = None, mmproj: Path | None = None, gpu_layers: int = 0,
+                template: str | None = None) -> VerifyReport:
     text_path, mmproj_path = resolve_pair(export_dir, text, mmproj)
     image_paths = images or default_images()
     loaded = [(p, load_image(p)) for p in image_paths]      # unreadable images fail before any model loads
@@ -86,7 +91,9 @@ def verify_pair(export_dir: str | Path | None, reference_dir: str | Path, images
     divergence = Divergence(tie_margin=TIE_MARGIN)
     cases: list[CaseResult] = []
     embedding_diff = 0.0
-    with PairRunner(text_path, mmproj_path, n_threads=n_threads) as runner:
+    # a pair written by another converter records no geometry: the reference's processor decides it
+    with PairRunner(text_path, mmproj_path, n_threads=n_threads, gpu_layers=gpu_layers, template=template,
+                    image_resize=reference.spec.vision.resize) as runner:
         # the reference runs the mmproj's vision reduction (its input size; ldpv2 is the pooled projector)
         reduction = VisionReduction(runner.image_size, reference.spec.vision.patch_size,
                                     runner.projector_type == "ldpv2")
@@ -102,6 +109,7 @@ def verify_pair(export_dir: str | Path | None, reference_dir: str | Path, images
                 cases.append(CaseResult(path.name, prompt, ref.tokens, run.tokens, all(agree), agree[0]))
                 if on_case:
                     on_case(cases[-1])
+        backend = runner.backend
     matched = sum(c.generation_match for c in cases)
     tolerance = TOLERANCES.get(wtype)
     passed = None
@@ -112,4 +120,4 @@ def verify_pair(export_dir: str | Path | None, reference_dir: str | Path, images
                   and divergence.mean_kld <= tolerance["mean_kld"])
     return VerifyReport(str(text_path), str(mmproj_path), str(reference_dir), wtype, divergence.top1_agreement,
                         divergence.max_abs_diff, embedding_diff, divergence.mean_kld, matched == len(cases),
-                        f"{matched}/{len(cases)}", divergence.near_ties, tolerance, passed, cases)
+                        f"{matched}/{len(cases)}", divergence.near_ties, tolerance, passed, cases, backend)

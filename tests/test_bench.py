@@ -55,3 +55,38 @@ def test_model_cost_counts_the_exported_weights(tmp_path):
     h, f, layers, vocab = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers, cfg.vocab_size
     assert cost.text_matmul_params == layers * (4 * h * h + 2 * h * f) + vocab * h   # blocks + output head
     assert cost.vision_tokens == 144 and cost.text_layers == layers
+
+
+def test_llama_cpp_device_resolution(monkeypatch):
+    """--device auto offloads everything where the build can, cpu nothing; --gpu-layers overrides; gpu on a build
+    without a GPU backend is a one-line error naming the option."""
+    import llama_cpp
+
+    from impq.errors import ImpqError
+    from impq.runtime.llamacpp import resolve_gpu_layers
+
+    monkeypatch.setattr(llama_cpp, "llama_supports_gpu_offload", lambda: False)
+    assert resolve_gpu_layers("auto") == 0 and resolve_gpu_layers("cpu") == 0
+    assert resolve_gpu_layers("cpu", 7) == 7
+    for device, layers, needle in (("gpu", None, "--device gpu"), ("tpu", None, "--device tpu"),
+                                   ("auto", -2, "--gpu-layers -2")):
+        with pytest.raises(ImpqError, match=needle):
+            resolve_gpu_layers(device, layers)
+    monkeypatch.setattr(llama_cpp, "llama_supports_gpu_offload", lambda: True)
+    assert resolve_gpu_layers("auto") == -1 and resolve_gpu_layers("gpu") == -1 and resolve_gpu_layers("cpu") == 0
+
+
+def test_bench_records_where_llama_cpp_ran(run_cli):
+    """On this CPU build every layer asked for still runs on the CPU, and the record says so."""
+    import llama_cpp
+
+    code, out, err = run_cli("bench", "--runs", "1", "--warmup", "0", "--decode-tokens", "2", "--gpu-layers", "-1",
+                             "--json")
+    assert code == 0, err
+    backend = json.loads(out)["backend"]
+    on_gpu = bool(llama_cpp.llama_supports_gpu_offload())
+    assert backend["device"] == ("gpu" if on_gpu else "cpu") and backend["gpu_layers"] == (-1 if on_gpu else 0)
+    assert backend["repack"] is True                      # the F16 export needs no probe
+    code, _, err = run_cli("bench", "--device", "gpu")
+    if not on_gpu:
+        assert code == 2 and err.startswith("impq: error: --device gpu") and len(err.strip().splitlines()) == 1

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import pickle
 import shutil
 import subprocess
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import gguf
 import llama_cpp
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -342,6 +344,142 @@ def test_rerun_replaces_a_stale_set(models_dir, tmp_path):
     second = quantize_model(models_dir / "imp-phi2", out, _settings(tmp_path), verify_items=0)
     assert sorted(p.name for p in out.iterdir()) == names
     assert all(p.read_bytes() != b"stale" for p in out.iterdir())
+    # the report names its files relative to its folder: no path of the machine it ran on
     assert json.loads(Path(out / names[-1]).read_text() if names[-1].endswith(".json") else
-                      next(out.glob("*.report.json")).read_text())["artifacts"] == second.artifacts
+                      next(out.glob("*.report.json")).read_text())["artifacts"] == {
+        key: Path(value).name for key, value in second.artifacts.items()}
     assert gguf.GGUFReader(second.artifacts["text_gguf"]).tensors
+
+
+# ---- 5. inputs a fresh install still met with a traceback (issue 26) ------------------------------------------
+
+def _bomb_png(path: Path, side: int = 30000) -> Path:
+    """A 1-bit PNG of side x side pixels (900 million at the default) in about 100 kB: written row by row with zlib,
+    so the test itself never holds the image."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    squeeze = zlib.compressobj(9)
+    row = bytes(1 + (side + 7) // 8)                            # filter byte, then the packed bits
+    body = b"".join(squeeze.compress(row) for _ in range(side)) + squeeze.flush()
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0))
+                     + chunk(b"IDAT", body) + chunk(b"IEND", b""))
+    return path
+
+
+@pytest.fixture(scope="module")
+def bomb(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("bomb")
+    image = _bomb_png(folder / "bomb.png")
+    assert image.stat().st_size < 1_000_000
+    (folder / "bomb.jsonl").write_text(json.dumps({"image": "bomb.png", "question": "What shape?", "answer": "x",
+                                                   "prompt": "What shape?"}) + "\n")
+    return image
+
+
+@pytest.fixture(scope="module")
+def imp_tiny_pair(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("imp-tiny-f16")
+    export_pair(read_spec(default_model_dir()), out, "f16")
+    return out
+
+
+def test_a_decompression_bomb_is_one_line_everywhere(run_cli, models_dir, bomb, imp_tiny_pair, tmp_path):
+    model, data = default_model_dir(), bomb.with_suffix(".jsonl")
+    commands = [
+        ("quantize", model, "--calib", data, "--method", "rtn", "--nsamples", "1", "--verify-items", "0",
+         "--out", tmp_path / "q"),                                            # calibration
+        ("eval", model, "--data", data),                                      # PyTorch
+        ("eval", imp_tiny_pair, "--data", data, "--results", tmp_path / "r.json"),   # llama.cpp
+        ("bench", imp_tiny_pair, "--image", bomb, "--runs", "1"),
+        ("verify", imp_tiny_pair, "--reference", model, "--image", bomb),
+    ]
+    for args in commands:
+        status, _, err = run_cli(*args)
+        line = _assert_one_line_error(status, err, bomb, "30000x30000", "--max-image-pixels")
+        assert "900000000 pixels" in line
+    assert _files(tmp_path) == []
+
+
+def test_the_image_limit_is_a_flag(run_cli, imp_tiny_pair, tmp_path):
+    image = default_images()[0]
+    status, _, err = run_cli("--max-image-pixels", "100", "bench", imp_tiny_pair, "--image", image, "--runs", "1")
+    _assert_one_line_error(status, err, image, "over the limit of 100")
+    status, _, err = run_cli("--max-image-pixels", "0", "bench", imp_tiny_pair)
+    _assert_one_line_error(status, err, "--max-image-pixels")
+
+
+def test_sixteen_bit_images_are_scaled_not_clipped(tmp_path):
+    from PIL import Image
+
+    from impq.models.preprocess import load_image
+
+    values = np.linspace(0, 255, 64 * 48).round().astype(np.uint8).reshape(48, 64)
+    Image.fromarray(values).save(tmp_path / "eight.png")
+    Image.fromarray(values.astype(np.uint16) * 257).save(tmp_path / "sixteen.png")
+    assert Image.open(tmp_path / "sixteen.png").mode.startswith("I")
+    wide, narrow = np.asarray(load_image(tmp_path / "sixteen.png")), np.asarray(load_image(tmp_path / "eight.png"))
+    assert wide.shape == (48, 64, 3) and np.array_equal(wide, narrow)    # PIL's own convert clips at 255
+
+
+@pytest.mark.parametrize("data", ["missing.txt", "a-folder"])
+def test_sensitivity_data_that_is_no_file(run_cli, models_dir, tmp_path, data):
+    (tmp_path / "a-folder").mkdir()
+    status, _, err = run_cli("sensitivity", models_dir / "imp-phi2", "--data", tmp_path / data, "--out",
+                             tmp_path / "out")
+    _assert_one_line_error(status, err, tmp_path / data)
+    assert not (tmp_path / "out").exists()
+
+
+def _mamba_gguf(path: Path) -> Path:
+    writer = gguf.GGUFWriter(path, "mamba")
+    writer.add_block_count(1)
+    writer.add_embedding_length(8)
+    writer.add_tensor("token_embd.weight", np.zeros((16, 8), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def test_a_text_architecture_impq_does_not_run_is_refused(run_cli, imp_tiny_pair, tmp_path):
+    mamba = _mamba_gguf(tmp_path / "mamba.gguf")
+    mmproj = next(imp_tiny_pair.glob("mmproj-*.gguf"))
+    status, _, err = run_cli("verify", "--text", mamba, "--mmproj", mmproj, "--reference", default_model_dir())
+    _assert_one_line_error(status, err, mamba, "architecture 'mamba'")
+    status, out, err = run_cli("estimate", "--text", mamba, "--mmproj", mmproj)
+    _assert_one_line_error(status, err, mamba, "architecture 'mamba'")
+    assert out == ""
+
+
+def test_no_output_file_holds_a_path_of_this_machine(run_cli, models_dir, imp_tiny_pair, tmp_path):
+    out = tmp_path / "q"
+    status, _, err = run_cli("quantize", models_dir / "imp-phi2", "--calib", _calib(tmp_path), "--method", "rtn",
+                             "--type", "q4_0", "--nsamples", "2", "--seqlen", "64", "--verify-items", "0",
+                             "--out", out)
+    assert status == 0, err
+    status, _, err = run_cli("eval", imp_tiny_pair, "--limit", "2", "--results", out / "eval.json")
+    assert status == 0, err
+    assert len(_files(out)) == 5
+    for path in _files(out):
+        data = path.read_bytes()
+        assert str(tmp_path).encode() not in data and str(Path.cwd()).encode() not in data, path.name
+    report = json.loads(next(out.glob("*.report.json")).read_text())
+    assert all((out / name).is_file() for name in report["artifacts"].values()) and (out / report["recipe"]).is_file()
+
+
+def test_a_killed_runs_staging_folder_is_removed_by_the_next_run(models_dir, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = out / f".impq-stage-{int(dead.stdout)}"             # that process has exited
+    stale.mkdir()
+    (stale / "half.gguf").write_bytes(b"partial")
+    alive = out / f".impq-stage-{os.getppid()}"                 # a running process's staging stays
+    alive.mkdir()
+    quantize_model(models_dir / "imp-phi2", out, _settings(tmp_path), verify_items=0)
+    assert not stale.exists() and alive.is_dir()

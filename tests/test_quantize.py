@@ -79,7 +79,8 @@ def test_gptq_lazy_chunks_compute_the_column_by_column_updates(name, act_order, 
     monkeypatch.setattr(gptq_module, "LAZY", 1)
     per_column = gptq(w, h, grid, **options)
     assert (chunked.codes == per_column.codes).float().mean() > 0.99
-    assert error(chunked) == pytest.approx(error(per_column), rel=1e-3)
+    # the orders' float sums differ by CPU: 0.102 % apart at Q4_K on an AVX-512 Xeon (AMX machine kind)
+    assert error(chunked) == pytest.approx(error(per_column), rel=2e-3)
     assert error(chunked) < 0.8 * error(type(chunked)(*rtn(w, h, grid)))
 
 

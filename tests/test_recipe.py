@@ -98,6 +98,12 @@ def test_reproduce_check_passes_then_fails_on_one_byte(run_cli, first_run):
     (lambda r: r.update(schema_version=2), "schema_version 2 is newer"),
     (lambda r: r["quantize"].update(colour="red"), "'colour'"),
     (lambda r: r["quantize"].update(tensor_types=["attn_zz=q8_0"]), "attn_zz"),
+    # a key at the wrong level, and values the command line would refuse: the same rules
+    (lambda r: r.update(tensor_types=["attn_v=q6_k"]), "'tensor_types' is unknown at the top level"),
+    (lambda r: r["quantize"].update(nsamples=0), "nsamples 0: at least 1"),
+    (lambda r: r["quantize"].update(nsamples="8"), "nsamples '8': expected int"),
+    (lambda r: r["quantize"].update(act_order="yes"), "act_order 'yes': expected bool"),
+    (lambda r: r["quantize"].update(tensor_types="attn_v=q6_k"), "tensor_types 'attn_v=q6_k': expected list"),
 ])
 def test_bad_recipes_are_one_line_errors(run_cli, monkeypatch, first_run, change, needle):
     tmp_path, _ = first_run
@@ -147,3 +153,33 @@ def test_shipped_family_recipes_plan_llama_cpps_q4_k_m_rule(models_dir, recipe, 
             assert entry.requested.name == "Q6_K" and entry.grid.name == "Q8_0"   # 64 wide: Q6_K's fallback
     others = [e for n, e in plan.items() if not any(t in n for t in tensors)]
     assert others and all(e.requested.name == "Q4_K" for e in others)
+
+
+def test_a_recipe_that_is_not_yaml_is_one_line(run_cli, monkeypatch, first_run):
+    tmp_path, _ = first_run
+    bad = tmp_path / "broken.recipe.yaml"
+    bad.write_text("schema_version: 1\nquantize:\n  method: gptq\n  type: [q4_0\n  nsamples: 8\n")
+    monkeypatch.chdir(tmp_path)
+    status, _, err = run_cli("quantize", tmp_path / "a" / "model", "--recipe", bad, "--calib",
+                             tmp_path / "a" / "calib.jsonl", "--out", tmp_path / "never")
+    lines = err.strip().splitlines()
+    assert status == 2 and len(lines) == 1 and lines[0].startswith(f"impq: error: {bad}: recipe is not valid YAML")
+    assert "line 5" in lines[0], err
+    assert not (tmp_path / "never").exists()
+
+
+def test_reproduce_check_compares_the_calibration_digest(run_cli, first_run):
+    tmp_path, _ = first_run
+    out = tmp_path / "a" / "out"
+    recipe_path = out / "model-Q4_0-gptq.recipe.yaml"
+    edited = tmp_path / "edited"
+    shutil.copytree(out, edited)
+    recipe = yaml.safe_load(recipe_path.read_text())
+    recipe["resolved"]["calibration_digest"] = "0" * 64
+    (edited / recipe_path.name).write_text(yaml.safe_dump(recipe, sort_keys=False))
+    status, stdout, err = run_cli("reproduce", edited, "--model", tmp_path / "a" / "model", "--calib",
+                                  tmp_path / "a" / "calib.jsonl", "--check", "--json")
+    assert status == 1
+    assert json.loads(stdout)["calibration_matches"] is False
+    lines = err.strip().splitlines()
+    assert lines == ["impq: reproduce: not the recipe's bytes: the calibration digest"], err

@@ -12,6 +12,8 @@ from ..errors import ImpqError
 
 def looks_like_jsonl(path: Path) -> bool:
     """A .jsonl file, or any file whose first non-empty line is a JSON object."""
+    if not path.is_file():
+        raise ImpqError(path, "is a folder, not a data file" if path.is_dir() else "data file not found")
     if path.suffix == ".jsonl":
         return True
     with open(path, encoding="utf-8", errors="replace") as handle:

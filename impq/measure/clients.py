@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -22,9 +23,14 @@ from pathlib import Path
 from typing import Iterator
 
 from ..errors import ImpqError
+from ..runtime.gguf_pair import read_gguf_header
+from ..runtime.llamacpp_probe import use_repacking
 from .vqa import VQAItem
 
 MAX_TOKENS = 6                  # as impq eval
+# `python -m llama_cpp.server`, after the model parameters follow IMPQ_LLAMACPP_REPACK
+SERVER_WITH_VERDICT = ("import runpy, sys; from impq.runtime.llamacpp_probe import use_repacking; use_repacking(); "
+                       "sys.argv[0] = 'llama_cpp.server'; runpy.run_module('llama_cpp.server', run_name='__main__')")
 
 
 def _data_url(image: Path) -> str:
@@ -43,6 +49,7 @@ def answers_llama_cpp_python(text_gguf: Path, mmproj_gguf: Path, items: list[VQA
     from llama_cpp import Llama
     from llama_cpp.llama_chat_format import MTMDChatHandler
 
+    use_repacking(read_gguf_header(text_gguf).quantized)
     handler = MTMDChatHandler(clip_model_path=str(mmproj_gguf), verbose=False)
     llm = Llama(str(text_gguf), chat_handler=handler, n_ctx=2048, n_threads=n_threads, verbose=False)
     try:
@@ -65,15 +72,18 @@ def openai_server(text_gguf: Path, mmproj_gguf: Path, llama_server: Path | None 
     """An OpenAI-compatible server for the pair on a free port of 127.0.0.1; yields its base URL and stops it.
     Without `llama_server` (llama.cpp's binary), llama-cpp-python's own `python -m llama_cpp.server` runs."""
     port = _free_port()
+    env = _library_env(llama_server)
     if llama_server is None:
-        command = [sys.executable, "-m", "llama_cpp.server", "--model", str(text_gguf), "--clip_model_path",
+        # the server process loads the model with the repacking verdict this process runs under
+        env = {**os.environ, "IMPQ_LLAMACPP_REPACK": "on" if use_repacking(read_gguf_header(text_gguf).quantized)
+               else "off"}
+        command = [sys.executable, "-c", SERVER_WITH_VERDICT, "--model", str(text_gguf), "--clip_model_path",
                    str(mmproj_gguf), "--chat_format", "mtmd", "--host", "127.0.0.1", "--port", str(port),
                    "--n_ctx", "2048", "--n_threads", str(n_threads), "--verbose", "False"]
     else:
         command = [str(llama_server), "-m", str(text_gguf), "--mmproj", str(mmproj_gguf), "--host", "127.0.0.1",
                    "--port", str(port), "-c", "2048", "-t", str(n_threads), "--no-warmup"]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                               env=_library_env(llama_server))
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + startup_s
@@ -103,7 +113,6 @@ def _library_env(binary: Path | None) -> dict | None:
     """llama.cpp's tools find their shared libraries beside them."""
     if binary is None:
         return None
-    import os
     return {**os.environ, "LD_LIBRARY_PATH": f"{Path(binary).parent}:{os.environ.get('LD_LIBRARY_PATH', '')}"}
 
 

@@ -19,6 +19,8 @@ from pathlib import Path
 import gguf
 import numpy as np
 
+from ..runtime.gguf_pair import read_gguf_header, require_text_arch
+
 
 @dataclass(frozen=True)
 class Cluster:
@@ -105,8 +107,8 @@ class ModelCost:
 
     @classmethod
     def from_gguf_pair(cls, text_path: Path, mmproj_path: Path) -> "ModelCost":
+        arch = require_text_arch(read_gguf_header(text_path), "estimates").arch
         text = gguf.GGUFReader(text_path)
-        arch = text.fields["general.architecture"].contents()
         layers = int(text.fields[f"{arch}.block_count"].contents())
         hidden = int(text.fields[f"{arch}.embedding_length"].contents())
         bytes_per_token, params = 0.0, 0.0

@@ -86,16 +86,22 @@ class TorchAnswerer:
 class GGUFAnswerer:
     """An emitted GGUF pair in llama.cpp."""
 
-    def __init__(self, text_path: str | Path, mmproj_path: str | Path, n_threads: int | None = None):
+    def __init__(self, text_path: str | Path, mmproj_path: str | Path, n_threads: int | None = None,
+                 gpu_layers: int = 0, template: str | None = None):
         from ..runtime.llamacpp import PairRunner
 
-        self.runner = PairRunner(text_path, mmproj_path, n_threads=n_threads)
+        self.runner = PairRunner(text_path, mmproj_path, n_threads=n_threads, gpu_layers=gpu_layers,
+                                 template=template)
 
     def __enter__(self) -> "GGUFAnswerer":
         return self
 
     def __exit__(self, *exc) -> None:
         self.runner.close()
+
+    @property
+    def backend(self) -> dict:
+        return self.runner.backend
 
     def answer(self, image, question, max_new_tokens):
         run = self.runner.run(image, question, max_new_tokens)
@@ -105,7 +111,8 @@ class GGUFAnswerer:
 
 
 def load_answerer(path: str | Path | None, image_size: int | None = None, n_threads: int | None = None,
-                  text: Path | None = None, mmproj: Path | None = None, token_reduction: str = "none") -> Answerer:
+                  text: Path | None = None, mmproj: Path | None = None, token_reduction: str = "none",
+                  gpu_layers: int = 0, template: str | None = None) -> Answerer:
     """A checkpoint folder (config.json) runs in PyTorch; a GGUF pair (a folder holding one, or --text/--mmproj)
     runs in llama.cpp."""
     files_named = text is not None or mmproj is not None
@@ -117,7 +124,8 @@ def load_answerer(path: str | Path | None, image_size: int | None = None, n_thre
         raise ImpqError(path or text or mmproj, "--image-size and --token-reduction apply to checkpoints; a GGUF "
                                                 "pair's reduction is in its mmproj")
     from ..runtime.gguf_pair import resolve_pair
-    return GGUFAnswerer(*resolve_pair(path, text, mmproj), n_threads=n_threads)
+    return GGUFAnswerer(*resolve_pair(path, text, mmproj), n_threads=n_threads, gpu_layers=gpu_layers,
+                        template=template)
 
 
 @dataclass
@@ -129,6 +137,7 @@ class EvalReport:
     per_type: dict
     mean_kld: float | None = None
     top1_agreement: float | None = None
+    backend: dict | None = None                   # where llama.cpp ran (device, offloaded layers, repacking)
     items: list[dict] = field(default_factory=list)
 
     def to_dict(self) -> dict:
@@ -148,7 +157,8 @@ def evaluate(answerer: Answerer, items: list[VQAItem], *, model: str, dataset: s
         if divergence is not None:
             _, ref_logits = reference.answer(image, item.question, 1)
             divergence.add(ref_logits, logits)
-        records.append({"image": str(item.image), "question": item.question, "answer": item.answer,
+        # the image by file name and JSONL line: no path of this machine in a results file
+        records.append({"image": item.image.name, "line": item.line, "question": item.question, "answer": item.answer,
                         "prediction": normalize_answer(text), "correct": correct, "type": item.type})
         if on_item:
             on_item(records[-1])
@@ -156,4 +166,5 @@ def evaluate(answerer: Answerer, items: list[VQAItem], *, model: str, dataset: s
     return EvalReport(
         model, dataset, len(records), n_correct / len(records),
         {t: {"n": len(v), "accuracy": sum(v) / len(v)} for t, v in sorted(per_type.items())},
-        divergence.mean_kld if divergence else None, divergence.top1_agreement if divergence else None, records)
+        divergence.mean_kld if divergence else None, divergence.top1_agreement if divergence else None,
+        getattr(answerer, "backend", None), records)

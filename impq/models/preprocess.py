@@ -11,10 +11,32 @@ from PIL import Image, UnidentifiedImageError
 
 from ..errors import ImpqError
 
+# the most pixels an image may have (PIL's own default limit): a decompression bomb is refused before it is decoded.
+# `impq --max-image-pixels N` sets it; PIL's check is off so that it is the one limit (PIL raises past twice it).
+DEFAULT_MAX_IMAGE_PIXELS = 1024 * 1024 * 1024 // 4 // 3       # 89,478,485, as PIL computes its own
+MAX_IMAGE_PIXELS = DEFAULT_MAX_IMAGE_PIXELS
+Image.MAX_IMAGE_PIXELS = None
+WIDE_INTEGER_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")    # 16-bit PNGs open as these
+
+
+def set_max_image_pixels(limit: int) -> None:
+    global MAX_IMAGE_PIXELS
+    if limit < 1:
+        raise ImpqError(None, f"--max-image-pixels {limit}: a positive number of pixels")
+    MAX_IMAGE_PIXELS = limit
+
 
 def load_image(path: str | Path) -> Image.Image:
+    """RGB at 8 bits a channel; 16-bit images scaled down to 8 bits (PIL's convert would clip them at 255)."""
     try:
         with Image.open(path) as image:
+            pixels = image.width * image.height
+            if pixels > MAX_IMAGE_PIXELS:
+                raise ImpqError(path, f"image of {image.width}x{image.height} = {pixels} pixels is over the limit of "
+                                      f"{MAX_IMAGE_PIXELS} (raise it with impq --max-image-pixels N)")
+            if image.mode in WIDE_INTEGER_MODES:
+                wide = np.asarray(image, dtype=np.float64)
+                return Image.fromarray(np.clip(np.rint(wide / 257.0), 0, 255).astype(np.uint8)).convert("RGB")
             return image.convert("RGB")
     except (OSError, UnidentifiedImageError, ValueError) as err:
         raise ImpqError(path, f"unreadable image ({err.__class__.__name__}: {err})") from None

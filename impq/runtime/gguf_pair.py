@@ -16,6 +16,9 @@ import gguf
 from ..errors import ImpqError
 
 MMPROJ_ARCH = "clip"
+# the text architectures impq exports and runs (export/gguf_text.ARCHS; a test keeps the two equal)
+TEXT_ARCHS = ("phi2", "qwen2", "phi3", "llama")
+FLOAT_TYPES = (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.BF16)
 
 
 @dataclass(frozen=True)
@@ -23,6 +26,7 @@ class GGUFHeader:
     path: Path
     arch: str
     fields: dict                 # key -> value, for the few keys impq reads
+    quantized: bool = False      # some tensor is stored in a block-quantized type (not F32/F16/BF16)
 
     @property
     def is_mmproj(self) -> bool:
@@ -47,7 +51,16 @@ def read_gguf_header(path: Path, keys: tuple[str, ...] = ()) -> GGUFHeader:
     if arch_field is None:
         raise ImpqError(path, "GGUF file has no general.architecture")
     fields = {key: reader.fields[key].contents() for key in keys if key in reader.fields}
-    return GGUFHeader(path, str(arch_field.contents()), fields)
+    quantized = any(t.tensor_type not in FLOAT_TYPES for t in reader.tensors)
+    return GGUFHeader(path, str(arch_field.contents()), fields, quantized)
+
+
+def require_text_arch(header: GGUFHeader, what: str) -> GGUFHeader:
+    """impq's PyTorch reference and phone cost model cover the decoder architectures it exports, no others."""
+    if header.arch not in TEXT_ARCHS:
+        raise ImpqError(header.path, f"architecture {header.arch!r}: impq {what} only {', '.join(TEXT_ARCHS)} text "
+                                     f"models")
+    return header
 
 
 def _check_role(header: GGUFHeader, want_mmproj: bool) -> Path:

@@ -19,6 +19,7 @@ from PIL import Image
 from ..errors import ImpqError
 from ..models.preprocess import to_model_square
 from .gguf_pair import read_gguf_header
+from .llamacpp_probe import use_repacking
 
 llama_logger.set_verbose(False)
 mtmd_cpp.mtmd_log_set(llama_logger.llama_log_callback, ctypes.c_void_p(0))
@@ -49,32 +50,79 @@ class RunResult:
     decode_s: float = 0.0
 
 
+DEVICES = ("auto", "cpu", "gpu")
+
+
+def resolve_gpu_layers(device: str = "auto", gpu_layers: int | None = None) -> int:
+    """How many text-model layers llama.cpp offloads (the mmproj goes with them when any do): --gpu-layers N as
+    given (-1: all); --device cpu: none; gpu: all, where this llama.cpp build can offload; auto: all where it can
+    (a CUDA, Metal or Vulkan build of llama-cpp-python), else none."""
+    if device not in DEVICES:
+        raise ImpqError(None, f"--device {device}: choose one of {', '.join(DEVICES)}")
+    if gpu_layers is not None:
+        if gpu_layers < -1:
+            raise ImpqError(None, f"--gpu-layers {gpu_layers}: a layer count, or -1 for all")
+        return gpu_layers
+    offload = bool(llama_cpp.llama_supports_gpu_offload())
+    if device == "gpu" and not offload:
+        raise ImpqError(None, "--device gpu: this llama-cpp-python build cannot offload to a GPU (see the README "
+                              "for a CUDA or Metal build)")
+    return -1 if device != "cpu" and offload else 0
+
+
+def prompt_templates() -> dict[str, str]:
+    # imported here: the models package brings torch, which the timed runtime process must not load
+    from ..models.layouts import PROMPT_TEMPLATES
+    return PROMPT_TEMPLATES
+
+
+def render_chat_prompt(chat_template: str, question: str, image: bool, bos: str, eos: str, add_bos: bool) -> str:
+    """One user turn through the GGUF's own chat template, as llama-mtmd-cli renders it (--jinja): the media marker
+    before the question, the generation prompt after. A leading BOS the template writes is dropped where llama.cpp
+    adds one itself, as llama.cpp's chat code does."""
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+    content = (mtmd_cpp.mtmd_default_marker().decode() if image else "") + question
+    try:
+        prompt = Jinja2ChatFormatter(chat_template, eos_token=eos, bos_token=bos)(
+            messages=[{"role": "user", "content": content}]).prompt
+    except Exception as err:  # jinja2's TemplateError and whatever the template raises
+        raise ImpqError(None, f"the GGUF's chat template does not render ({type(err).__name__}: {err}); "
+                              f"choose impq's with --template") from None
+    return prompt[len(bos):] if add_bos and bos and prompt.startswith(bos) else prompt
+
+
 class PairRunner:
     def __init__(self, text_path: str | Path, mmproj_path: str | Path, *, n_ctx: int = 0,
-                 n_threads: int | None = None, use_gpu: bool = False, flash_attn: str = "off"):
+                 n_threads: int | None = None, gpu_layers: int = 0, flash_attn: str = "off",
+                 template: str | None = None, image_resize: str = "squash"):
+        """`image_resize`: the image geometry where the mmproj records none (impq's record impq.image_resize):
+        squash (Imp) or shortest_crop (CLIP processors)."""
         self.text_path, self.mmproj_path = Path(text_path), Path(mmproj_path)
-        read_gguf_header(self.text_path)          # damaged files fail here with one line, not inside llama.cpp
+        # damaged files fail here with one line, not inside llama.cpp
+        quantized = read_gguf_header(self.text_path).quantized
         mmproj_meta = read_gguf_header(self.mmproj_path, ("clip.vision.image_size", "impq.image_resize",
                                                           "clip.projector_type")).fields
         if "clip.vision.image_size" not in mmproj_meta:
             raise ImpqError(self.mmproj_path, "not an mmproj: no clip.vision.image_size")
+        if template is not None and template not in prompt_templates():
+            raise ImpqError(None, f"--template {template}: choose one of {', '.join(prompt_templates())}")
         self.image_size = int(mmproj_meta["clip.vision.image_size"])
-        self.image_resize = mmproj_meta.get("impq.image_resize", "squash")
+        self.image_resize = mmproj_meta.get("impq.image_resize", image_resize)
         self.projector_type = mmproj_meta.get("clip.projector_type", "mlp")
+        use_gpu = gpu_layers != 0
         self.flash_attn = resolve_flash_attn(flash_attn, use_gpu)
+        self.repack = use_repacking(quantized)
+        self.gpu_layers = gpu_layers
         threads = self.n_threads = n_threads or os.cpu_count() or 1
         try:
             self.llama = llama_cpp.Llama(str(self.text_path), n_ctx=n_ctx, n_batch=2048, n_ubatch=512,
-                                         n_threads=threads, n_threads_batch=threads,
-                                         n_gpu_layers=-1 if use_gpu else 0, flash_attn=self.flash_attn == "on",
-                                         verbose=False)
+                                         n_threads=threads, n_threads_batch=threads, n_gpu_layers=gpu_layers,
+                                         flash_attn=self.flash_attn == "on", verbose=False)
         except ValueError as err:
             raise ImpqError(self.text_path, f"llama.cpp cannot load this model ({err})") from None
-        meta = self.llama.metadata
-        self.prompt_template = meta.get("impq.prompt_template")
-        self.image_token = meta.get("impq.image_token", "<image>")
-        if not self.prompt_template:
-            raise ImpqError(self.text_path, "GGUF has no impq.prompt_template (not written by impq export)")
+        self.marker = mtmd_cpp.mtmd_default_marker().decode()
+        self._prompt = self._prompt_renderer(template)
         params = mtmd_cpp.mtmd_context_params_default()
         params.use_gpu = use_gpu
         params.print_timings = False
@@ -85,9 +133,39 @@ class PairRunner:
         self.mtmd = mtmd_cpp.mtmd_init_from_file(str(self.mmproj_path).encode(), self.llama.model, params)
         if not self.mtmd:
             raise ImpqError(self.mmproj_path, "llama.cpp's mtmd cannot load this mmproj")
-        self.marker = mtmd_cpp.mtmd_default_marker().decode()
         self.eos_id = self.llama.token_eos()
         self.n_vocab = self.llama.n_vocab()
+
+    @property
+    def backend(self) -> dict:
+        """Where llama.cpp ran: recorded beside every figure it produced."""
+        # layers asked for on a build without a GPU backend still run on the CPU
+        on_gpu = self.gpu_layers != 0 and bool(llama_cpp.llama_supports_gpu_offload())
+        return {"device": "gpu" if on_gpu else "cpu", "gpu_layers": self.gpu_layers if on_gpu else 0,
+                "repack": self.repack, "llama_cpp_python": llama_cpp.__version__}
+
+    def _prompt_renderer(self, template: str | None):
+        """question, image? -> the prompt text with the media marker: --template NAME (impq's family templates),
+        else impq's own template recorded in the GGUF, else the GGUF's chat template (any converter's)."""
+        meta = self.llama.metadata
+        own = prompt_templates()[template] if template else meta.get("impq.prompt_template")
+        if own:
+            image_token = "<image>" if template else meta.get("impq.image_token", "<image>")
+            return lambda question, image: own.replace("{question}", question).replace(
+                image_token, self.marker if image else "")
+        chat_template = meta.get("tokenizer.chat_template")
+        if not chat_template:
+            raise ImpqError(self.text_path, f"GGUF has no chat template (tokenizer.chat_template); name the model's "
+                                            f"prompt format with --template ({', '.join(prompt_templates())})")
+        special = {}
+        for role in ("bos", "eos"):
+            token = meta.get(f"tokenizer.ggml.{role}_token_id")
+            special[role] = "" if token is None else self.llama.detokenize([int(token)], special=True).decode(
+                "utf-8", errors="replace")
+        add_bos = meta.get("tokenizer.ggml.add_bos_token", "false") == "true"
+        render_chat_prompt(chat_template, "", True, special["bos"], special["eos"], add_bos)   # fails here, once
+        return lambda question, image: render_chat_prompt(chat_template, question, image, special["bos"],
+                                                          special["eos"], add_bos)
 
     def close(self) -> None:
         if getattr(self, "mtmd", None):
@@ -114,8 +192,7 @@ class PairRunner:
         return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()
 
     def prefill(self, image: Image.Image | None, question: str, result: RunResult) -> None:
-        prompt = self.prompt_template.replace("{question}", question)
-        prompt = prompt.replace(self.image_token, self.marker if image is not None else "")
+        prompt = self._prompt(question, image is not None)
         bitmaps = [self._bitmap(image)] if image is not None else []
         text = mtmd_cpp.mtmd_input_text()
         raw = prompt.encode("utf-8")

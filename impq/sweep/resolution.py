@@ -54,6 +54,7 @@ class SweepSettings:
     runs: int = 3                                 # timed bench runs per point
     decode_tokens: int = 16
     threads: int | None = None
+    gpu_layers: int = 0                           # llama.cpp's offloaded layers (-1: all), resolved from --device
     flash_attn: list[str] = field(default_factory=lambda: ["off"])   # a timing dimension: on, off, auto
     device_profile: str = "snapdragon-8-gen-3"
     budget_ttft_ms: float | None = None           # on the phone estimate of device_profile
@@ -191,7 +192,7 @@ def run_sweep(model_dir: str | Path, out_dir: str | Path, settings: SweepSetting
         if reference is None:
             reference = _MemoAnswerer(TorchAnswerer(model_dir))
         if point.runtime == "llama.cpp":
-            with GGUFAnswerer(text, mmproj, n_threads=settings.threads) as answerer:
+            with GGUFAnswerer(text, mmproj, n_threads=settings.threads, gpu_layers=settings.gpu_layers) as answerer:
                 report = evaluate(answerer, items, model=point.label, dataset=str(data), reference=reference)
         else:
             answerer = TorchAnswerer(_lmm_with_gguf_weights(spec, text), point.reduction.image_size, "pool2")
@@ -209,7 +210,8 @@ def run_sweep(model_dir: str | Path, out_dir: str | Path, settings: SweepSetting
         if on_point:
             on_point(index, len(points), point.label)
         key = _digest(model_digest, data_digest, calib_digest, point.type, point.reduction.label, settings.method,
-                      settings.nsamples, settings.runs, settings.decode_tokens, settings.threads, point.flash_attn,
+                      settings.nsamples, settings.runs, settings.decode_tokens, settings.threads, settings.gpu_layers,
+                      point.flash_attn,
                       settings.device_profile, asdict(PHONE_FIT.efficiency), PHONE_FIT.band, len(items), __version__)
         cached = out / "points" / f"{key}.json"
         if cached.is_file():
@@ -225,12 +227,13 @@ def run_sweep(model_dir: str | Path, out_dir: str | Path, settings: SweepSetting
         if point.runtime == "llama.cpp":
             figures = bench_pair(text, mmproj, image, runs=settings.runs, warmup=1,
                                  decode_tokens=settings.decode_tokens, n_threads=settings.threads,
-                                 flash_attn=point.flash_attn)
+                                 flash_attn=point.flash_attn, gpu_layers=settings.gpu_layers)
+            row.update(llama_device=figures["backend"]["device"], repack=figures["backend"]["repack"])
             row.update({name: figures[name]["median"] for name in
                         ("image_encode_s", "ttft_s", "prompt_tokens_per_s", "decode_tokens_per_s")})
             row["peak_rss_mb"] = figures["peak_rss_mb"]
         else:
-            row.update(image_encode_s=None, ttft_s=None, prompt_tokens_per_s=None, decode_tokens_per_s=None,
+            row.update(llama_device=None, repack=None, image_encode_s=None, ttft_s=None, prompt_tokens_per_s=None, decode_tokens_per_s=None,
                        peak_rss_mb=None)
         cost = ModelCost.from_gguf_pair(text, mmproj)
         if point.reduction.pool:
@@ -303,7 +306,7 @@ COLUMNS = ("type", "image_size", "token_reduction", "image_tokens", "runtime", "
            "top1_agreement", "eval_items", "image_encode_s", "ttft_s", "prompt_tokens_per_s", "decode_tokens_per_s",
            "peak_rss_mb", "text_gguf_mb", "mmproj_gguf_mb", "total_mb", "phone_image_encode_s", "phone_ttft_s",
            "phone_ttft_s_low", "phone_ttft_s_high", "phone_prompt_tokens_per_s", "phone_decode_tokens_per_s",
-           "flash_attn", "original", "key")
+           "flash_attn", "llama_device", "repack", "original", "key")
 
 
 def _write_outputs(out: Path, spec: ModelSpec, rows: list[dict], recommended: dict | None, settings: SweepSettings,
@@ -315,7 +318,9 @@ def _write_outputs(out: Path, spec: ModelSpec, rows: list[dict], recommended: di
             writer = csv.DictWriter(handle, fieldnames=COLUMNS, extrasaction="ignore")
             writer.writeheader()
             writer.writerows(rows)
-    record = {"model": spec.name, "impq": __version__, "settings": asdict(settings),
+    # the calibration file by name: no path of this machine in the outputs
+    record = {"model": spec.name, "impq": __version__,
+              "settings": {**asdict(settings), "calib": settings.calib and Path(settings.calib).name},
               "device_profile": DEVICES[settings.device_profile].name, "points": rows,
               "recommended": recommended and {k: recommended[k] for k in COLUMNS}}
     with atomic_output(out / "sweep.json") as tmp:
