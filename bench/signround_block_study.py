@@ -73,10 +73,11 @@ def main() -> None:
     rows: list[dict] = []
 
     def study(layer, inputs, targets, start, grids, **options):
-        (gptq,) = options["rivals"]
+        gptq = options["rivals"]["gptq"]
         if len(rows) < first:
             rows.append({})
-            return signround.score_rounding(layer, inputs, targets, gptq, grids)
+            outputs = signround.score_rounding(layer, inputs, targets, gptq, grids).outputs
+            return signround.BlockChoice(gptq, outputs, "gptq", {}, 0)
         index = len(rows)
         plain = {n: (grids[n].codes(w, p), p) for n, (w, p) in start.items()}
         with torch.no_grad():
@@ -89,7 +90,9 @@ def main() -> None:
         for label, variant in VARIANTS.items():
             begin = time.perf_counter()
             scored = learn(layer, inputs, targets, start, grids, **options, **variant)
-            row[label] = (scored.error, round(time.perf_counter() - begin))
+            seconds = round(time.perf_counter() - begin)
+            with torch.no_grad():            # every variant's kept rounding, scored on all calibration inputs
+                row[label] = (signround.score_rounding(layer, inputs, targets, scored.rounding, grids).error, seconds)
             kept = kept or scored
         rows.append(row)
         print(len(rows) - 1, json.dumps(row), flush=True)

@@ -225,6 +225,8 @@ class QuantizeReport:
     device: str = "cpu"
     verification: dict = field(default_factory=dict)
     stages: dict = field(default_factory=dict)    # stage -> wall seconds and peak RSS within it
+    # --method signround: per decoder layer, the rounding kept (learned or gptq) on held-out calibration sequences
+    learned_rounding: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -394,7 +396,8 @@ def quantize_model(model_dir: str | Path, out_dir: str | Path, settings: Quantiz
             plan_types, allocation,
             {name: entry.fallback for name, entry in plan.items() if entry.fallback}, bits_quantized,
             8 * llm_bytes / llm_weights, len(embeddings), sum(e.shape[1] for e in embeddings), result.seconds, 0.0,
-            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, str(device))
+            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, str(device),
+            learned_rounding=result.blocks)
         del result                                   # the codes are in the artifacts now
         if verify_items:
             stages.begin("verify")

@@ -13,12 +13,13 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ..errors import ImpqError
 from ..memory import trim
 from ..models.lmm import LMM
 from .awq import apply_scales, sampled_rows, search_clip, search_scales, usable_groups
 from .error import output_error
 from .grids import BlockParams, LegacyGrid
-from .gptq import gptq
+from .gptq import NotPositiveDefinite, gptq
 from .plan import Plan
 from .rtn import rtn
 from .signround import signround_block
@@ -67,6 +68,8 @@ class QuantizedTensor:
 class QuantizeResult:
     tensors: dict[str, QuantizedTensor] = field(default_factory=dict)     # canonical name -> result
     seconds: float = 0.0
+    # learned rounding: decoder layer -> which rounding it kept and each candidate's held-out output error
+    blocks: dict[int, dict] = field(default_factory=dict)
 
 
 class _InputsCaptured(Exception):
@@ -93,6 +96,13 @@ def gram(x: torch.Tensor) -> torch.Tensor:
                 if j > i:
                     out[bounds[j]:bounds[j + 1], bounds[i]:bounds[i + 1]] = block.T
         return out
+
+
+def _gptq(tensor: str, weight: torch.Tensor, hessian: torch.Tensor, grid, options: dict):
+    try:
+        return gptq(weight, hessian, grid, **options)
+    except NotPositiveDefinite as err:
+        raise ImpqError(None, f"{tensor}: GPTQ failed: {err} (stage: quantize)") from None
 
 
 @torch.no_grad()
@@ -135,6 +145,9 @@ def quantize_llm(lmm: LMM, embeddings: list[torch.Tensor], plan: Plan, method: s
         if lmm.streams_decoder:
             lmm.load_block(index)
         layer.to(device)
+        if not all(torch.isfinite(hidden).all() for hidden, _ in inputs):
+            raise ImpqError(None, f"llm.model.layers.{index}: its calibration inputs are not finite (stage: "
+                                  f"quantize, after {'the embeddings' if index == 0 else f'layer {index - 1}'})")
         linears = {name: m for name, m in layer.named_modules() if isinstance(m, nn.Linear)}
         grids = {name: plan[f"llm.model.layers.{index}.{name}.weight"].grid for name in linears}
         hessians = {name: torch.zeros(m.in_features, m.in_features, dtype=torch.float64, device=device)
@@ -196,8 +209,8 @@ def quantize_llm(lmm: LMM, embeddings: list[torch.Tensor], plan: Plan, method: s
         del hessians
         outputs = None      # the next block's inputs, where learned rounding's final scoring has computed them
         if method in ("gptq", "signround"):
-            fits = {name: gptq(m.weight.float(), hessian[name], grids[name], **(gptq_options or {}))
-                    for name, m in quantizable.items()}
+            fits = {name: _gptq(f"llm.model.layers.{index}.{name}.weight", m.weight.float(), hessian[name],
+                                grids[name], gptq_options or {}) for name, m in quantizable.items()}
             rounded = {name: (fit.codes, fit.params) for name, fit in fits.items()}
             if method == "signround":
                 # AutoRound's start, the original weights with their plain fit: on SmolLM2 at Q4_0 it reached a
@@ -208,9 +221,11 @@ def quantize_llm(lmm: LMM, embeddings: list[torch.Tensor], plan: Plan, method: s
                 # training sets its own precision; the final scoring (whose outputs are the next block's inputs)
                 # is a forward pass like the others, under the run's compute dtype
                 with torch.enable_grad(), autocast():
-                    learned = signround_block(layer, inputs, targets, start_from, grids, rivals=(rounded,),
+                    learned = signround_block(layer, inputs, targets, start_from, grids, rivals={"gptq": rounded},
                                               **(signround_options or {}))
                 rounded, outputs = learned.rounding, learned.outputs
+                result.blocks[index] = {"kept": learned.kept, "held_out_sequences": learned.held_out,
+                                        "held_out_error": learned.held_out_errors}
                 del start_from, learned
             del fits
         elif method == "awq":
@@ -221,6 +236,9 @@ def quantize_llm(lmm: LMM, embeddings: list[torch.Tensor], plan: Plan, method: s
         for name, (codes, params) in rounded.items():
             module, H, grid = quantizable[name], hessian[name], grids[name]
             Q = grid.values(codes, params)
+            if not torch.isfinite(Q).all():          # what the file would hold, dequantized: never written broken
+                raise ImpqError(None, f"llm.model.layers.{index}.{name}.weight: the {method} fit onto {grid.name} "
+                                      f"gave non-finite weights (stage: quantize)")
             # on sampled rows: each row's error is its own sum, and on every row the two traces cost 2 x rows x
             # cols^2 (1 TFLOP per Phi-2 block, as much as its forward passes)
             W = sampled_rows(module.weight.float(), ERROR_ROWS)

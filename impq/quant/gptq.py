@@ -22,6 +22,26 @@ class GPTQFit(NamedTuple):
     params: BlockParams
 
 
+class NotPositiveDefinite(ValueError):
+    """The damped Hessian has no Cholesky factor even at the strongest damping tried."""
+
+
+def inverse_factor(H: torch.Tensor, damp: float, retries: int = 4) -> torch.Tensor:
+    """The upper Cholesky factor of (H + damping)^-1, the damping a fraction `damp` of H's mean diagonal. Where a
+    factorization fails (a Hessian of a few massive channels can be indefinite to float32 precision), it is tried
+    again with ten times the damping, up to `retries` times, as AutoGPTQ and llm-compressor do."""
+    if not torch.isfinite(H).all():
+        raise NotPositiveDefinite("the Hessian is not finite (its calibration inputs are not)")
+    eye = damp * torch.mean(torch.diagonal(H)) * torch.eye(H.shape[0], device=H.device)
+    for attempt in range(retries + 1):
+        factor, info = torch.linalg.cholesky_ex(H + eye * 10 ** attempt)
+        if int(info) == 0:
+            inverse, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(factor), upper=True)
+            if int(info) == 0:
+                return inverse
+    raise NotPositiveDefinite(f"the Hessian is not positive definite even at damping {damp * 10 ** retries:g}")
+
+
 def gptq(weight: torch.Tensor, hessian: torch.Tensor, grid: LegacyGrid, *, block_size: int = 128,
          damp: float = 0.01, act_order: bool = False, static_groups: bool = False) -> GPTQFit:
     rows, cols = weight.shape
@@ -38,8 +58,7 @@ def gptq(weight: torch.Tensor, hessian: torch.Tensor, grid: LegacyGrid, *, block
         fitted = {b: whole.columns(b * g, (b + 1) * g, cols) for b in range(cols // g)}
     perm = torch.argsort(torch.diagonal(H), descending=True) if act_order else torch.arange(cols, device=W.device)
     W, H = W[:, perm], H[perm][:, perm]
-    H += damp * torch.mean(torch.diagonal(H)) * torch.eye(cols, device=H.device)
-    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    Hinv = inverse_factor(H, damp)
     codes = torch.zeros(rows, cols, dtype=torch.int32, device=W.device)
     block_size = max(g, block_size // g * g)
     # Within a block, each column's error reaches the block's later columns in chunks of `lazy` columns: a

@@ -18,6 +18,8 @@ group) are the grid of GPTQ, AWQ and compressed-tensors safetensors; their packi
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass, field
 
 import gguf
@@ -250,7 +252,11 @@ class KQuantGrid(LegacyGrid):
 
     def _least_squares_asymmetric(self, w: torch.Tensor, importance: torch.Tensor | None) -> BlockParams:
         """Per sub-block (scale, min <= 0): for each of 21 candidate inverse scales, round, then solve the weighted
-        least-squares scale and minimum for those codes; keep the best (the search of ggml's make_qkx2_quants)."""
+        least-squares scale and minimum for those codes; keep the best (the search of ggml's make_qkx2_quants).
+        As there, the min/max fit is the start every solve must beat, and a solve whose system is singular is no
+        candidate (ggml's `D > 0`): where one column's importance is 1e7 times its neighbours' (SmolLM2's
+        down_proj on reference-manual text), the weighted system is singular to float32 precision, and its
+        solution was a 1e37 scale, finite, scored by the expanded sums as the best, and inf once stored as fp16."""
         x = self._blocks(w.float())
         if importance is None:   # ggml's default weighting: typical magnitude plus the value's own
             weights = x.pow(2).mean(-1, keepdim=True).sqrt() + x.abs()
@@ -269,7 +275,10 @@ class KQuantGrid(LegacyGrid):
             weighted = weights * codes
             sl, sl2 = weighted.sum(-1, keepdim=True), (weighted * codes).sum(-1, keepdim=True)
             sxl = (weighted * x).sum(-1, keepdim=True)
-            det = (sw * sl2 - sl * sl).clamp_min(1e-30)
+            det = sw * sl2 - sl * sl
+            # sw * sl2 >= sl^2 (Cauchy-Schwarz): relative to its terms, a determinant at rounding level is singular
+            solvable = det > 1e-5 * sw * sl2
+            det = torch.where(solvable, det, torch.ones_like(det))
             scale = (sw * sxl - sx * sl) / det
             minimum = (sl2 * sx - sl * sxl) / det
             positive = minimum > 0
@@ -279,8 +288,12 @@ class KQuantGrid(LegacyGrid):
             # search is most of a Q4_K / Q5_K / Q2_K GPTQ run at Phi-2's size)
             error = (scale * scale * sl2 + 2 * scale * minimum * sl - 2 * scale * sxl + minimum * minimum * sw
                      - 2 * minimum * sx + sxx)
-            errors.append(error.squeeze(-1))
+            errors.append(torch.where(solvable, error, torch.full_like(error, math.inf)).squeeze(-1))
             candidates.append(BlockParams(scale.squeeze(-1), minimum.squeeze(-1)))
+        # last, so that a solve it ties keeps the block (it is never better where the solve exists)
+        start_values = torch.round(shifted * (self.qmax / span)).clamp_(0, self.qmax) * (span / self.qmax) + lo
+        candidates.append(BlockParams((span / self.qmax).squeeze(-1), lo.squeeze(-1)))
+        errors.append((weights * (start_values - x).square()).sum(-1))
         return _best_per_block(candidates, errors)
 
     def pack(self, codes: torch.Tensor, params: BlockParams) -> np.ndarray:

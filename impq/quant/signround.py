@@ -90,47 +90,69 @@ Start = dict[str, tuple[torch.Tensor, BlockParams]]         # linear layer name 
 Rounding = dict[str, tuple[torch.Tensor, BlockParams]]      # linear layer name -> (codes, parameters)
 
 
+HELD_OUT = 8                 # the last 1/HELD_OUT of the calibration sequences judge the block, never tune it
+
+
 class ScoredRounding(NamedTuple):
     rounding: Rounding
-    error: float                    # the block's summed output MSE against the targets on every input
-    outputs: list[torch.Tensor]     # the block's float32 outputs on every input with this rounding
+    error: float                    # the block's summed output MSE against the targets on the scored inputs
+    outputs: list[torch.Tensor]     # the block's float32 outputs on the scored inputs with this rounding
+
+
+class BlockChoice(NamedTuple):
+    """What learned rounding kept for one block, chosen on sequences its tuning never saw."""
+    rounding: Rounding
+    outputs: list[torch.Tensor]     # the kept rounding's outputs on every input: the next block's inputs
+    kept: str                       # "learned", or the kept rival's name ("gptq")
+    held_out_errors: dict[str, float]   # each candidate's summed output MSE on the held-out sequences
+    held_out: int                   # how many sequences were held out
+
+
+def held_out_split(n: int) -> int:
+    """Where the held-out sequences start: the last eighth (at least one), none when there is a single one."""
+    return n - max(1, n // HELD_OUT) if n > 1 else n
 
 
 def signround_block(layer: nn.Module, inputs: list[tuple[torch.Tensor, dict]], targets: list[torch.Tensor],
                     start: Start, grids: dict[str, LegacyGrid], *, iterations: int = ITERATIONS,
                     batch: int = BATCH, keep_best: bool = False, seed: int = 0,
-                    precision: torch.dtype = PRECISION, rivals: tuple[Rounding, ...] = (),
-                    on_step: Callable[[int], None] | None = None) -> ScoredRounding:
+                    precision: torch.dtype = PRECISION, rivals: dict[str, Rounding] | None = None,
+                    learning_rate: float | None = None,
+                    on_step: Callable[[int], None] | None = None) -> BlockChoice:
     """Learn the rounding of the linear layers in `start` (name -> weights to round, fitted block parameters), each
-    onto its grid in `grids`, so that the block's outputs on `inputs` approach `targets`. Returns, with its error
-    and outputs, name -> (codes, parameters) of whichever of the learned rounding and the `rivals` (other roundings
-    of the same layers: the driver passes GPTQ's; none: the plain rounding of `start`) has the lowest error.
-    `keep_best`: end on the step with the lowest batch loss, as AutoRound does, instead of the last step; on
-    SmolLM2 it left a higher block error (bench/results/signround_blocks.md), so it is off. `precision`: the dtype
-    the training steps run in under autocast (float32: none)."""
+    onto its grid in `grids`, so that the block's outputs on `inputs` approach `targets`, and keep whichever of the
+    learned rounding and the `rivals` (name -> other roundings of the same layers: the driver passes GPTQ's; None:
+    the plain rounding of `start`; {}: none) has the lowest output error on the calibration sequences held out from the
+    tuning (the last eighth): a tuning that fits its own sequences, or diverges, cannot win there. Each rounding is
+    name -> (codes, parameters). `keep_best`: end on the step with the lowest batch loss, as AutoRound does, instead
+    of the last step; on SmolLM2 it left a higher block error (bench/results/signround_blocks.md), so it is off.
+    `precision`: the dtype the training steps run in under autocast (float32: none). `learning_rate`: the signed
+    step's start (default 1 / iterations, AutoRound's)."""
     modules = {name: LearnedRounding(weight, params, grids[name]) for name, (weight, params) in start.items()}
     trainable = [p for m in modules.values() for p in (m.offset, m.scale_factor) if p.requires_grad]
     frozen = [p for p in layer.parameters() if p.requires_grad]       # only the rounding is trained
+    split = held_out_split(len(inputs))
     for p in frozen:
         p.requires_grad_(False)
     try:
-        _train(layer, inputs, targets, modules, trainable, iterations, batch, keep_best, seed, precision, on_step)
+        _train(layer, inputs[:split], targets[:split], modules, trainable, iterations, batch, keep_best, seed,
+               precision, learning_rate if learning_rate is not None else 1 / max(iterations, 1), on_step)
     finally:
         for p in frozen:
             p.requires_grad_(True)
-    learned = {name: m.result() for name, m in modules.items()}
-    if not rivals:
-        rivals = ({name: (m.grid.codes(m.weight, m.params), m.params) for name, m in modules.items()},)
-    best = None
+    candidates = {"learned": {name: m.result() for name, m in modules.items()}}
+    candidates.update({"plain": {name: (m.grid.codes(m.weight, m.params), m.params) for name, m in modules.items()}}
+                      if rivals is None else rivals)
+    # a single sequence cannot be split: it both tunes and judges
+    judged = slice(split, None) if split < len(inputs) else slice(None)
     with torch.no_grad():
-        # the training loss is measured on `batch` sequences at a time: compare them on every calibration input,
-        # holding only the best one's outputs beside the current one's
-        for rounding in (learned, *rivals):
-            scored = score_rounding(layer, inputs, targets, rounding, grids)
-            if best is None or scored.error < best.error:
-                best = scored
-            del scored
-    return best
+        scored = {name: score_rounding(layer, inputs[judged], targets[judged], rounding, grids)
+                  for name, rounding in candidates.items()}
+        kept = min(scored, key=lambda name: scored[name].error)       # the learned one on ties
+        outputs = score_rounding(layer, inputs[:split], targets[:split], candidates[kept], grids).outputs \
+            if judged.start is not None else []
+    return BlockChoice(candidates[kept], outputs + scored[kept].outputs, kept,
+                       {name: result.error for name, result in scored.items()}, len(inputs) - split)
 
 
 def _block_output(layer, weights: dict[str, torch.Tensor], sample: tuple[torch.Tensor, dict]) -> torch.Tensor:
@@ -161,7 +183,8 @@ def score_rounding(layer, inputs, targets, rounding: Rounding, grids: dict[str, 
         f"{name}.weight": grids[name].values(codes, params) for name, (codes, params) in rounding.items()}))
 
 
-def _train(layer, inputs, targets, modules, trainable, iterations, batch, keep_best, seed, precision, on_step) -> None:
+def _train(layer, inputs, targets, modules, trainable, iterations, batch, keep_best, seed, precision, learning_rate,
+           on_step) -> None:
     rng = random.Random(seed)
     best_loss, best = float("inf"), None
     for step in range(iterations):
@@ -176,7 +199,7 @@ def _train(layer, inputs, targets, modules, trainable, iterations, batch, keep_b
         loss.backward()
         with torch.no_grad():
             # AutoRound's default learning rate, 1 / iterations (0.005 for 200 steps), decayed linearly
-            rate = (1 - step / iterations) / iterations
+            rate = (1 - step / iterations) * learning_rate
             for p in trainable:
                 if p.grad is not None:
                     p -= rate * p.grad.sign()
