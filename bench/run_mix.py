@@ -73,9 +73,11 @@ def _chunks(text: str, chars: int) -> list[str]:
     return pieces
 
 
-def prepare(model: str, work: Path, nsamples: int, limit: int, eval_bytes: int = 60_000) -> dict:
+def prepare(model: str, work: Path, nsamples: int, limit: int, eval_bytes: int = 60_000, text: str = "docstrings"
+            ) -> dict:
     """Folder, calibration file, sensitivity measurement file, evaluation text (and eval VQA items) of a model;
-    `eval_bytes`: the real LM's evaluation text."""
+    `eval_bytes`: the real LM's evaluation text; `text`: its kind (bench/real_lm.py's REAL_TEXTS), whose files are
+    named by it (the docstrings' keep their first names)."""
     from impq.defaults import default_calib_data, default_eval_data, default_model_dir
 
     work.mkdir(parents=True, exist_ok=True)
@@ -100,17 +102,27 @@ def prepare(model: str, work: Path, nsamples: int, limit: int, eval_bytes: int =
                             "sensitivity": "the last 32 items of the shapes eval split (image + question)",
                             "evaluation": f"the first {limit} items of the shapes eval split (VQA in llama.cpp; "
                                           "their question + answer text for llama-perplexity)"}}
-    from real_lm import build_smollm2_llava, stdlib_text
+    from real_lm import REAL_TEXTS, build_smollm2_llava
 
     folder = build_smollm2_llava(work / "smollm2-llava")
-    pieces = _chunks(stdlib_text(True, 400_000), 2400)          # about 550 tokens each: 512-token sequences
+    read = REAL_TEXTS[text]
+    pieces = _chunks(read(True, 400_000), 2400)          # about 550 tokens each: 512-token sequences
     if len(pieces) < nsamples + 8:
         sys.exit(f"bench: only {len(pieces)} calibration pieces")
-    (work / "calib.txt").write_text("\n\n".join(pieces[:nsamples]) + "\n")
-    (work / "sensitivity.txt").write_text("\n\n".join(p[:1200] for p in pieces[nsamples:nsamples + 8]) + "\n")
-    (work / "eval.txt").write_text(stdlib_text(False, eval_bytes))
-    return {"folder": folder, "calib": work / "calib.txt", "calib_text": work / "calib.txt",
-            "sensitivity": work / "sensitivity.txt", "eval_text": work / "eval.txt", "ctx": 512, "vqa_limit": 0, "text_lm": True,
+    suffix = "" if text == "docstrings" else f"-{text}"
+    calib, sensitivity, evaluation = (work / f"{name}{suffix}.txt" for name in ("calib", "sensitivity", "eval"))
+    calib.write_text("\n\n".join(pieces[:nsamples]) + "\n")
+    sensitivity.write_text("\n\n".join(p[:1200] for p in pieces[nsamples:nsamples + 8]) + "\n")
+    evaluation.write_text(read(False, eval_bytes))
+    if text != "docstrings":
+        return {"folder": folder, "calib": calib, "calib_text": calib, "sensitivity": sensitivity,
+                "eval_text": evaluation, "ctx": 512, "vqa_limit": 0, "text_lm": True, "sensitivity_prompts": 8,
+                "candidates": REAL_LM_CANDIDATES,
+                "sources": {"calibration": f"{nsamples} pieces of ~2.4 kB of the {text} text's first half",
+                            "sensitivity": f"the next 8 pieces of that half, cut to ~1.2 kB (every position)",
+                            "evaluation": f"{eval_bytes // 1000} kB of the {text} text's second half"}}
+    return {"folder": folder, "calib": calib, "calib_text": calib,
+            "sensitivity": sensitivity, "eval_text": evaluation, "ctx": 512, "vqa_limit": 0, "text_lm": True,
             "sensitivity_prompts": 8, "candidates": REAL_LM_CANDIDATES,
             "sources": {"calibration": f"{nsamples} pieces of ~2.4 kB (512 tokens) of docstrings of Python "
                                        "standard-library modules named a-l",

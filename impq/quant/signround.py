@@ -11,12 +11,13 @@ original weights with their plain (importance-weighted) fit, as AutoRound starts
 error-compensated weights instead left each block's own output error lower, yet the model's divergence much
 higher: on SmolLM2-135M at Q4_0 the RTN start reached a KLD of 0.044 where GPTQ alone gave 0.11
 (bench/results/quant_proxy_real_lm.jsonl), since a block trained against the accumulated error need not match
-GPTQ's per-layer optimum. The block keeps whichever rounding has the lowest output error on all calibration
-inputs: the learned one or a rival's (the driver passes GPTQ's), so it never ends above GPTQ; with no rival, the
-start's plain rounding competes instead (beside GPTQ's it won no block of SmolLM2 at Q4_0: the file's KLD was
-the same to the sixth digit without it, bench/results/quant_real_lm.md, so scoring it cost a forward pass of every
-input for nothing). The kept rounding's
-outputs on every input come back with it: they are the next block's inputs, so no further pass computes them.
+GPTQ's per-layer optimum. The tuning sees the first seven eighths of the calibration sequences; the block keeps
+whichever rounding has the lowest output error on the last eighth, which the tuning never saw: the learned one or
+a rival's (the driver passes GPTQ's), so it never ends above GPTQ there, and a tuning that fits its own sequences
+(or diverges) cannot win. (The earlier guard scored on the tuned sequences too; issue 30 reports learned
+rounding's whole-model KLD above GPTQ's with it, on SmolLM2 calibrated and evaluated on reference-manual text.)
+With no rival, the start's plain rounding competes instead. The kept rounding's outputs on every input come
+back with it: they are the next block's inputs, so no further pass computes them.
 
 Written here rather than taken from auto-round because the result must land on impq's grids: the codes are the
 grid's own rounding of w + V * scale with the grid's own parameters, so the k-quants' integer sub-block scales
@@ -122,9 +123,8 @@ def signround_block(layer: nn.Module, inputs: list[tuple[torch.Tensor, dict]], t
     """Learn the rounding of the linear layers in `start` (name -> weights to round, fitted block parameters), each
     onto its grid in `grids`, so that the block's outputs on `inputs` approach `targets`, and keep whichever of the
     learned rounding and the `rivals` (name -> other roundings of the same layers: the driver passes GPTQ's; None:
-    the plain rounding of `start`; {}: none) has the lowest output error on the calibration sequences held out from the
-    tuning (the last eighth): a tuning that fits its own sequences, or diverges, cannot win there. Each rounding is
-    name -> (codes, parameters). `keep_best`: end on the step with the lowest batch loss, as AutoRound does, instead
+    the plain rounding of `start`; {}: none) has the lowest output error on the calibration sequences held out
+    from the tuning (the last eighth). Each rounding is name -> (codes, parameters). `keep_best`: end on the step with the lowest batch loss, as AutoRound does, instead
     of the last step; on SmolLM2 it left a higher block error (bench/results/signround_blocks.md), so it is off.
     `precision`: the dtype the training steps run in under autocast (float32: none). `learning_rate`: the signed
     step's start (default 1 / iterations, AutoRound's)."""
