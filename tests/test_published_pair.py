@@ -115,3 +115,25 @@ def test_a_pair_without_a_chat_template_needs_template(run_cli, published_pairs,
     assert json.loads(out)["top1_agreement"] == 1.0
     code, _, err = run_cli("eval", without_template, "--template", "vicuna", "--data", EVAL_DATA, "--limit", "1")
     assert code == 2 and "--template vicuna" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("template,needle", [
+    ("{% for m in messages %}{{ m['content'] + 1 }}{% endfor %}", "its chat template does not render"),
+    # llama-cpp-python itself compiles the template when it loads the model
+    ("{% for m in messages %}{{ m['content'] | no_such_filter }}{% endfor %}", "its chat template does not compile"),
+])
+def test_a_chat_template_that_fails_is_one_line(run_cli, models_dir, converter, published_pairs, tmp_path,
+                                                template, needle):
+    _, with_template, _ = published_pairs
+    broken = tmp_path / "model"
+    shutil.copytree(models_dir / "llava-siglip", broken)
+    config = json.loads((broken / "tokenizer_config.json").read_text())
+    config["chat_template"] = template
+    (broken / "tokenizer_config.json").write_text(json.dumps(config))
+    (tmp_path / "pair").mkdir()
+    text = _convert_text(converter, broken, tmp_path / "pair" / "Broken-F16.gguf")
+    shutil.copy(next(with_template.glob("mmproj-*.gguf")), tmp_path / "pair")
+    code, _, err = run_cli("eval", tmp_path / "pair", "--data", EVAL_DATA, "--limit", "1")
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith(f"impq: error: {text}: "), err
+    assert needle in lines[0]

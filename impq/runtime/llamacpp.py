@@ -10,6 +10,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import jinja2
 import llama_cpp
 import llama_cpp._logger as llama_logger
 import numpy as np
@@ -76,20 +77,27 @@ def prompt_templates() -> dict[str, str]:
     return PROMPT_TEMPLATES
 
 
-def render_chat_prompt(chat_template: str, question: str, image: bool, bos: str, eos: str, add_bos: bool) -> str:
-    """One user turn through the GGUF's own chat template, as llama-mtmd-cli renders it (--jinja): the media marker
-    before the question, the generation prompt after. A leading BOS the template writes is dropped where llama.cpp
-    adds one itself, as llama.cpp's chat code does."""
+def chat_prompt_renderer(path: Path, chat_template: str, bos: str, eos: str, add_bos: bool):
+    """(question, image?) -> one user turn through the GGUF's own chat template, as llama-mtmd-cli renders it
+    (--jinja): the media marker before the question, the generation prompt after. A leading BOS the template writes
+    is dropped where llama.cpp adds one itself, as llama.cpp's chat code does. The template is compiled once and
+    tried once here, so that a broken one fails before any item."""
     from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
-    content = (mtmd_cpp.mtmd_default_marker().decode() if image else "") + question
+    marker = mtmd_cpp.mtmd_default_marker().decode()
+
+    def render(question: str, image: bool) -> str:
+        content = (marker if image else "") + question
+        prompt = formatter(messages=[{"role": "user", "content": content}]).prompt
+        return prompt[len(bos):] if add_bos and bos and prompt.startswith(bos) else prompt
+
     try:
-        prompt = Jinja2ChatFormatter(chat_template, eos_token=eos, bos_token=bos)(
-            messages=[{"role": "user", "content": content}]).prompt
+        formatter = Jinja2ChatFormatter(chat_template, eos_token=eos, bos_token=bos)
+        render("", True)
     except Exception as err:  # jinja2's TemplateError and whatever the template raises
-        raise ImpqError(None, f"the GGUF's chat template does not render ({type(err).__name__}: {err}); "
-                              f"choose impq's with --template") from None
-    return prompt[len(bos):] if add_bos and bos and prompt.startswith(bos) else prompt
+        raise ImpqError(path, f"its chat template does not render ({type(err).__name__}: {err}); choose impq's "
+                              f"with --template") from None
+    return render
 
 
 class PairRunner:
@@ -121,6 +129,9 @@ class PairRunner:
                                          flash_attn=self.flash_attn == "on", verbose=False)
         except ValueError as err:
             raise ImpqError(self.text_path, f"llama.cpp cannot load this model ({err})") from None
+        except jinja2.TemplateError as err:     # llama-cpp-python compiles the GGUF's chat template at load
+            raise ImpqError(self.text_path, f"llama-cpp-python cannot load this model: its chat template does not "
+                                            f"compile ({type(err).__name__}: {err})") from None
         self.marker = mtmd_cpp.mtmd_default_marker().decode()
         self._prompt = self._prompt_renderer(template)
         params = mtmd_cpp.mtmd_context_params_default()
@@ -163,9 +174,7 @@ class PairRunner:
             special[role] = "" if token is None else self.llama.detokenize([int(token)], special=True).decode(
                 "utf-8", errors="replace")
         add_bos = meta.get("tokenizer.ggml.add_bos_token", "false") == "true"
-        render_chat_prompt(chat_template, "", True, special["bos"], special["eos"], add_bos)   # fails here, once
-        return lambda question, image: render_chat_prompt(chat_template, question, image, special["bos"],
-                                                          special["eos"], add_bos)
+        return chat_prompt_renderer(self.text_path, chat_template, special["bos"], special["eos"], add_bos)
 
     def close(self) -> None:
         if getattr(self, "mtmd", None):
