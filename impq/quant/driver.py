@@ -102,7 +102,7 @@ def _gptq(tensor: str, weight: torch.Tensor, hessian: torch.Tensor, grid, option
     try:
         return gptq(weight, hessian, grid, **options)
     except NotPositiveDefinite as err:
-        raise ImpqError(None, f"{tensor}: GPTQ failed: {err} (stage: quantize)") from None
+        raise ImpqError(None, f"{tensor}: {err.problem} (stage: quantize)") from None
 
 
 @torch.no_grad()

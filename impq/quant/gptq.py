@@ -11,6 +11,7 @@ from typing import NamedTuple
 
 import torch
 
+from ..errors import ImpqError
 from .grids import BlockParams, LegacyGrid
 
 
@@ -22,8 +23,9 @@ class GPTQFit(NamedTuple):
     params: BlockParams
 
 
-class NotPositiveDefinite(ValueError):
-    """The damped Hessian has no Cholesky factor even at the strongest damping tried."""
+class NotPositiveDefinite(ImpqError):
+    """The damped Hessian has no Cholesky factor even at the strongest damping tried: a one-line error wherever GPTQ
+    runs (the layer loop names the tensor; the sensitivity measurement reports it as it is)."""
 
 
 def inverse_factor(H: torch.Tensor, damp: float, retries: int = 4) -> torch.Tensor:
@@ -31,7 +33,7 @@ def inverse_factor(H: torch.Tensor, damp: float, retries: int = 4) -> torch.Tens
     factorization fails (a Hessian of a few massive channels can be indefinite to float32 precision), it is tried
     again with ten times the damping, up to `retries` times, as AutoGPTQ and llm-compressor do."""
     if not torch.isfinite(H).all():
-        raise NotPositiveDefinite("the Hessian is not finite (its calibration inputs are not)")
+        raise NotPositiveDefinite(None, "GPTQ: the Hessian is not finite (its calibration inputs are not)")
     eye = damp * torch.mean(torch.diagonal(H)) * torch.eye(H.shape[0], device=H.device)
     for attempt in range(retries + 1):
         factor, info = torch.linalg.cholesky_ex(H + eye * 10 ** attempt)
@@ -39,7 +41,8 @@ def inverse_factor(H: torch.Tensor, damp: float, retries: int = 4) -> torch.Tens
             inverse, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(factor), upper=True)
             if int(info) == 0:
                 return inverse
-    raise NotPositiveDefinite(f"the Hessian is not positive definite even at damping {damp * 10 ** retries:g}")
+    raise NotPositiveDefinite(None, f"GPTQ: the Hessian is not positive definite even at damping "
+                                    f"{damp * 10 ** retries:g}")
 
 
 def gptq(weight: torch.Tensor, hessian: torch.Tensor, grid: LegacyGrid, *, block_size: int = 128,
