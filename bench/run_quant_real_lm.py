@@ -71,7 +71,10 @@ def impq_job(folder: str, out: str, calib: str, nsamples: int, type_name: str, m
     settings = QuantizeSettings.from_bits(GRIDS[type_name].bits, type_name, method=name, calib=calib,
                                           nsamples=nsamples, **options)
     report = quantize_model(folder, out, settings, verify_items=0)
-    return {"text_gguf": report.artifacts["text_gguf"], "stages": report.stages, **_job_stats(start)}
+    # learned rounding's guard: which rounding each decoder block kept, judged on held-out sequences
+    kept = {block: choice["kept"] for block, choice in (report.learned_rounding or {}).items()}
+    return {"text_gguf": report.artifacts["text_gguf"], "stages": report.stages, **_job_stats(start),
+            **({"kept": kept} if kept else {})}
 
 
 def autoround_job(folder: str, calib: str, type_name: str, f16: str, out: str, nsamples: int, iters: int) -> dict:
@@ -164,10 +167,21 @@ def main() -> None:
             run(f"AutoRound {type_name}", autoround_job, str(prepared["folder"]), str(prepared["calib"]), type_name,
                 str(f16.text_path), str(work / f"autoround-{type_name}{suffix}"), args.nsamples,
                 args.autoround_iters)
+    for row in rows.values():
+        _add_guard_choices(row)
     cache.write_text(json.dumps(record, indent=2))
     write_results(record, args.types.split(","), suffix)
     print((RESULTS / f"quant_real_lm{suffix}.md").read_text())
     print((RESULTS / "quant_real_lm_texts.md").read_text())
+
+
+def _add_guard_choices(row: dict) -> None:
+    """A learned-rounding row made before rows recorded the guard's choices: read them from its report."""
+    reports = list(Path(row.get("text_gguf", "/nonexistent")).parent.glob("*.report.json"))
+    if "kept" not in row and len(reports) == 1:
+        blocks = json.loads(reports[0].read_text()).get("learned_rounding") or {}
+        if blocks:
+            row["kept"] = {block: choice["kept"] for block, choice in blocks.items()}
 
 
 def _suffix(text: str) -> str:
@@ -306,7 +320,14 @@ def write_text_summary(types: list[str]) -> None:
         gptq, peer = kld.get(f"impq gptq {type_name}"), kld.get(f"AutoRound {type_name}")
         for label, row in kld.items():
             method = label.split()[1] if label.startswith("impq ") else ""
-            if not _learned(method) or any(v is None for v in row.values()):
+            if not _learned(method):
+                continue
+            guards = [f"{t} {sum(v == 'gptq' for v in kept.values())} of {len(kept)}" for t in texts
+                      if (kept := records[t]["rows"].get(label, {}).get("kept"))]
+            if guards:
+                lines.append(f"- {label}: the held-out guard kept GPTQ's rounding in " + ", ".join(guards) +
+                             " blocks (the rest: the learned rounding).")
+            if any(v is None for v in row.values()):
                 continue
             if gptq and all(v is not None for v in gptq.values()):
                 beaten = [t for t in texts if row[t] <= gptq[t]]

@@ -72,9 +72,11 @@ def _gpu_layers_option():
 
 
 def _template_option():
-    return typer.Option(None, "--template", help="Prompt format for a pair whose GGUF has no chat template: phi2, "
-                                                 "qwen2, phi3, llama (Imp/LLaVA templates); it also replaces the "
-                                                 "GGUF's own.")
+    from .families import TEXT_FAMILIES
+
+    return typer.Option(None, "--template", help="Prompt format for a pair whose GGUF has no chat template: "
+                                                 f"{', '.join(TEXT_FAMILIES)} (Imp/LLaVA templates); it also "
+                                                 "replaces the GGUF's own.")
 
 
 def _gpu_layers(device: str, gpu_layers: Optional[int]) -> int:
@@ -501,8 +503,8 @@ def sensitivity_cmd(
     from .defaults import default_calib_data, default_eval_data, default_model_dir
     from .fileio import atomic_output, ensure_writable_dir
     from .models.lmm import LMM
-    from .quant.sensitivity import METHODS, measure_sensitivity, proxy_rank_correlation, read_measurement
-    from .quant.sensitivity import write_sensitivity_plot
+    from .measure.sensitivity import METHODS, measure_sensitivity, proxy_rank_correlation, read_measurement
+    from .measure.sensitivity import write_sensitivity_plot
     from .sweep.resolution import SWEEP_TYPES
 
     embedded = model is None
@@ -550,7 +552,7 @@ def sensitivity_cmd(
         results = measure_sensitivity(lmm, calib_embeds, measurements, candidates, method,
                                       lambda i, n: progress.update(task, completed=i), layers=chosen)
         if vision:
-            from .quant.sensitivity import measure_vision_sensitivity
+            from .measure.sensitivity import measure_vision_sensitivity
 
             progress.update(task, description="sensitivity (vision side, rtn)", completed=0)
             results += measure_vision_sensitivity(lmm, calib_images, vision_items, candidates,

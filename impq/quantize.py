@@ -28,7 +28,7 @@ from .export.gguf_mmproj import write_mmproj_gguf
 from .export.gguf_text import gguf_vocab, text_tensors, write_text_gguf
 from .export.safetensors_layouts import LAYOUTS
 from .export.safetensors_model import read_dequantized_llm, write_safetensors_model
-from .fileio import artifact_set, ensure_writable_dir, sha256_files
+from .fileio import artifact_set, ensure_writable_dir
 from .memory import map_large_allocations, trim
 from .models.layouts import read_spec
 from .models.lmm import LMM
@@ -98,7 +98,7 @@ class QuantizeSettings:
     sensitivity_data: str | None = None   # VQA JSONL of measurement prompts (its last items); default: the eval split
     sensitivity_prompts: int = 32
     # measured: every candidate type's KLD measured; scaled: the default type's measured, the others scaled by
-    # the quantizer's output error (quant/sensitivity.py). A recipe without the field predates "scaled".
+    # the quantizer's output error (measure/sensitivity.py). A recipe without the field predates "scaled".
     sensitivity: str = "measured"
     # a budget's sensitivity read from an earlier run's report (or impq sensitivity's JSON) instead of measured
     sensitivity_file: str | None = None
@@ -283,7 +283,7 @@ def quantize_model(model_dir: str | Path, out_dir: str | Path, settings: Quantiz
     device = resolve_device(settings.device)
     spec = read_spec(model_dir)
     samples = read_calibration(settings.calib)
-    digest = sha256_files([spec.folder / "config.json", *spec.checkpoint.files])
+    digest = spec.digest()
     calib_digest = calibration_digest(settings.calib, samples)
     if settings.format == "gguf":                 # a model that cannot be exported fails before the long work
         gguf_vocab(spec.tokenizer, spec.text_config.vocab_size)
@@ -323,7 +323,7 @@ def quantize_model(model_dir: str | Path, out_dir: str | Path, settings: Quantiz
                                       f"{', '.join(settings.candidate_types)} ({8 * smallest / weights:.3f} bits per "
                                       "weight)")
         if settings.sensitivity_file:            # read (and checked) before any work
-            from .quant.sensitivity import read_sensitivity
+            from .measure.sensitivity import read_sensitivity
 
             measured = read_sensitivity(settings.sensitivity_file, list(candidates),
                                         list(next(iter(candidates.values()))))
@@ -476,14 +476,14 @@ def _bytes_beside_decoder(spec, grid, settings, plan, digest: str, recorded: dic
 
 
 def _measurement_prompts(lmm, model_dir, settings) -> list:
-    """The sensitivity's measurement sequences (quant/sensitivity.read_measurement), disjoint from the calibration:
+    """The sensitivity's measurement sequences (measure/sensitivity.read_measurement), disjoint from the calibration:
     the file's last ones, since impq eval and the report's verification take the first."""
-    from .defaults import PACKAGE, default_eval_data
-    from .quant.sensitivity import read_measurement
+    from .defaults import default_eval_data, is_embedded_model
+    from .measure.sensitivity import read_measurement
 
     data = settings.sensitivity_data
     if data is None:
-        if (Path(model_dir) / "config.json").resolve() != (PACKAGE / "assets" / "imp-tiny" / "config.json").resolve():
+        if not is_embedded_model(model_dir):
             raise ImpqError(None, "a size budget measures sensitivity: give --sensitivity-data (a VQA JSONL or a text "
                                   "file, disjoint from the calibration data)")
         data = default_eval_data()
@@ -497,7 +497,7 @@ def _budgeted_plan(lmm, embeddings, measured: list, settings, spec, candidates: 
     import re as regex
 
     from .quant.allocate import Option, allocate
-    from .quant.sensitivity import measure_sensitivity
+    from .measure.sensitivity import measure_sensitivity
 
     method = "gptq" if settings.method in ("gptq", "signround") else "rtn"
     reference = None
@@ -548,7 +548,7 @@ def _verify(make_candidate, model_dir, n_items: int) -> dict:
     with the full-precision PyTorch model on the bundled images and prompts. `make_candidate()` builds the
     answerer under test; for a model other than imp-tiny it is built only once the streamed reference's logits
     exist and the reference is freed, so the two are never in memory together."""
-    from .defaults import PACKAGE, default_eval_data
+    from .defaults import default_eval_data, is_embedded_model
     from .measure.divergence import Divergence
     from .measure.vqa import TorchAnswerer, evaluate, read_vqa_jsonl
     from .models.preprocess import load_image
@@ -560,7 +560,7 @@ def _verify(make_candidate, model_dir, n_items: int) -> dict:
         def opened(candidate):
             return stack.enter_context(candidate) if hasattr(candidate, "__exit__") else candidate
 
-        if (Path(model_dir) / "config.json").resolve() == (PACKAGE / "assets" / "imp-tiny" / "config.json").resolve():
+        if is_embedded_model(model_dir):
             reference, candidate = TorchAnswerer(model_dir), opened(make_candidate())
             items = read_vqa_jsonl(default_eval_data())[:n_items]
             report = evaluate(candidate, items, model="quantized", dataset="eval", reference=reference)

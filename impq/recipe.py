@@ -40,9 +40,9 @@ MINIMUMS = {"nsamples": 1, "seqlen": 8, "iterations": 1, "sensitivity_prompts": 
 
 
 def model_reference(model_dir: Path) -> str:
-    from .defaults import default_model_dir
+    from .defaults import is_embedded_model
 
-    return EMBEDDED_MODEL if Path(model_dir).resolve() == default_model_dir().resolve() else Path(model_dir).resolve().name
+    return EMBEDDED_MODEL if is_embedded_model(model_dir) else Path(model_dir).resolve().name
 
 
 def calibration_reference(calib: Path, model_dir: Path) -> str:
@@ -160,7 +160,6 @@ def reproduce(recipe_path: Path, model: Path | None = None, calib: Path | None =
     import tempfile
 
     from .calib import calibration_digest
-    from .fileio import sha256_files
     from .models.layouts import read_spec
     from .quantize import quantize_model
 
@@ -175,7 +174,7 @@ def reproduce(recipe_path: Path, model: Path | None = None, calib: Path | None =
         raise ImpqError(recipe_path, "the recipe records no outputs to compare (write it with impq quantize)")
     model_dir, settings = recipe_run(recipe_path, model, calib, {})
     spec = read_spec(model_dir)
-    digest = sha256_files([spec.folder / "config.json", *spec.checkpoint.files])
+    digest = spec.digest()
     recorded_digest = (recipe.get("resolved") or {}).get("model_digest")
     if recorded_digest and digest != recorded_digest:
         raise ImpqError(model_dir, "this checkpoint is not the recipe's model (its digest differs)")

@@ -24,7 +24,8 @@ from pathlib import Path
 import torch
 
 from impq.datasets import shapes
-from impq.models.layouts import PROMPT_TEMPLATES, read_spec
+from impq.families import TEXT_FAMILIES
+from impq.models.layouts import read_spec
 from impq.models.lmm import LMM
 from impq.models.reduction import vision_reduction
 from impq.models.testing import Dims, build_tokenizer, make_model
@@ -35,7 +36,7 @@ LOW_RESOLUTIONS = (84, 112, 140)
 
 
 def tokenizer_corpus(n_scenes: int = 3000) -> list[str]:
-    system = PROMPT_TEMPLATES["phi2"].split(" USER:")[0]
+    system = TEXT_FAMILIES["phi2"].prompt_template.split(" USER:")[0]
     lines = [system + " USER: ", " ASSISTANT:"]
     for seed in range(n_scenes):
         _, qas = shapes.sample(seed, n_questions=3)

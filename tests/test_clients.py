@@ -14,9 +14,13 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from impq.defaults import default_eval_data, default_model_dir
 from impq.export.pair import export_pair
+from impq.families import MEDIA_MARKER, TEXT_FAMILIES
 from impq.measure.clients import answers_llama_cpp_python, answers_mtmd_cli, answers_openai, openai_server
 from impq.measure.vqa import GGUFAnswerer, evaluate, first_per_type, normalize_answer, read_vqa_jsonl
-from impq.models.layouts import CHAT_TEMPLATES, MEDIA_MARKER, PROMPT_TEMPLATES, read_spec
+from impq.models.layouts import read_spec
+
+CHAT_TEMPLATES = {name: family.chat_template for name, family in TEXT_FAMILIES.items()}
+PROMPT_TEMPLATES = {name: family.prompt_template for name, family in TEXT_FAMILIES.items()}
 
 QUESTION = "What color is the  circle?\nAnswer in one word."
 

@@ -17,7 +17,7 @@ from impq.calib import calibration_embeddings, read_calibration
 from impq.errors import ImpqError
 from impq.export.gguf_file import QType
 from impq.export.gguf_mmproj import write_mmproj_gguf
-from impq.export.gguf_text import _llama_permute, text_tensors, write_text_gguf
+from impq.export.gguf_text import _rotary_permute, text_tensors, write_text_gguf
 from impq.measure.divergence import Divergence
 from impq.models.layouts import read_spec
 from impq.models.lmm import LMM
@@ -112,7 +112,7 @@ def test_quantized_gguf_holds_exactly_the_fake_quantized_weights(models_dir, tmp
         expected = state[canonical].float()
         if spec.family == "llama" and (".q_proj." in canonical or ".k_proj." in canonical):
             heads = cfg.num_attention_heads if ".q_proj." in canonical else cfg.num_key_value_heads
-            expected = _llama_permute(expected, heads)
+            expected = _rotary_permute(expected, heads)
         assert torch.equal(read_back, expected), canonical
 
     vs_fake, vs_original = Divergence(), Divergence()

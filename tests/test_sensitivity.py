@@ -55,7 +55,7 @@ def test_a_group_is_measured_from_its_own_layer(models_dir, layout):
     model's distribution at every layer (KLD 0); a quantized group moves it."""
     from impq.calib import calibration_embeddings, read_calibration
     from impq.models.lmm import LMM
-    from impq.quant.sensitivity import _Reference, measure_sensitivity, read_measurement
+    from impq.measure.sensitivity import _Reference, measure_sensitivity, read_measurement
     from impq.defaults import default_calib_data
 
     lmm = LMM.from_folder(models_dir / layout)
@@ -74,7 +74,7 @@ def test_a_group_is_measured_from_its_own_layer(models_dir, layout):
 
 def test_text_measurement_compares_every_position(models_dir, tmp_path):
     from impq.models.lmm import LMM
-    from impq.quant.sensitivity import read_measurement
+    from impq.measure.sensitivity import read_measurement
 
     text = tmp_path / "measure.txt"
     text.write_text("A first paragraph of plain text.\n\nAnd a second one, a little longer than the first.\n")

@@ -12,7 +12,7 @@ import impq.measure.bench
 import impq.sweep.resolution as sweep
 from impq.defaults import default_model_dir
 from impq.runtime.gguf_pair import resolve_pair
-from impq.sweep.resolution import pareto_front
+from impq.sweep.plots import pareto_front
 
 
 def test_two_point_sweep_and_a_rerun_that_recomputes_nothing(run_cli, tmp_path, monkeypatch):

@@ -23,6 +23,8 @@ from ..models.layouts import ModelSpec
 from ..models.reduction import LLAMA_CPP_POOL_GRID, VisionReduction, interpolate_positions, vision_reduction
 from .gguf_file import FILE_TYPES, PlannedTensor, QType, add_provenance, gguf_bytes, matrix_type, write_gguf
 
+MMPROJ_ARCH = gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.MMPROJ]      # llama.cpp names every mmproj's architecture "clip"
+
 # projector tensors by llama.cpp projector type: "mlp" (Imp's mlp2x_gelu) and "ldpv2" (the same MLP, then pooling)
 PROJECTOR_NAMES = {"mlp": {"projector.0.weight": "mm.0.weight", "projector.0.bias": "mm.0.bias",
                            "projector.2.weight": "mm.2.weight", "projector.2.bias": "mm.2.bias"},
@@ -118,12 +120,12 @@ def write_mmproj_gguf(spec: ModelSpec, path: Path, qtype: QType, source_digest: 
                       on_tensor=None, reduction: VisionReduction | None = None) -> Path:
     reduction = reduction or vision_reduction(spec.vision)
     metadata = _mmproj_metadata(spec, qtype, reduction, source_digest, settings)
-    return write_gguf(path, "clip", metadata, mmproj_tensors(spec, qtype, reduction), on_tensor)
+    return write_gguf(path, MMPROJ_ARCH, metadata, mmproj_tensors(spec, qtype, reduction), on_tensor)
 
 
 def mmproj_gguf_bytes(spec: ModelSpec, qtype: QType, source_digest: str, settings: dict,
                       reduction: VisionReduction | None = None) -> int:
     """The exact size write_mmproj_gguf would write: what a size budget that includes the vision side counts."""
     reduction = reduction or vision_reduction(spec.vision)
-    return gguf_bytes("clip", _mmproj_metadata(spec, qtype, reduction, source_digest, settings),
+    return gguf_bytes(MMPROJ_ARCH, _mmproj_metadata(spec, qtype, reduction, source_digest, settings),
                       mmproj_tensors(spec, qtype, reduction))

@@ -16,14 +16,12 @@ import torch
 from ..errors import ImpqError
 from ..models.layouts import ModelSpec
 from ..models.tokenizer import TextTokenizer
+from .gguf_blocks import pack_blocks
 from .gguf_file import FILE_TYPES, PlannedTensor, QType, add_provenance, gguf_bytes, matrix_type, write_gguf
 
-ARCHS = {"phi2": gguf.MODEL_ARCH.PHI2, "qwen2": gguf.MODEL_ARCH.QWEN2, "phi3": gguf.MODEL_ARCH.PHI3,
-         "llama": gguf.MODEL_ARCH.LLAMA}
-
-
-def _llama_permute(weights: torch.Tensor, n_head: int) -> torch.Tensor:
-    # llama.cpp's LLAMA graph uses interleaved rotary pairs; HF stores q/k for rotate_half (convert_hf_to_gguf does the same)
+def _rotary_permute(weights: torch.Tensor, n_head: int) -> torch.Tensor:
+    # a family's permute_qk: llama.cpp's graph uses interleaved rotary pairs where HF stores q/k for rotate_half
+    # (convert_hf_to_gguf does the same)
     return weights.reshape(n_head, 2, weights.shape[0] // n_head // 2, *weights.shape[1:]).swapaxes(1, 2).reshape(weights.shape)
 
 
@@ -168,13 +166,14 @@ def _add_hparams(writer: gguf.GGUFWriter, spec: ModelSpec) -> None:
     # phi2: the rotary dimension per head (32 for Phi-2), not the head size
     writer.add_rope_dimension_count(int(rope.get("partial_rotary_factor", 1.0) * head_dim))
     writer.add_rope_freq_base(float(rope.get("rope_theta", 10000.0)))
-    if spec.family == "phi2":
+    family = spec.text_family
+    if family.norm == "layer":
         writer.add_layer_norm_eps(cfg.layer_norm_eps)
     else:
         writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-    if spec.family == "phi3":
+    if family.sliding_window:
         writer.add_sliding_window(cfg.sliding_window or 0)
-    if spec.family == "llama":
+    if family.writes_vocab_size:
         writer.add_vocab_size(cfg.vocab_size)
 
 
@@ -187,7 +186,7 @@ def text_tensors(spec: ModelSpec, qtype: QType, quantized: dict | None = None,
     quantized = quantized or {}
     load = source or spec.load
     cfg = spec.text_config
-    names = gguf.get_tensor_name_map(ARCHS[spec.family], cfg.num_hidden_layers)
+    names = gguf.get_tensor_name_map(spec.text_family.gguf_arch, cfg.num_hidden_layers)
     heads = cfg.num_attention_heads
     kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
     planned = []
@@ -200,15 +199,15 @@ def text_tensors(spec: ModelSpec, qtype: QType, quantized: dict | None = None,
             raise ImpqError(spec.folder, f"no GGUF name for tensor '{hf_name}' in llama.cpp's {spec.family} architecture")
         shape = spec.shape(canonical)
         permute_heads = None
-        if spec.family == "llama" and re.search(r"self_attn\.[qk]_proj\.", hf_name):
+        if spec.text_family.permute_qk and re.search(r"self_attn\.[qk]_proj\.", hf_name):
             permute_heads = heads if ".q_proj." in hf_name else kv_heads
         if canonical in quantized:
             q = quantized[canonical]
 
             def packed(q=q, n=permute_heads):
-                data = q.grid.pack(q.codes, q.params)
+                data = pack_blocks(q.grid, q.codes, q.params)
                 # blocks run along rows, so llama.cpp's q/k row permutation applies to packed rows as they are
-                return data if n is None else _llama_permute(torch.from_numpy(data), n).numpy()
+                return data if n is None else _rotary_permute(torch.from_numpy(data), n).numpy()
 
             planned.append(PlannedTensor(name, tuple(shape), q.grid.qtype, lambda: None, packed, canonical))
             continue
@@ -220,7 +219,7 @@ def text_tensors(spec: ModelSpec, qtype: QType, quantized: dict | None = None,
             tensor_type = matrix_type(shape, qtype)
         produce: Callable[[], torch.Tensor] = lambda c=canonical: load(c)
         if permute_heads is not None:
-            produce = lambda c=canonical, n=permute_heads: _llama_permute(load(c), n)
+            produce = lambda c=canonical, n=permute_heads: _rotary_permute(load(c), n)
         planned.append(PlannedTensor(name, tuple(shape), tensor_type, produce, canonical=canonical))
     return planned
 
@@ -236,8 +235,8 @@ def read_text_gguf_weights(spec: ModelSpec, path: Path) -> dict[str, torch.Tenso
     for planned in text_tensors(spec, QType.F16):
         tensor = stored[planned.name]
         values = torch.from_numpy(gguf.quants.dequantize(tensor.data, tensor.tensor_type).copy()).reshape(planned.shape)
-        if spec.family == "llama" and re.search(r"self_attn\.[qk]_proj\.", planned.canonical):
-            n = heads if ".q_proj." in planned.canonical else kv_heads     # undo _llama_permute
+        if spec.text_family.permute_qk and re.search(r"self_attn\.[qk]_proj\.", planned.canonical):
+            n = heads if ".q_proj." in planned.canonical else kv_heads     # undo _rotary_permute
             values = values.reshape(n, values.shape[0] // n // 2, 2, *values.shape[1:]).swapaxes(1, 2).reshape(
                 values.shape)
         weights[planned.canonical] = values.float()
@@ -247,9 +246,9 @@ def read_text_gguf_weights(spec: ModelSpec, path: Path) -> dict[str, torch.Tenso
 def _text_metadata(spec: ModelSpec, qtype: QType, vocab: GGUFVocab, source_digest: str, settings: dict):
     def metadata(writer: gguf.GGUFWriter) -> None:
         writer.add_type(gguf.GGUFType.MODEL)
-        # llama.cpp applies Phi-3's special-token whitespace rules only when the model's name says phi3
-        phi3_marked = spec.family != "phi3" or re.search(r"phi-?3", spec.name, re.I)
-        writer.add_name(spec.name if phi3_marked else f"{spec.name}-phi3")
+        marker = spec.text_family.name_marker      # llama.cpp keys some family rules on the model's name
+        writer.add_name(spec.name if marker is None or re.search(marker[0], spec.name, re.I)
+                        else spec.name + marker[1])
         writer.add_file_type(FILE_TYPES[qtype])
         if qtype not in (QType.F32, QType.F16):
             writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
@@ -269,7 +268,7 @@ def write_text_gguf(spec: ModelSpec, path: Path, qtype: QType, source_digest: st
     tensors = text_tensors(spec, qtype, quantized, head_type, source)
     vocab = gguf_vocab(spec.tokenizer, spec.text_config.vocab_size)
     metadata = _text_metadata(spec, qtype, vocab, source_digest, settings)
-    return write_gguf(path, gguf.MODEL_ARCH_NAMES[ARCHS[spec.family]], metadata, tensors, on_tensor)
+    return write_gguf(path, spec.text_family.gguf_arch_name, metadata, tensors, on_tensor)
 
 
 def text_gguf_bytes(spec: ModelSpec, qtype: QType, source_digest: str, settings: dict, types: dict[str, QType],
@@ -279,5 +278,5 @@ def text_gguf_bytes(spec: ModelSpec, qtype: QType, source_digest: str, settings:
     tensors = [dataclasses.replace(t, qtype=types[t.canonical]) if t.canonical in types else t
                for t in text_tensors(spec, qtype, head_type=head_type)]
     vocab = gguf_vocab(spec.tokenizer, spec.text_config.vocab_size)
-    return gguf_bytes(gguf.MODEL_ARCH_NAMES[ARCHS[spec.family]],
+    return gguf_bytes(spec.text_family.gguf_arch_name,
                       _text_metadata(spec, qtype, vocab, source_digest, settings), tensors)

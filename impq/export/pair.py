@@ -6,7 +6,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..fileio import artifact_set, ensure_writable_dir, sha256_files
+from ..fileio import artifact_set, ensure_writable_dir
 from ..models.layouts import ModelSpec
 from ..models.reduction import VisionReduction, vision_reduction
 from .gguf_file import EXPORT_TYPES, canonical_type_name
@@ -38,7 +38,7 @@ def export_pair(spec: ModelSpec, out_dir: str | Path, type_name: str = "f16", mm
     type_name = canonical_type_name(type_name, EXPORT_TYPES, "--type")
     mmproj_type = canonical_type_name(mmproj_type or type_name, EXPORT_TYPES, "--mmproj-type")
     start = time.perf_counter()
-    digest = sha256_files([spec.folder / "config.json", *spec.checkpoint.files])
+    digest = spec.digest()
     settings = {"type": type_name, "mmproj_type": mmproj_type, "layout": spec.layout, "family": spec.family,
                 "source": spec.name,
                 "vision_reduction": (reduction or vision_reduction(spec.vision)).label}

@@ -14,10 +14,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import (AutoModelForCausalLM, CLIPVisionConfig, LlamaConfig, Phi3Config, PhiConfig,
-                          PretrainedConfig, Qwen2Config, SiglipVisionConfig)
+from torch import nn
+from transformers import AutoModelForCausalLM, PretrainedConfig
 
 from ..errors import ImpqError
+from ..fileio import sha256_files
+from ..families import (KNOWN_TOWERS, TEXT_FAMILIES, VISION_FAMILIES, TextFamily, VisionFamily, text_family_of_imp,
+                        text_family_of_llava, vision_family_of)
 from .checkpoint import SafetensorsCheckpoint, read_json
 from .tokenizer import TextTokenizer
 
@@ -27,92 +30,6 @@ SUPPORTED_LAYOUTS = (
     "llava-hf (transformers LlavaForConditionalGeneration, Llama backbone, CLIP or SigLIP tower)",
 )
 LAYOUT_NAMES = ("imp-phi2-msft", "imp-llava", "llava-hf")
-
-# Vision towers whose depth and head count are not written in Imp's config.json (only the tower's hub name is).
-KNOWN_TOWERS = {
-    "google/siglip-so400m-patch14-384": {"num_hidden_layers": 27, "num_attention_heads": 16, "layer_norm_eps": 1e-6},
-    "openai/clip-vit-large-patch14-336": {"num_hidden_layers": 24, "num_attention_heads": 16, "layer_norm_eps": 1e-5},
-}
-
-PROMPT_TEMPLATES = {
-    # Imp / Bunny templates (see imp_llava/conversation.py); "<image>" marks where vision tokens go.
-    "phi2": ("A chat between a curious user and an artificial intelligence assistant. The assistant gives "
-             "helpful, detailed, and polite answers to the user's questions. USER: <image>\n{question} ASSISTANT:"),
-    "qwen2": ("<|im_start|>system\nA chat between a curious user and an artificial intelligence assistant. The "
-              "assistant gives helpful, detailed, and polite answers to the user's questions.<|im_end|>\n"
-              "<|im_start|>user\n<image>\n{question}<|im_end|>\n<|im_start|>assistant\n"),
-    "phi3": ("<|system|>\nA chat between a curious user and an artificial intelligence assistant. The assistant "
-             "gives helpful, detailed, and polite answers to the user's questions.<|end|>\n<|user|>\n<image>\n"
-             "{question}<|end|>\n<|assistant|>\n"),
-    "llama": "USER: <image>\n{question} ASSISTANT:",
-}
-
-_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
-           "detailed, and polite answers to the user's questions.")
-
-# Jinja chat templates embedded in the GGUF (stock llama-mtmd-cli refuses to run without one). For one user turn
-# with one image they render exactly PROMPT_TEMPLATES, whatever form the client sends the message in:
-# - a string (llama-mtmd-cli puts mtmd's marker "<__media__>" in front of the prompt; llama-server joins text and
-#   its own random "<__media_XXXX__>" marker into one string, without a newline between them);
-# - a list of parts (llama-cpp-python's MTMDChatHandler: {"type": "text"} parts, images already replaced by the
-#   marker; OpenAI-style {"type": "image_url"} and transformers-style {"type": "image"} parts).
-# Every media marker found is moved to where the family's template puts <image>, followed by the text that
-# separates <image> from the question there (a newline for every Imp template), then the message's text.
-MEDIA_MARKER = "<__media__>"          # llama.cpp's mtmd_default_marker()
-_MARKER_HEAD, _MARKER_TAIL = "<__media", "__>"
-
-
-def _message_content_jinja(separator: str) -> str:
-    """Jinja that sets `content` for the message `m`: its media markers first, each followed by `separator`."""
-    sep = separator.replace("\n", "\\n")
-    return (
-        "{%- set ns = namespace(images='', text='') -%}"
-        "{%- set parts = [{'type': 'text', 'text': m['content']}] if m['content'] is string else m['content'] -%}"
-        "{%- for p in parts -%}"
-        "{%- if p['type'] == 'image' -%}{%- set ns.images = ns.images + '<image>" + sep + "' -%}"
-        "{%- elif p['type'] == 'image_url' -%}{%- set ns.images = ns.images + '" + MEDIA_MARKER + sep + "' -%}"
-        "{%- elif p['type'] == 'text' -%}"
-        "{%- set pieces = p['text'].split('" + _MARKER_HEAD + "') -%}"
-        "{%- set ns.text = ns.text + ('\\n' if ns.text and pieces[0] else '') + pieces[0] -%}"
-        "{%- for piece in pieces[1:] -%}"
-        "{%- set tail = piece.split('" + _MARKER_TAIL + "', 1) -%}"
-        "{%- set ns.images = ns.images + '" + _MARKER_HEAD + "' + tail[0] + '" + _MARKER_TAIL + sep + "' -%}"
-        "{%- set ns.text = ns.text + (tail[1] if tail | length > 1 else '') -%}"
-        "{%- endfor -%}{%- endif -%}{%- endfor -%}"
-        "{%- set content = ns.images + (ns.text | trim) -%}")
-
-
-def _chat_template(family: str, default_system: str | None, system: str, user: str, assistant: str,
-                   generation: str, bos: str = "") -> str:
-    """A chat template from the family's pieces: each a Jinja expression over `content` (and `m['role']`)."""
-    separator = PROMPT_TEMPLATES[family].split("<image>")[1].split("{question}")[0]
-    first = ("" if default_system is None else
-             "{%- if loop.first and m['role'] != 'system' -%}{{ " + default_system + " }}{%- endif -%}")
-    return (
-        '{%- set default_system = "' + _SYSTEM + '" -%}' + bos +
-        "{%- for m in messages -%}" + _message_content_jinja(separator) + first +
-        "{%- if m['role'] == 'system' -%}{{ " + system + " }}"
-        "{%- elif m['role'] == 'user' -%}{{ " + user + " }}"
-        "{%- else -%}{{ " + assistant + " }}{%- endif -%}"
-        "{%- endfor -%}"
-        "{%- if add_generation_prompt -%}{{ " + generation + " }}{%- endif -%}")
-
-
-CHAT_TEMPLATES = {
-    "phi2": _chat_template("phi2", "default_system", "content", "' USER: ' + content",
-                           "' ASSISTANT: ' + content + '</s>'", "' ASSISTANT:'"),
-    "qwen2": _chat_template("qwen2", "'<|im_start|>system\\n' + default_system + '<|im_end|>\\n'",
-                            "'<|im_start|>system\\n' + content + '<|im_end|>\\n'",
-                            "'<|im_start|>user\\n' + content + '<|im_end|>\\n'",
-                            "'<|im_start|>assistant\\n' + content + '<|im_end|>\\n'", "'<|im_start|>assistant\\n'"),
-    "phi3": _chat_template("phi3", "'<|system|>\\n' + default_system + '<|end|>\\n'",
-                           "'<|system|>\\n' + content + '<|end|>\\n'", "'<|user|>\\n' + content + '<|end|>\\n'",
-                           "'<|assistant|>\\n' + content + '<|end|>\\n'", "'<|assistant|>\\n'"),
-    # no {{ bos_token }}: llama.cpp adds BOS itself (tokenizer.ggml.add_bos_token), as the PyTorch side does
-    "llama": _chat_template("llama", None, "content + ' '", "'USER: ' + content + ' '",
-                            "'ASSISTANT: ' + content + eos_token", "'ASSISTANT:'"),
-}
-
 
 @dataclass(frozen=True)
 class Source:
@@ -127,7 +44,7 @@ class Source:
 
 @dataclass
 class VisionSpec:
-    kind: str                      # "siglip" or "clip"
+    kind: str                      # the vision family's name (impq.families)
     config: PretrainedConfig       # num_hidden_layers = the layers that actually run
     stored_layers: int
     full_depth: int
@@ -139,6 +56,10 @@ class VisionSpec:
     has_class_token: bool
 
     @property
+    def family(self) -> VisionFamily:
+        return VISION_FAMILIES[self.kind]
+
+    @property
     def n_tokens(self) -> int:
         return (self.image_size // self.patch_size) ** 2
 
@@ -148,7 +69,7 @@ class ModelSpec:
     folder: Path
     name: str
     layout: str
-    family: str                    # phi2 | qwen2 | phi3 | llama
+    family: str                    # the text family's name (impq.families)
     text_config: PretrainedConfig
     vision: VisionSpec
     image_token: str
@@ -159,15 +80,23 @@ class ModelSpec:
     raw_config: dict = field(repr=False, default_factory=dict)
 
     @property
+    def text_family(self) -> TextFamily:
+        return TEXT_FAMILIES[self.family]
+
+    @property
     def prompt_template(self) -> str:
-        return PROMPT_TEMPLATES[self.family]
+        return self.text_family.prompt_template
 
     @property
     def chat_template(self) -> str:
-        return CHAT_TEMPLATES[self.family]
+        return self.text_family.chat_template
 
     def prompt(self, question: str) -> str:
         return self.prompt_template.replace("{question}", question)
+
+    def digest(self) -> str:
+        """sha256 of config.json and the weight files: what names the checkpoint in caches and artifacts."""
+        return sha256_files([self.folder / "config.json", *self.checkpoint.files])
 
     def shape(self, canonical: str) -> tuple[int, ...]:
         return self.tensors[canonical].shape(self.checkpoint)
@@ -228,7 +157,7 @@ def detect_layout(config: dict, keys: list[str], config_path: Path) -> str:
     model_type = config.get("model_type")
     if model_type == "llava" or "LlavaForConditionalGeneration" in config.get("architectures", []):
         return "llava-hf"
-    if model_type in ("imp", "imp_qwen2", "imp_phi3", "bunny-phi", "bunny-qwen2", "bunny-phi3"):
+    if text_family_of_imp(model_type) is not None:
         if any(k.startswith("transformer.h.") for k in keys):
             return "imp-phi2-msft"
         return "imp-llava"
@@ -236,44 +165,37 @@ def detect_layout(config: dict, keys: list[str], config_path: Path) -> str:
                                  f"{config.get('architectures')}); supported layouts: " + "; ".join(SUPPORTED_LAYOUTS))
 
 
-def _family(layout: str, config: dict) -> str:
+def _llava_default_text_type() -> str:
+    from transformers import LlavaConfig
+
+    return LlavaConfig().text_config.model_type
+
+
+def _family(layout: str, config: dict) -> TextFamily:
     if layout == "llava-hf":
-        text_type = config.get("text_config", {}).get("model_type", "llama")
-        if text_type not in ("llama", "mistral"):
-            raise ImpqError(None, f"llava-hf layout with a {text_type!r} text model is not supported (Llama only)")
-        return "llama"
-    return {"imp": "phi2", "bunny-phi": "phi2", "imp_qwen2": "qwen2", "bunny-qwen2": "qwen2",
-            "imp_phi3": "phi3", "bunny-phi3": "phi3"}[config["model_type"]]
+        # transformers' LlavaConfig builds its default text model where config.json names none
+        text_type = config.get("text_config", {}).get("model_type", _llava_default_text_type())
+        family = text_family_of_llava(text_type)
+        if family is None:
+            names = sorted(t for f in TEXT_FAMILIES.values() for t in f.llava_text_types)
+            raise ImpqError(None, f"llava-hf layout with a {text_type!r} text model is not supported "
+                                  f"({', '.join(names)} only)")
+        return family
+    return text_family_of_imp(config["model_type"])
 
 
 _CONFIG_DROP = {"model_type", "architectures", "auto_map", "transformers_version", "torch_dtype", "dtype",
                 "text_config", "vision_config"}
-# phi-msft era config keys -> transformers PhiConfig keys
-_MSFT_KEYS = {"n_embd": "hidden_size", "n_layer": "num_hidden_layers", "n_head": "num_attention_heads",
-              "n_inner": "intermediate_size", "n_positions": "max_position_embeddings",
-              "layer_norm_epsilon": "layer_norm_eps", "activation_function": "hidden_act"}
 
 
-def _text_config(family: str, config: dict) -> PretrainedConfig:
-    if family == "llama":
+def _text_config(layout: str, family: TextFamily, config: dict) -> PretrainedConfig:
+    if layout == "llava-hf":                   # the text model's config is nested
         values = dict(config.get("text_config", {}))
     else:
         values = {k: v for k, v in config.items() if k not in _CONFIG_DROP and not k.startswith("mm_")}
-    values = {k: v for k, v in values.items() if k not in _CONFIG_DROP}
-    if family == "phi2":
-        for old, new in _MSFT_KEYS.items():
-            if old in values:
-                values.setdefault(new, values.pop(old))
-        if values.get("intermediate_size") is None:
-            values["intermediate_size"] = 4 * values["hidden_size"]
-        if "rotary_dim" in values:
-            head_dim = values["hidden_size"] // values["num_attention_heads"]
-            values["partial_rotary_factor"] = values.pop("rotary_dim") / head_dim
-        if values.get("hidden_act") == "gelu_new" or "hidden_act" not in values:
-            values["hidden_act"] = "gelu_new"
-    cls = {"phi2": PhiConfig, "qwen2": Qwen2Config, "phi3": Phi3Config, "llama": LlamaConfig}[family]
+    values = family.config_values({k: v for k, v in values.items() if k not in _CONFIG_DROP})
     values.setdefault("pad_token_id", None)
-    return cls(**values)
+    return family.config_class(**values)
 
 
 def _vision_spec(layout: str, config: dict, ckpt: SafetensorsCheckpoint, tensors: dict[str, Source],
@@ -293,17 +215,14 @@ def _vision_spec(layout: str, config: dict, ckpt: SafetensorsCheckpoint, tensors
                   if (m := re.match(r"vision\.vision_model\.encoder\.layers\.(\d+)\.", name))})
     intermediate = shape("vision.vision_model.encoder.layers.0.mlp.fc1.weight")[0]
 
+    family = vision_family_of(has_class)
+    given = dict(config.get("vision_config", {}))
     if layout == "llava-hf":
-        given = dict(config.get("vision_config", {}))
-        kind = "siglip" if "siglip" in given.get("model_type", "") else "clip"
         select_layer = config.get("vision_feature_layer", -2)
         tower = {}
     else:
-        given = dict(config.get("vision_config", {}))
-        name = config.get("mm_vision_tower", "")
-        kind = "clip" if has_class else "siglip"
         select_layer = config.get("mm_vision_select_layer", -2)
-        tower = KNOWN_TOWERS.get(name, {})
+        tower = KNOWN_TOWERS.get(config.get("mm_vision_tower", ""), {})
     if not isinstance(select_layer, int) or select_layer >= 0:
         raise ImpqError(config_path, f"vision select layer {select_layer!r} is not supported (a negative index)")
     heads = given.get("num_attention_heads", tower.get("num_attention_heads"))
@@ -318,19 +237,15 @@ def _vision_spec(layout: str, config: dict, ckpt: SafetensorsCheckpoint, tensors
     if not 0 < run_layers <= stored:
         raise ImpqError(config_path.parent, f"vision tower stores {stored} layers but select layer {select_layer} "
                                             f"of a {full_depth}-layer tower needs {run_layers}")
-    eps = given.get("layer_norm_eps", tower.get("layer_norm_eps", 1e-6 if kind == "siglip" else 1e-5))
-    act = given.get("hidden_act", "gelu_pytorch_tanh" if kind == "siglip" else "quick_gelu")
-    common = dict(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=run_layers,
-                  num_attention_heads=heads, image_size=image_size, patch_size=patch_size, layer_norm_eps=eps,
-                  hidden_act=act, num_channels=3)
-    vcfg = SiglipVisionConfig(**common) if kind == "siglip" else CLIPVisionConfig(**common)
-
-    default_norm = (0.5, 0.5, 0.5) if kind == "siglip" else (0.48145466, 0.4578275, 0.40821073)
-    default_std = (0.5, 0.5, 0.5) if kind == "siglip" else (0.26862954, 0.26130258, 0.27577711)
-    mean = tuple(preprocessor.get("image_mean", default_norm))
-    std = tuple(preprocessor.get("image_std", default_std))
+    eps = given.get("layer_norm_eps", tower.get("layer_norm_eps", family.layer_norm_eps))
+    act = given.get("hidden_act", family.hidden_act)
+    vcfg = family.config_class(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=run_layers,
+                               num_attention_heads=heads, image_size=image_size, patch_size=patch_size,
+                               layer_norm_eps=eps, hidden_act=act, num_channels=3)
+    mean = tuple(preprocessor.get("image_mean", family.image_mean))
+    std = tuple(preprocessor.get("image_std", family.image_std))
     resize = "squash" if layout != "llava-hf" else "shortest_crop"
-    return VisionSpec(kind, vcfg, stored, full_depth, image_size, patch_size, mean, std, resize, has_class)
+    return VisionSpec(family.name, vcfg, stored, full_depth, image_size, patch_size, mean, std, resize, has_class)
 
 
 def _map_tensors(layout: str, ckpt: SafetensorsCheckpoint) -> dict[str, Source]:
@@ -356,9 +271,18 @@ def _map_tensors(layout: str, ckpt: SafetensorsCheckpoint) -> dict[str, Source]:
     return mapped
 
 
+def build_vision_model(vision: VisionSpec) -> nn.Module:
+    """The vision transformer itself (embeddings, encoder, layernorms), whose tensors are `vision.vision_model.*`."""
+    family = vision.family
+    for key, value in family.model_overrides.items():
+        setattr(vision.config, key, value)
+    tower = family.model_class(vision.config)
+    # older transformers wrap the transformer in `.vision_model`; 5.x does not
+    return getattr(tower, "vision_model", tower)
+
+
 def expected_shapes(spec_text_config: PretrainedConfig, vision: VisionSpec, projector_in: int) -> dict[str, tuple]:
     """Canonical name -> shape, from transformers' own modules built on the meta device (no memory)."""
-    from .lmm import build_vision_model  # local import: lmm depends on this module
     with torch.device("meta"):
         llm = AutoModelForCausalLM.from_config(spec_text_config)
         tower = build_vision_model(vision)
@@ -381,9 +305,9 @@ def read_spec(folder: str | Path) -> ModelSpec:
     layout = detect_layout(config, ckpt.keys(), config_path)
     family = _family(layout, config)
     try:
-        text_config = _text_config(family, config)
+        text_config = _text_config(layout, family, config)
     except (TypeError, ValueError, KeyError) as err:
-        raise ImpqError(config_path, f"cannot build the {family} text config ({err})") from None
+        raise ImpqError(config_path, f"cannot build the {family.name} text config ({err})") from None
     tensors = _map_tensors(layout, ckpt)
     preprocessor_path = folder / "preprocessor_config.json"
     preprocessor = read_json(preprocessor_path, "preprocessor config") if preprocessor_path.is_file() else {}
@@ -414,9 +338,9 @@ def read_spec(folder: str | Path) -> ModelSpec:
     index = config.get("image_token_index", config.get("image_token_id"))
     if index is None:
         raise ImpqError(config_path, "config.json names no image_token_index: the model has no image token")
-    tokenizer = TextTokenizer.from_folder(folder, family)
+    tokenizer = TextTokenizer.from_folder(folder, family.add_bos)
     if tokenizer.tokenizer.token_to_id(image_token) not in (None, int(index)):
         raise ImpqError(tokenizer.path, f"tokenizer's {image_token} is id {tokenizer.tokenizer.token_to_id(image_token)} "
                                         f"but config.json says image_token_index={index}")
-    return ModelSpec(folder, folder.resolve().name, layout, family, text_config, vision, image_token, int(index),
+    return ModelSpec(folder, folder.resolve().name, layout, family.name, text_config, vision, image_token, int(index),
                      tensors, ckpt, tokenizer, config)

@@ -9,23 +9,12 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 from torch import nn
-from transformers import AutoModelForCausalLM, CLIPVisionModel, SiglipVisionModel
+from transformers import AutoModelForCausalLM
 
 from ..memory import trim
-from .layouts import ModelSpec, VisionSpec, read_spec
+from .layouts import ModelSpec, build_vision_model, read_spec
 from .preprocess import normalized, to_model_square
 from .reduction import VisionReduction, pool_tokens
-
-
-def build_vision_model(vision: VisionSpec) -> nn.Module:
-    """The vision transformer itself (embeddings, encoder, layernorms), whose tensors are `vision.vision_model.*`."""
-    if vision.kind == "siglip":
-        vision.config.vision_use_head = False
-        tower = SiglipVisionModel(vision.config)
-    else:
-        tower = CLIPVisionModel(vision.config)
-    # older transformers wrap the transformer in `.vision_model`; 5.x does not
-    return getattr(tower, "vision_model", tower)
 
 
 @contextlib.contextmanager
@@ -52,6 +41,11 @@ class _StopForward(Exception):
 
 
 DECODER = "llm.model.layers."
+
+
+def decoder_name(index: int, module: str | None = None) -> str:
+    """The canonical name of decoder layer `index`, or of its linear layer `module`'s weight."""
+    return f"{DECODER}{index}" if module is None else f"{DECODER}{index}.{module}.weight"
 
 
 @dataclass
@@ -191,7 +185,7 @@ class LMM(nn.Module):
         model = self.vision
         interpolate = pixels.shape[-1] != self.spec.vision.image_size
         hidden = model.embeddings(pixels.to(self.vision_device, self.dtype), interpolate_pos_encoding=interpolate)
-        if self.spec.vision.kind == "clip":
+        if self.spec.vision.family.has_class_token:       # CLIP's pre-layernorm comes with its class token
             hidden = model.pre_layrnorm(hidden)
         hidden = model.encoder(inputs_embeds=hidden).last_hidden_state
         if self.spec.vision.has_class_token:

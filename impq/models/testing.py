@@ -18,21 +18,23 @@ from typing import Callable
 
 import torch
 from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
-from transformers import (AutoModelForCausalLM, CLIPVisionConfig, LlamaConfig, Phi3Config, PhiConfig, Qwen2Config,
-                          SiglipVisionConfig)
+from transformers import AutoModelForCausalLM
 
+from ..families import TEXT_FAMILIES, VISION_FAMILIES
 from ..fileio import atomic_output, ensure_writable_dir
-from .layouts import CHAT_TEMPLATES
-from .lmm import build_vision_model
+from .layouts import build_vision_model
 
 
 @dataclass(frozen=True)
 class VisionKind:
-    """The two fields of layouts.VisionSpec that build_vision_model reads."""
+    """The fields of layouts.VisionSpec that build_vision_model reads."""
     kind: str
     config: object
 
-TEST_LAYOUTS = ("imp-phi2", "imp-llava-phi2", "imp-qwen2", "imp-phi3", "llava-clip", "llava-siglip")
+    @property
+    def family(self):
+        return VISION_FAMILIES[self.kind]
+
 
 _CORPUS = """\
 A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, detailed,
@@ -44,27 +46,17 @@ A photo of a cat sitting on a mat next to a cup of coffee, taken on a sunny morn
 User questions ask about objects, colors, counts, positions, text and small details inside the picture.
 """
 
-_SPECIALS = {
-    "phi2": (["<|endoftext|>", "</s>", "<image>"], "<|endoftext|>", "</s>", False),
-    "qwen2": (["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>"], None, "<|im_end|>", False),
-    "phi3": (["<unk>", "<s>", "</s>", "<|endoftext|>", "<|system|>", "<|end|>", "<|user|>", "<|assistant|>",
-              "<image>"], "<s>", "<|end|>", True),
-    "llama": (["<s>", "</s>", "<image>"], "<s>", "</s>", True),
-}
-
-
-# the families whose real checkpoints carry a SentencePiece vocabulary (Phi-3-mini's and Llama-2's tokenizer.model)
-SENTENCEPIECE_FAMILIES = ("phi3", "llama")
 # text the SentencePiece test vocabulary also covers: repeated spaces and non-ASCII words. Lines hold no newline, as
 # in Llama-2's training text: "\n" is left to byte fallback (<0x0A>), as in the real vocabularies.
 _SPM_EXTRA = ["Two  spaces,   three spaces.", "Café crème, naïve façade, 東京 and Zürich."]
 
 
 def _add_specials(tok: Tokenizer, family: str) -> Tokenizer:
-    # Phi-3's chat tokens strip the whitespace after them (llama.cpp applies the same rule to Phi-3 vocabularies)
-    rstrip = {"<unk>", "<s>", "<|endoftext|>"} if family == "phi3" else None
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False, rstrip=rstrip is not None and t not in rstrip)
-                            for t in _SPECIALS[family][0]])
+    # some families' chat tokens strip the whitespace after them (llama.cpp applies the same rule to Phi-3's)
+    tokens = TEXT_FAMILIES[family].test_tokens
+    keep = tokens.rstrip_except
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False, rstrip=keep is not None and t not in keep)
+                            for t in tokens.specials])
     return tok
 
 
@@ -124,15 +116,10 @@ SMALL = Dims(hidden=64, layers=2, heads=4, kv_heads=4, intermediate=160, v_hidde
 IMP_V1_3B = Dims(hidden=2560, layers=32, heads=32, kv_heads=32, intermediate=10240, v_hidden=1152,
                  v_intermediate=4304, v_heads=16, v_layers_stored=26, image_size=384, patch=14, vocab_rows=51200)
 
-# layout -> (family, checkpoint naming, vision kind, Imp-style truncated tower?)
-_LAYOUT_KINDS = {
-    "imp-phi2": ("phi2", "imp-phi2-msft", "siglip", True),
-    "imp-llava-phi2": ("phi2", "imp-llava", "siglip", False),
-    "imp-qwen2": ("qwen2", "imp-llava", "siglip", False),
-    "imp-phi3": ("phi3", "imp-llava", "siglip", False),
-    "llava-clip": ("llama", "llava-hf", "clip", False),
-    "llava-siglip": ("llama", "llava-hf", "siglip", False),
-}
+# test layout -> (text family, its TestCheckpoint): every family record's test checkpoints
+_TEST_CHECKPOINTS = {c.name: (f.name, c) for f in TEXT_FAMILIES.values() for c in f.test_checkpoints}
+
+TEST_LAYOUTS = tuple(_TEST_CHECKPOINTS)
 
 # canonical name -> checkpoint name, per naming (the inverse of layouts._RULES)
 _WRITE_NAMES = {
@@ -167,21 +154,16 @@ def _text_config(family: str, d: Dims, vocab_rows: int, special_ids: dict):
                   intermediate_size=d.intermediate, vocab_size=vocab_rows, max_position_embeddings=2048,
                   bos_token_id=special_ids.get("bos"), eos_token_id=special_ids.get("eos"), pad_token_id=None,
                   tie_word_embeddings=False)
-    if family == "phi2":
-        return PhiConfig(**common, partial_rotary_factor=0.5, layer_norm_eps=1e-5, hidden_act="gelu_new")
-    if family == "qwen2":
-        return Qwen2Config(**common, num_key_value_heads=d.kv_heads, rope_theta=1e6, rms_norm_eps=1e-6)
-    if family == "phi3":
-        return Phi3Config(**common, num_key_value_heads=d.kv_heads, rms_norm_eps=1e-5, sliding_window=None)
-    return LlamaConfig(**common, num_key_value_heads=max(1, d.kv_heads // 2), rms_norm_eps=1e-5)
+    record = TEXT_FAMILIES[family]
+    return record.config_class(**common, **record.test_config(d.kv_heads))
 
 
 def _vision_config(kind: str, d: Dims):
-    common = dict(hidden_size=d.v_hidden, intermediate_size=d.v_intermediate, num_attention_heads=d.v_heads,
-                  num_hidden_layers=d.v_layers_stored, image_size=d.image_size, patch_size=d.patch)
-    if kind == "siglip":
-        return SiglipVisionConfig(**common, layer_norm_eps=1e-6, hidden_act="gelu_pytorch_tanh", vision_use_head=False)
-    return CLIPVisionConfig(**common, layer_norm_eps=1e-5, hidden_act="quick_gelu", projection_dim=d.v_hidden)
+    family = VISION_FAMILIES[kind]
+    return family.config_class(hidden_size=d.v_hidden, intermediate_size=d.v_intermediate,
+                               num_attention_heads=d.v_heads, num_hidden_layers=d.v_layers_stored,
+                               image_size=d.image_size, patch_size=d.patch, layer_norm_eps=family.layer_norm_eps,
+                               hidden_act=family.hidden_act, **family.test_config(d.v_hidden))
 
 
 def _init_std(name: str, shape: tuple[int, ...]) -> tuple[float, float]:
@@ -266,14 +248,16 @@ def make_model(layout: str, out: str | Path, *, full_size: bool = False, seed: i
                values: Callable[[str], torch.Tensor] | None = None) -> Path:
     """Write a checkpoint folder of `layout` (one of TEST_LAYOUTS) to `out`: random weights, or `values(canonical
     name)` (a trained model's tensors, see layouts.py for the canonical names)."""
-    family, naming, kind, truncated_tower = _LAYOUT_KINDS[layout]
+    family, checkpoint = _TEST_CHECKPOINTS[layout]
+    naming, kind, truncated_tower = checkpoint.naming, checkpoint.vision, checkpoint.truncated_tower
     dims = dims or (IMP_V1_3B if full_size else SMALL)
     out = ensure_writable_dir(Path(out))
     sentencepiece_model = None
-    if tokenizer is None and family in SENTENCEPIECE_FAMILIES:
+    record = TEXT_FAMILIES[family]
+    if tokenizer is None and record.tokenizer_kind == "sentencepiece":
         tokenizer, sentencepiece_model = build_sentencepiece_tokenizer(family)
     tokenizer = tokenizer or build_tokenizer(family)
-    specials, bos, eos, add_bos = _SPECIALS[family]
+    bos, eos, add_bos = record.test_tokens.bos, record.test_tokens.eos, record.test_tokens.add_bos
     n_tokens = tokenizer.get_vocab_size()
     vocab_rows = dims.vocab_rows or -(-n_tokens // 32) * 32
     ids = {"bos": tokenizer.token_to_id(bos) if bos else None, "eos": tokenizer.token_to_id(eos)}
@@ -290,9 +274,8 @@ def make_model(layout: str, out: str | Path, *, full_size: bool = False, seed: i
                   "vision_feature_select_strategy": "default", "projector_hidden_act": "gelu"}
     else:
         config = text_cfg.to_dict()
-        config["model_type"] = {"phi2": "imp", "qwen2": "imp_qwen2", "phi3": "imp_phi3"}[family]
-        config["architectures"] = [{"phi2": "ImpForCausalLM", "qwen2": "ImpQwen2ForCausalLM",
-                                    "phi3": "ImpPhi3ForCausalLM"}[family]]
+        config["model_type"] = record.imp_model_types[0]
+        config["architectures"] = [record.imp_architecture]
         config.update(mm_projector_type="mlp2x_gelu", mm_hidden_size=dims.v_hidden, mm_vision_select_layer=-2,
                       mm_vision_select_feature="patch", image_aspect_ratio="square", image_token_index=image_id,
                       tokenizer_model_max_length=2048)
@@ -312,14 +295,13 @@ def make_model(layout: str, out: str | Path, *, full_size: bool = False, seed: i
         (out / "tokenizer.model").write_bytes(sentencepiece_model)
     (out / "tokenizer_config.json").write_text(json.dumps({
         "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": bos, "eos_token": eos,
-        "add_bos_token": add_bos, "model_max_length": 2048, "chat_template": CHAT_TEMPLATES[family]}, indent=2))
-    if naming == "llava-hf" or kind == "clip":
-        vc = _vision_config(kind, dims)
-        mean = [0.5] * 3 if kind == "siglip" else [0.48145466, 0.4578275, 0.40821073]
-        std = [0.5] * 3 if kind == "siglip" else [0.26862954, 0.26130258, 0.27577711]
+        "add_bos_token": add_bos, "model_max_length": 2048, "chat_template": record.chat_template}, indent=2))
+    if naming == "llava-hf":                  # transformers' processors read it; Imp takes the tower's defaults
+        vision = VISION_FAMILIES[kind]
         (out / "preprocessor_config.json").write_text(json.dumps(
-            {"image_mean": mean, "image_std": std, "size": {"shortest_edge": vc.image_size},
-             "crop_size": {"height": vc.image_size, "width": vc.image_size}}, indent=2))
+            {"image_mean": list(vision.image_mean), "image_std": list(vision.image_std),
+             "size": {"shortest_edge": vision_cfg.image_size},
+             "crop_size": {"height": vision_cfg.image_size, "width": vision_cfg.image_size}}, indent=2))
     _write_weights(out, plan, seed, shard_bytes, progress, values)
     return out
 

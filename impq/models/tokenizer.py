@@ -27,7 +27,8 @@ class TextTokenizer:
     path: Path
 
     @classmethod
-    def from_folder(cls, folder: Path, family: str) -> "TextTokenizer":
+    def from_folder(cls, folder: Path, add_bos: bool) -> "TextTokenizer":
+        """`add_bos`: the family's default where tokenizer_config.json does not say."""
         path = folder / "tokenizer.json"
         if not path.is_file():
             raise ImpqError(path, "missing tokenizer (only tokenizer.json fast tokenizers are read)")
@@ -43,8 +44,8 @@ class TextTokenizer:
             text = _token_text(config.get(key))
             return None if text is None else tokenizer.token_to_id(text)
 
-        add_bos = bool(config.get("add_bos_token", family == "llama"))
-        return cls(tokenizer, raw, token_id("bos_token"), token_id("eos_token"), add_bos, path)
+        return cls(tokenizer, raw, token_id("bos_token"), token_id("eos_token"),
+                   bool(config.get("add_bos_token", add_bos)), path)
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False).ids

@@ -1,5 +1,5 @@
 """Types per tensor group under a size budget, minimising the predicted total KLD (the sum of each group's measured
-sensitivity at its type, quant/sensitivity.py).
+sensitivity at its type, measure/sensitivity.py).
 
 Solver: the multiple-choice knapsack, solved exactly by dynamic programming over the budget in units of at most
 1/20000 of it. Each option's bytes are rounded up to whole units, so the choice never exceeds the budget, and it is

@@ -2,10 +2,10 @@
 so that quantizing W*s loses less of the outputs on salient channels; 1/s is folded into the operation that
 produces the group's input, so that before quantization the model computes exactly what it did.
 
-Where 1/s can be folded (the tables below): a layer norm before q/k/v (and fc1 too in Phi-2's parallel block),
-the value projection's rows before the output projection (when every head has its own value), the up
-projection's rows before the down projection (SwiGLU multiplies them elementwise). Phi-2's fc2 follows a GELU
-and cannot take a folded scale, so it is left unscaled.
+Where 1/s can be folded (each text family's awq_groups, impq.families): a layer norm before q/k/v (and fc1 too
+in a parallel block), the value projection's rows before the output projection (when every head has its own
+value), the up projection's rows before the down projection (SwiGLU multiplies them elementwise). A linear after
+a GELU cannot take a folded scale and is left unscaled.
 
 After scaling, AWQ's clipping search shrinks each row's largest magnitudes per grid block where that lowers the
 layer's output error on the sampled inputs (query and key projections excepted, as in AWQ: their errors are
@@ -14,45 +14,22 @@ amplified by the attention softmax and the search on outputs misjudges them).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
+from ..families import TEXT_FAMILIES, ScaleGroup
 from .error import output_error
-from .grids import LegacyGrid
-
-
-@dataclass(frozen=True)
-class ScaleGroup:
-    prev: str                    # module whose output feeds the group
-    prev_rows: str               # "all", or "last-half" / "last-third" of a fused linear's output rows
-    linears: tuple[str, ...]
-
-
-SCALE_GROUPS = {
-    "phi2": (ScaleGroup("input_layernorm", "all", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
-                                                   "mlp.fc1")),
-             ScaleGroup("self_attn.v_proj", "all", ("self_attn.dense",))),
-    "qwen2": (ScaleGroup("input_layernorm", "all", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
-              ScaleGroup("self_attn.v_proj", "all", ("self_attn.o_proj",)),
-              ScaleGroup("post_attention_layernorm", "all", ("mlp.gate_proj", "mlp.up_proj")),
-              ScaleGroup("mlp.up_proj", "all", ("mlp.down_proj",))),
-    "phi3": (ScaleGroup("input_layernorm", "all", ("self_attn.qkv_proj",)),
-             ScaleGroup("self_attn.qkv_proj", "last-third", ("self_attn.o_proj",)),
-             ScaleGroup("post_attention_layernorm", "all", ("mlp.gate_up_proj",)),
-             ScaleGroup("mlp.gate_up_proj", "last-half", ("mlp.down_proj",))),
-}
-SCALE_GROUPS["llama"] = SCALE_GROUPS["qwen2"]
+from .grids import Grid
 
 
 def usable_groups(family: str, layer: nn.Module) -> list[ScaleGroup]:
-    """The groups whose fold is exact for this layer: a value-to-output fold needs as many value heads as heads."""
+    """The text family's groups whose fold is exact for this layer: a value-to-output fold needs as many value
+    heads as heads."""
     groups = []
     attn = layer.self_attn
     heads = attn.config.num_attention_heads
     kv_heads = getattr(attn.config, "num_key_value_heads", None) or heads
-    for group in SCALE_GROUPS[family]:
+    for group in TEXT_FAMILIES[family].awq_groups:
         if ("v_proj" in group.prev or group.prev_rows == "last-third") and kv_heads != heads:
             continue
         groups.append(group)
@@ -91,7 +68,7 @@ def sampled_rows(weight: torch.Tensor, count: int = SEARCH_ROWS) -> torch.Tensor
 
 @torch.no_grad()
 def search_scales(layer: nn.Module, group: ScaleGroup, x_mean: torch.Tensor, hessian: torch.Tensor,
-                  grids: dict[str, LegacyGrid | None], n_grid: int = 20) -> tuple[torch.Tensor, float]:
+                  grids: dict[str, Grid | None], n_grid: int = 20) -> tuple[torch.Tensor, float]:
     """Scales s = mean|x|^alpha, alpha on a grid in [0, 1), minimising the group's output error after quantizing
     each W*s onto its own grid (`grids`: linear name -> grid; one group can span tensors of different grids, and a
     tensor planned at no grid keeps its float weights), scored on sampled rows of each W. `x_mean`: the group's
@@ -125,7 +102,7 @@ NOT_CLIPPED = ("q_proj", "k_proj", "qkv_proj")
 
 
 @torch.no_grad()
-def search_clip(name: str, weight: torch.Tensor, hessian: torch.Tensor, grid: LegacyGrid) -> torch.Tensor:
+def search_clip(name: str, weight: torch.Tensor, hessian: torch.Tensor, grid: Grid) -> torch.Tensor:
     """`weight` with each (row, block) clipped to the ratio of its largest magnitude that minimises the block's
     share of the output error, d_b H_bb d_b^T with H_bb the block's diagonal block of the inputs' mean x^T x
     (the sum over calibration tokens of (x_b d_b^T)^2, every token counted). Every ratio is scored with the

@@ -15,10 +15,10 @@ from torch import nn
 
 from ..errors import ImpqError
 from ..memory import trim
-from ..models.lmm import LMM
+from ..models.lmm import LMM, decoder_name
 from .awq import apply_scales, sampled_rows, search_clip, search_scales, usable_groups
 from .error import output_error
-from .grids import BlockParams, LegacyGrid
+from .grids import BlockParams, Grid
 from .gptq import NotPositiveDefinite, gptq
 from .plan import Plan
 from .rtn import rtn
@@ -36,14 +36,14 @@ class QuantizedTensor:
     stored_codes: torch.Tensor
     shape: tuple[int, ...]
     params: BlockParams
-    grid: LegacyGrid
+    grid: Grid
     relative_error: float          # tr(dW H dW^T) / tr(W H W^T): output error on the calibration inputs
                                    # (on up to ERROR_ROWS sampled output rows)
     awq_alpha: float | None = None  # the AWQ exponent chosen for this layer's scale group
     nibbles: bool = False
 
     @classmethod
-    def store(cls, codes: torch.Tensor, params: BlockParams, grid: LegacyGrid, relative_error: float,
+    def store(cls, codes: torch.Tensor, params: BlockParams, grid: Grid, relative_error: float,
               awq_alpha: float | None = None) -> "QuantizedTensor":
         codes = codes.cpu()
         if codes.numel() % 2 == 0 and codes.numel() and int(codes.min()) >= 0 and int(codes.max()) <= 15:
@@ -146,10 +146,10 @@ def quantize_llm(lmm: LMM, embeddings: list[torch.Tensor], plan: Plan, method: s
             lmm.load_block(index)
         layer.to(device)
         if not all(torch.isfinite(hidden).all() for hidden, _ in inputs):
-            raise ImpqError(None, f"llm.model.layers.{index}: its calibration inputs are not finite (stage: "
+            raise ImpqError(None, f"{decoder_name(index)}: its calibration inputs are not finite (stage: "
                                   f"quantize, after {'the embeddings' if index == 0 else f'layer {index - 1}'})")
         linears = {name: m for name, m in layer.named_modules() if isinstance(m, nn.Linear)}
-        grids = {name: plan[f"llm.model.layers.{index}.{name}.weight"].grid for name in linears}
+        grids = {name: plan[decoder_name(index, name)].grid for name in linears}
         hessians = {name: torch.zeros(m.in_features, m.in_features, dtype=torch.float64, device=device)
                     for name, m in linears.items()}
         counts = dict.fromkeys(linears, 0)
@@ -209,7 +209,7 @@ def quantize_llm(lmm: LMM, embeddings: list[torch.Tensor], plan: Plan, method: s
         del hessians
         outputs = None      # the next block's inputs, where learned rounding's final scoring has computed them
         if method in ("gptq", "signround"):
-            fits = {name: _gptq(f"llm.model.layers.{index}.{name}.weight", m.weight.float(), hessian[name],
+            fits = {name: _gptq(decoder_name(index, name), m.weight.float(), hessian[name],
                                 grids[name], gptq_options or {}) for name, m in quantizable.items()}
             rounded = {name: (fit.codes, fit.params) for name, fit in fits.items()}
             if method == "signround":
@@ -237,14 +237,14 @@ def quantize_llm(lmm: LMM, embeddings: list[torch.Tensor], plan: Plan, method: s
             module, H, grid = quantizable[name], hessian[name], grids[name]
             Q = grid.values(codes, params)
             if not torch.isfinite(Q).all():          # what the file would hold, dequantized: never written broken
-                raise ImpqError(None, f"llm.model.layers.{index}.{name}.weight: the {method} fit onto {grid.name} "
+                raise ImpqError(None, f"{decoder_name(index, name)}: the {method} fit onto {grid.name} "
                                       f"gave non-finite weights (stage: quantize)")
             # on sampled rows: each row's error is its own sum, and on every row the two traces cost 2 x rows x
             # cols^2 (1 TFLOP per Phi-2 block, as much as its forward passes)
             W = sampled_rows(module.weight.float(), ERROR_ROWS)
             error = output_error(W - sampled_rows(Q, ERROR_ROWS), H) / max(output_error(W, H), 1e-30)
             module.weight.copy_(Q.to(module.weight.dtype))
-            result.tensors[f"llm.model.layers.{index}.{name}.weight"] = QuantizedTensor.store(
+            result.tensors[decoder_name(index, name)] = QuantizedTensor.store(
                 codes, params.to("cpu"), grid, error, alphas.get(name))
         if outputs is None:
             with autocast():

@@ -12,7 +12,7 @@ from typing import NamedTuple
 import torch
 
 from ..errors import ImpqError
-from .grids import BlockParams, LegacyGrid
+from .grids import BlockParams, Grid
 
 
 LAZY = 32                    # columns per chunk of a block's error updates (see below)
@@ -45,7 +45,7 @@ def inverse_factor(H: torch.Tensor, damp: float, retries: int = 4) -> torch.Tens
                                     f"{damp * 10 ** retries:g}")
 
 
-def gptq(weight: torch.Tensor, hessian: torch.Tensor, grid: LegacyGrid, *, block_size: int = 128,
+def gptq(weight: torch.Tensor, hessian: torch.Tensor, grid: Grid, *, block_size: int = 128,
          damp: float = 0.01, act_order: bool = False, static_groups: bool = False) -> GPTQFit:
     rows, cols = weight.shape
     W = weight.clone().float()

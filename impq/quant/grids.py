@@ -1,26 +1,24 @@
-"""Target grids: the exact sets of values a format can hold, and how a grid's codes are packed into its bytes.
+"""Target grids: the exact sets of values a format can hold, and their arithmetic.
 
 A grid never knows which algorithm chose its values. Algorithms call:
   `fit(w, importance)`  -> per-block parameters (scale, and min for asymmetric grids), already rounded to the
                            format's storage precision (fp16), chosen by an importance-weighted error search;
   `codes(w, params)`    -> the integer codes of w on that grid (round to nearest, clamped);
-  `values(codes, params)` -> what a reader of the file computes from them, bit for bit;
-  `pack(codes, params)` -> the GGUF block bytes.
+  `values(codes, params)` -> what a reader of the file computes from them, bit for bit.
 Blocks run along the input dimension (a weight row's consecutive `block` columns), as in GGUF.
 
-GGUF grids: the 32-wide legacy blocks (Q8_0, Q5_0, Q5_1, Q4_0, Q4_1) and the 256-wide k-quants (Q6_K ... Q2_K).
-Their packers are written here because gguf-py quantizes only by plain round-to-nearest: impq must store
-codes and scales that its own algorithms chose. gguf-py's dequantizers and llama.cpp's `dequantize_row_*`
-are the tests' oracles. Integer grids (`IntegerGrid`: int2-int8, one fp16 scale and an integer zero point per
-group) are the grid of GPTQ, AWQ and compressed-tensors safetensors; their packing lives in
-`impq.export.safetensors_layouts`.
+GGUF grids: the 32-wide legacy blocks (Q8_0, Q5_0, Q5_1, Q4_0, Q4_1) and the 256-wide k-quants (Q6_K ... Q2_K),
+packed by impq.export.gguf_blocks. Integer grids (`IntegerGrid`: int2-int8, one fp16 scale and an integer zero
+point per group) are the grid of GPTQ, AWQ and compressed-tensors safetensors, packed by the layouts of
+impq.export.safetensors_layouts. Each packer's oracle test sits beside it (tests/test_gguf_blocks.py,
+tests/test_safetensors.py).
 """
 
 from __future__ import annotations
 
 import math
-
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import gguf
 import numpy as np
@@ -86,6 +84,29 @@ def _integer_scales(values: torch.Tensor, top: torch.Tensor, lo: int, hi: int) -
     return d, torch.where(d.unsqueeze(-1) == 0, torch.zeros_like(q), q)
 
 
+class Grid(Protocol):
+    """What an algorithm may know of a grid: its shape, code range and capabilities, and its arithmetic; never
+    which format it is (RTN, GPTQ, AWQ and learned rounding take any grid)."""
+
+    name: str
+    block: int                  # columns fitted together
+    sub: int                    # columns sharing one (scale, minimum)
+    qmin: int                   # the code range
+    qmax: int
+    tunable_scales: bool        # a block's scale may take any fp16 value (k-quants: integer sub-block scales)
+
+    def fit(self, w: torch.Tensor, importance: torch.Tensor | None = None, steps: int = 24) -> BlockParams: ...
+
+    def codes(self, w: torch.Tensor, params: BlockParams) -> torch.Tensor: ...
+
+    def values(self, codes: torch.Tensor, params: BlockParams) -> torch.Tensor: ...
+
+    def column(self, w: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor | None
+               ) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def shrink(self, params: BlockParams, ratio: float) -> BlockParams: ...
+
+
 class LegacyGrid:
     """32-wide blocks with one fp16 scale (and an fp16 minimum when asymmetric).
 
@@ -95,6 +116,7 @@ class LegacyGrid:
 
     block = 32          # columns fitted together
     sub = 32            # columns sharing one (scale, minimum)
+    tunable_scales = True
 
     def __init__(self, qtype: QType, bits: int, symmetric: bool):
         self.qtype, self.bits, self.symmetric = qtype, bits, symmetric
@@ -179,26 +201,6 @@ class LegacyGrid:
         m = lo + (hi - lo) * shrink_lo
         return BlockParams(_fp16((hi - (hi - lo) * shrink_hi - m) / self.qmax), _fp16(m))
 
-    def pack(self, codes: torch.Tensor, params: BlockParams) -> np.ndarray:
-        """GGUF bytes, [rows, blocks * bytes_per_block]."""
-        rows, cols = codes.shape
-        nb = cols // self.block
-        q = codes.reshape(rows, nb, self.block).numpy()
-        parts = [params.scale.numpy().astype(np.float16).view(np.uint8).reshape(rows, nb, 2)]
-        if not self.symmetric:
-            parts.append(params.minimum.numpy().astype(np.float16).view(np.uint8).reshape(rows, nb, 2))
-        if self.qtype == QType.Q8_0:
-            parts.append(q.astype(np.int8).view(np.uint8))
-        else:
-            low = (q & 0xF).astype(np.uint8)
-            if self.bits == 5:
-                high = ((q >> 4) & 1).astype(np.uint32)
-                qh = (high << np.arange(32, dtype=np.uint32)).sum(-1, dtype=np.uint32)
-                parts.append(qh.astype("<u4").view(np.uint8).reshape(rows, nb, 4))
-            # byte j holds element j in its low nibble and element j + 16 in its high nibble
-            parts.append(low[..., :16] | (low[..., 16:] << 4))
-        return np.concatenate(parts, axis=-1).reshape(rows, -1)
-
 
 GRIDS = {
     "q8_0": LegacyGrid(QType.Q8_0, 8, True),
@@ -221,6 +223,7 @@ class KQuantGrid(LegacyGrid):
     """
 
     block = 256
+    tunable_scales = False      # sub-block scales are small integers times the super-block scale
 
     def __init__(self, qtype: QType, bits: int, symmetric: bool, sub: int, scale_levels: int):
         super().__init__(qtype, bits, symmetric)
@@ -296,56 +299,6 @@ class KQuantGrid(LegacyGrid):
         errors.append((weights * (start_values - x).square()).sum(-1))
         return _best_per_block(candidates, errors)
 
-    def pack(self, codes: torch.Tensor, params: BlockParams) -> np.ndarray:
-        rows, cols = codes.shape
-        n_super = cols // self.block
-        q = codes.reshape(rows, n_super, self.block).numpy().astype(np.uint8)
-        d = params.extra["d"].numpy().astype(np.float16).view(np.uint8).reshape(rows, n_super, 2)
-        if self.qtype in (QType.Q2_K, QType.Q3_K):
-            # qs byte n*32 + l holds, at bit shift 2j, element n*128 + j*32 + l (low two bits of its code)
-            grouped = q.reshape(rows, n_super, 2, 4, 32)               # [.., half n, j, l]
-            qs = ((grouped & 3) << (2 * np.arange(4, dtype=np.uint8)).reshape(1, 1, 1, 4, 1)).sum(3, dtype=np.uint8)
-            qs = qs.reshape(rows, n_super, 64)
-            if self.qtype == QType.Q2_K:
-                sc = params.extra["sc"].numpy().astype(np.uint8).reshape(rows, n_super, 16)
-                m = params.extra["m"].numpy().astype(np.uint8).reshape(rows, n_super, 16)
-                dmin = params.extra["dmin"].numpy().astype(np.float16).view(np.uint8).reshape(rows, n_super, 2)
-                parts = [sc | (m << 4), qs, d, dmin]
-            else:
-                # hmask byte l, bit n*4 + j: the third bit of element n*128 + j*32 + l
-                third = ((grouped >> 2) & 1).reshape(rows, n_super, 8, 32)
-                hmask = (third << np.arange(8, dtype=np.uint8).reshape(1, 1, 8, 1)).sum(2, dtype=np.uint8)
-                s6 = (params.extra["sc"].numpy() + 32).astype(np.uint8).reshape(rows, n_super, 16)
-                low, high = s6 & 0xF, s6 >> 4
-                scales = np.concatenate([low[..., 0:4] | (low[..., 8:12] << 4), low[..., 4:8] | (low[..., 12:16] << 4),
-                                         high[..., 0:4] | (high[..., 4:8] << 2) | (high[..., 8:12] << 4)
-                                         | (high[..., 12:16] << 6)], -1)
-                parts = [hmask, qs, scales, d]
-        elif self.qtype == QType.Q6_K:
-            halves = q.reshape(rows, n_super, 2, 4, 32)            # [.., half, quarter k, l]
-            low, high = halves & 0xF, halves >> 4
-            ql = np.concatenate([low[..., 0, :] | (low[..., 2, :] << 4), low[..., 1, :] | (low[..., 3, :] << 4)], -1)
-            qh = high[..., 0, :] | (high[..., 1, :] << 2) | (high[..., 2, :] << 4) | (high[..., 3, :] << 6)
-            sc = params.extra["sc"].numpy().astype(np.int8).view(np.uint8).reshape(rows, n_super, 16)
-            parts = [ql.reshape(rows, n_super, 128), qh.reshape(rows, n_super, 64), sc, d]
-        else:
-            dmin = params.extra["dmin"].numpy().astype(np.float16).view(np.uint8).reshape(rows, n_super, 2)
-            sc = params.extra["sc"].numpy().astype(np.uint8).reshape(rows, n_super, 8)
-            m = params.extra["m"].numpy().astype(np.uint8).reshape(rows, n_super, 8)
-            scales = np.concatenate([
-                (sc[..., :4] & 63) | ((sc[..., 4:] >> 4) << 6),
-                (m[..., :4] & 63) | ((m[..., 4:] >> 4) << 6),
-                (sc[..., 4:] & 0xF) | ((m[..., 4:] & 0xF) << 4)], -1)
-            subs = q.reshape(rows, n_super, 4, 2, 32)               # [.., chunk, low/high, l]
-            qs = ((subs[..., 0, :] & 0xF) | ((subs[..., 1, :] & 0xF) << 4)).reshape(rows, n_super, 128)
-            parts = [d, dmin, scales]
-            if self.qtype == QType.Q5_K:
-                fifth = (q.reshape(rows, n_super, 8, 32) >> 4) & 1
-                qh = (fifth << np.arange(8, dtype=np.uint8).reshape(1, 1, 8, 1)).sum(2, dtype=np.uint8)
-                parts.append(qh)
-            parts.append(qs)
-        return np.concatenate(parts, axis=-1).reshape(rows, -1)
-
 
 GRIDS.update({
     "q6_k": KQuantGrid(QType.Q6_K, 6, True, 16, 127),
@@ -400,6 +353,3 @@ class IntegerGrid(LegacyGrid):
         high = blocks.amax(-1).clamp(min=0) * (1 - shrink_hi)
         scale = _fp16((high - low) / self.qmax)
         return BlockParams(scale, torch.round(-low / scale.clamp_min(1e-30)).clamp(self.qmin, self.qmax))
-
-    def pack(self, codes: torch.Tensor, params: BlockParams) -> np.ndarray:
-        raise TypeError("integer grids are packed by a safetensors layout (impq.export.safetensors_layouts)")

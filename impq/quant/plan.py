@@ -15,15 +15,16 @@ from dataclasses import dataclass
 from torch import nn
 
 from ..errors import ImpqError
-from .grids import GRIDS, LegacyGrid
+from ..models.lmm import decoder_name
+from .grids import GRIDS, Grid
 
 WIDTH_FALLBACK = {"q2_k": "q4_0", "q3_k": "q4_0", "q4_k": "q5_0", "q5_k": "q5_1", "q6_k": "q8_0"}
 
 
 @dataclass(frozen=True)
 class TensorPlan:
-    grid: LegacyGrid | None        # None: kept at the export's float type
-    requested: LegacyGrid
+    grid: Grid | None        # None: kept at the export's float type
+    requested: Grid
     in_features: int
     out_features: int
 
@@ -40,7 +41,7 @@ class TensorPlan:
 Plan = dict[str, TensorPlan]       # canonical tensor name -> plan
 
 
-def fitting_grid(grid: LegacyGrid, width: int) -> LegacyGrid | None:
+def fitting_grid(grid: Grid, width: int) -> Grid | None:
     """`grid`, or its width fallback (repeatedly) until its blocks fill `width`; None where none does."""
     while width % grid.block:
         name = WIDTH_FALLBACK.get(grid.name.lower())
@@ -50,7 +51,7 @@ def fitting_grid(grid: LegacyGrid, width: int) -> LegacyGrid | None:
     return grid
 
 
-def plan_llm(llm: nn.Module, grid: LegacyGrid, overrides: list[tuple[str, LegacyGrid]] = (),
+def plan_llm(llm: nn.Module, grid: Grid, overrides: list[tuple[str, Grid]] = (),
              aliases: dict[str, str] | None = None) -> Plan:
     """The plan for every linear layer of the decoder blocks: `grid`, or the grid of the last override whose regular
     expression matches the tensor (searched in its canonical name and in its alias, the GGUF name, as
@@ -61,7 +62,7 @@ def plan_llm(llm: nn.Module, grid: LegacyGrid, overrides: list[tuple[str, Legacy
         for name, module in layer.named_modules():
             if not isinstance(module, nn.Linear):
                 continue
-            canonical = f"llm.model.layers.{index}.{name}.weight"
+            canonical = decoder_name(index, name)
             requested = grid
             for pattern, override in overrides:
                 if re.search(pattern, canonical) or re.search(pattern, aliases.get(canonical, "")):

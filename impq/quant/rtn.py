@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import torch
 
-from .grids import BlockParams, LegacyGrid
+from .grids import BlockParams, Grid
 
 
-def rtn(weight: torch.Tensor, hessian: torch.Tensor | None, grid: LegacyGrid) -> tuple[torch.Tensor, BlockParams]:
+def rtn(weight: torch.Tensor, hessian: torch.Tensor | None, grid: Grid) -> tuple[torch.Tensor, BlockParams]:
     importance = None if hessian is None else torch.diagonal(hessian).clamp_min(1e-8)
     params = grid.fit(weight, importance)
     return grid.codes(weight, params), params

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from .grids import BlockParams, KQuantGrid, LegacyGrid, _fp16
+from .grids import BlockParams, Grid, _fp16
 
 ITERATIONS = 200
 BATCH = 4                    # calibration sequences per step
@@ -43,19 +43,19 @@ BATCH = 4                    # calibration sequences per step
 PRECISION = torch.bfloat16
 
 
-def _per_column(t: torch.Tensor, grid: LegacyGrid, cols: int) -> torch.Tensor:
+def _per_column(t: torch.Tensor, grid: Grid, cols: int) -> torch.Tensor:
     return t.repeat_interleave(grid.sub, dim=1)[:, :cols]
 
 
 class LearnedRounding(nn.Module):
     """One linear layer's trainable rounding offsets and block-scale multipliers on a fixed grid."""
 
-    def __init__(self, weight: torch.Tensor, params: BlockParams, grid: LegacyGrid):
+    def __init__(self, weight: torch.Tensor, params: BlockParams, grid: Grid):
         super().__init__()
         self.weight, self.params, self.grid = weight.float(), params, grid
         self.offset = nn.Parameter(torch.zeros_like(self.weight))
-        # k-quant sub-block scales are stored as small integers times a super-block scale: they stay as fitted
-        self.tune_scale = not isinstance(grid, KQuantGrid)
+        # scales stored as small integers times a super-block scale (k-quants) stay as fitted
+        self.tune_scale = grid.tunable_scales
         self.scale_factor = nn.Parameter(torch.ones_like(params.scale), requires_grad=self.tune_scale)
 
     def current_params(self) -> BlockParams:
@@ -115,7 +115,7 @@ def held_out_split(n: int) -> int:
 
 
 def signround_block(layer: nn.Module, inputs: list[tuple[torch.Tensor, dict]], targets: list[torch.Tensor],
-                    start: Start, grids: dict[str, LegacyGrid], *, iterations: int = ITERATIONS,
+                    start: Start, grids: dict[str, Grid], *, iterations: int = ITERATIONS,
                     batch: int = BATCH, keep_best: bool = False, seed: int = 0,
                     precision: torch.dtype = PRECISION, rivals: dict[str, Rounding] | None = None,
                     learning_rate: float | None = None,
@@ -178,7 +178,7 @@ def score_weights(layer, inputs, targets, weights: dict[str, torch.Tensor]) -> t
     return error, outputs
 
 
-def score_rounding(layer, inputs, targets, rounding: Rounding, grids: dict[str, LegacyGrid]) -> ScoredRounding:
+def score_rounding(layer, inputs, targets, rounding: Rounding, grids: dict[str, Grid]) -> ScoredRounding:
     return ScoredRounding(rounding, *score_weights(layer, inputs, targets, {
         f"{name}.weight": grids[name].values(codes, params) for name, (codes, params) in rounding.items()}))
 

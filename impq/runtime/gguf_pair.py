@@ -14,10 +14,11 @@ from pathlib import Path
 import gguf
 
 from ..errors import ImpqError
+from ..families import TEXT_FAMILIES
 
-MMPROJ_ARCH = "clip"
-# the text architectures impq exports and runs (export/gguf_text.ARCHS; a test keeps the two equal)
-TEXT_ARCHS = ("phi2", "qwen2", "phi3", "llama")
+MMPROJ_ARCH = gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.MMPROJ]      # llama.cpp names every mmproj "clip"
+# the text architectures impq exports and runs: its families' (impq.families)
+TEXT_ARCHS = tuple(family.gguf_arch_name for family in TEXT_FAMILIES.values())
 FLOAT_TYPES = (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.BF16)
 
 

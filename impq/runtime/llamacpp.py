@@ -18,6 +18,7 @@ from llama_cpp import mtmd_cpp
 from PIL import Image
 
 from ..errors import ImpqError
+from ..families import TEXT_FAMILIES
 from ..models.preprocess import to_model_square
 from .gguf_pair import read_gguf_header
 from .llamacpp_probe import use_repacking
@@ -72,9 +73,7 @@ def resolve_gpu_layers(device: str = "auto", gpu_layers: int | None = None) -> i
 
 
 def prompt_templates() -> dict[str, str]:
-    # imported here: the models package brings torch, which the timed runtime process must not load
-    from ..models.layouts import PROMPT_TEMPLATES
-    return PROMPT_TEMPLATES
+    return {name: family.prompt_template for name, family in TEXT_FAMILIES.items()}
 
 
 def chat_prompt_renderer(path: Path, chat_template: str, bos: str, eos: str, add_bos: bool):

@@ -12,13 +12,23 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
 
 from ..fileio import atomic_output  # noqa: E402
-from .resolution import pareto_front  # noqa: E402
 
 PLOTS = {
     "accuracy_vs_ttft.png": ("ttft_s", "time to first token measured here (s)"),
     "accuracy_vs_phone_ttft.png": ("phone_ttft_s", "time to first token estimated on {device} (s)"),
     "accuracy_vs_size.png": ("total_mb", "text GGUF + mmproj (MB)"),
 }
+
+
+def pareto_front(rows: list[dict], cost: str) -> list[dict]:
+    """Points no other point beats on both accuracy (higher) and `cost` (lower), by increasing cost."""
+    candidates = sorted((r for r in rows if r.get(cost) is not None), key=lambda r: (r[cost], -r["accuracy"]))
+    front, best = [], -1.0
+    for row in candidates:
+        if row["accuracy"] > best:
+            front.append(row)
+            best = row["accuracy"]
+    return front
 
 
 def write_plots(out: Path, rows: list[dict], device: str) -> dict:

@@ -145,7 +145,7 @@ def run_sweep(model_dir: str | Path, out_dir: str | Path, settings: SweepSetting
     items = read_vqa_jsonl(data)[:settings.limit]
     calib = Path(settings.calib or default_calib_data(model_dir))
     out = ensure_writable_dir(Path(out_dir))
-    model_digest = sha256_files([spec.folder / "config.json", *spec.checkpoint.files])
+    model_digest = spec.digest()
     data_digest = _dataset_digest(Path(data), items)
     calib_digest = calibration_digest(calib)
     image = default_images()[0]
@@ -289,17 +289,6 @@ def recommend(rows: list[dict], settings: SweepSettings) -> dict | None:
             and (settings.budget_ttft_ms is None or r["phone_ttft_s"] * 1000 <= settings.budget_ttft_ms)
             and (settings.budget_size_mb is None or r["total_mb"] <= settings.budget_size_mb)]
     return min(fits, key=lambda r: (-r["accuracy"], r["mean_kld"], r["phone_ttft_s"], r["ttft_s"]), default=None)
-
-
-def pareto_front(rows: list[dict], cost: str) -> list[dict]:
-    """Points no other point beats on both accuracy (higher) and `cost` (lower), by increasing cost."""
-    candidates = sorted((r for r in rows if r.get(cost) is not None), key=lambda r: (r[cost], -r["accuracy"]))
-    front, best = [], -1.0
-    for row in candidates:
-        if row["accuracy"] > best:
-            front.append(row)
-            best = row["accuracy"]
-    return front
 
 
 COLUMNS = ("type", "image_size", "token_reduction", "image_tokens", "runtime", "method", "accuracy", "mean_kld",

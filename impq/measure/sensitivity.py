@@ -24,12 +24,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..models.lmm import LMM
-from .error import output_error
-from .gptq import gptq
-from .grids import GRIDS
-from .plan import plan_llm
-from .rtn import rtn
+from ..models.lmm import LMM, decoder_name
+from ..quant.error import output_error
+from ..quant.gptq import gptq
+from ..quant.grids import GRIDS
+from ..quant.plan import plan_llm
+from ..quant.rtn import rtn
 
 METHODS = ("rtn", "gptq")
 
@@ -59,7 +59,7 @@ def read_measurement(lmm: LMM, path: str | Path, limit: int, seqlen: int = 512, 
     paragraphs likewise (up to `seqlen` tokens each, every position compared)."""
     from ..calib import read_calibration
     from ..datasets.jsonl import looks_like_jsonl
-    from ..measure.vqa import read_vqa_jsonl
+    from .vqa import read_vqa_jsonl
     from ..models.preprocess import load_image
 
     if looks_like_jsonl(Path(path)):
@@ -228,7 +228,7 @@ def measure_sensitivity(lmm: LMM, calib: list[torch.Tensor], measurements: list[
             continue
         linears = _linears(decoder[index])
         for group in groups:
-            names = [f"llm.model.layers.{index}.{name}.weight" for name in group]
+            names = [decoder_name(index, name) for name in group]
             original = {name: linears[name].weight.detach().clone() for name in group}
             entry = GroupSensitivity(index, names, "+".join(n.split(".")[-1] for n in group), {}, {})
             by_grids: dict[tuple, str] = {}          # the grids a type writes -> the first type that wrote them
@@ -268,7 +268,7 @@ def measure_vision_sensitivity(lmm: LMM, calib_images: list, items: list, types:
     import re
 
     from ..models.preprocess import load_image
-    from .plan import fitting_grid
+    from ..quant.plan import fitting_grid
 
     side = nn.ModuleDict({"vision": lmm.vision, "projector": lmm.projector})
     pixels = [lmm.pixels(image) for image in calib_images]

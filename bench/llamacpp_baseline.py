@@ -12,11 +12,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import ImpqError
-from ..export.gguf_text import text_tensors
-from ..export.gguf_file import QType
-from ..fileio import atomic_output
-from ..models.lmm import LMM
+from impq.errors import ImpqError
+from impq.export.gguf_text import text_tensors
+from impq.export.gguf_file import QType
+from impq.fileio import atomic_output
+from impq.models.lmm import LMM
 
 # impq grid name -> the llama.cpp file type whose default tensor type it is (used with `pure`: every
 # quantizable tensor of that type, so that files compare at equal size)
