@@ -19,7 +19,7 @@ from pathlib import Path
 from full_size_pair import full_size_pair, full_size_spec
 
 from impq.defaults import REPO
-from impq.measure.phone import DEVICES, ModelCost
+from impq.measure.phone import DEVICES, IMP_V1_5_3B_196, ModelCost
 from impq.measure.phone_fit import KINDS, PHONE_FIT, PUBLISHED, REFERENCES, format_range
 
 RESULTS = REPO / "bench" / "results"
@@ -37,6 +37,9 @@ def main() -> None:
     spec = full_size_spec(args.work)
     costs = {label: ModelCost.from_gguf_pair(*full_size_pair(args.work, spec, size)[:2])
              for label, size in SIZES.items()}
+    if costs["196"] != IMP_V1_5_3B_196:
+        raise SystemExit(f"bench: impq.measure.phone.IMP_V1_5_3B_196 is {IMP_V1_5_3B_196}, the pair gives "
+                         f"{costs['196']}: update the constant")
     device = DEVICES[PHONE]
     estimates = {label: PHONE_FIT.estimate(cost, device, TEXT_TOKENS) for label, cost in costs.items()}
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO)

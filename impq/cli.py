@@ -326,10 +326,8 @@ def estimate_cmd(
 ):
     """Roofline estimate of decode and prompt speed, image encode time and time to first token on phone profiles,
     fitted on published llama.cpp phone measurements, each with its leave-one-out range."""
-    from .defaults import REPO
-    from .measure.phone import DEVICES, ModelCost
+    from .measure.phone import DEVICES, IMP_V1_5_3B_196, ModelCost
     from .measure.phone_fit import PHONE_FIT, PUBLISHED, format_range
-    from .models.checkpoint import read_json
     from .runtime.gguf_pair import resolve_pair
 
     names = device or list(DEVICES)
@@ -337,9 +335,7 @@ def estimate_cmd(
     if unknown:
         raise ImpqError(None, f"unknown device {unknown[0]!r}; choose from {', '.join(DEVICES)}")
     if export_dir is None and text is None and mmproj is None:
-        record = read_json(REPO / "bench" / "results" / "phone_fit.json",
-                           "phone fit results (run bench/run_phone_fit.py)")
-        cost, title = ModelCost(**record["imp_v1_5_3b_costs"]["196"]), "Imp-v1.5-3B-196, Q4_0 text + F16 mmproj"
+        cost, title = IMP_V1_5_3B_196, "Imp-v1.5-3B-196, Q4_0 text + F16 mmproj"
     else:
         pair = resolve_pair(export_dir, text, mmproj)
         cost, title = ModelCost.from_gguf_pair(*pair), f"{pair[0].name} + {pair[1].name}"
@@ -497,13 +493,11 @@ def sensitivity_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ):
     """Mean KLD of the next-token distribution when only one tensor group is quantized, per candidate type."""
-    from dataclasses import asdict
-
     from .calib import calibration_embeddings, read_calibration
     from .defaults import default_calib_data, default_eval_data, default_model_dir
     from .fileio import atomic_output, ensure_writable_dir
     from .models.lmm import LMM
-    from .measure.sensitivity import METHODS, measure_sensitivity, proxy_rank_correlation, read_measurement
+    from .measure.sensitivity import METHODS, measure_sensitivity, read_measurement, sensitivity_record
     from .measure.sensitivity import write_sensitivity_plot
     from .sweep.resolution import SWEEP_TYPES
 
@@ -557,11 +551,8 @@ def sensitivity_cmd(
             progress.update(task, description="sensitivity (vision side, rtn)", completed=0)
             results += measure_vision_sensitivity(lmm, calib_images, vision_items, candidates,
                                                   lambda i, n: progress.update(task, completed=i))
-    record = {"model": Path(model).name, "method": method, "types": candidates, "calibration": Path(calib).name,
-              "calibration_sequences": len(calib_embeds), "measurement": Path(data).name,
-              "prompts": len(measurements), "positions": sum(m.embeds.shape[1] - m.first for m in measurements),
-              "proxy_rank_correlation": proxy_rank_correlation(results, candidates, reference),
-              "groups": [asdict(r) for r in results]}
+    record = sensitivity_record(Path(model).name, method, candidates, Path(calib).name, len(calib_embeds),
+                                Path(data).name, measurements, results, reference)
     with atomic_output(out / "sensitivity.json") as tmp:
         tmp.write_text(json.dumps(record, indent=2) + "\n")
     write_sensitivity_plot(out / "sensitivity.png", results, candidates,

@@ -151,6 +151,13 @@ class Estimate:
         return asdict(self)
 
 
+# Imp-v1.5-3B at 196 px (Phi-2 2.7B at Q4_0, SigLIP so400m mmproj at F16): what `impq estimate` shows without a
+# pair. bench/run_phone_fit.py computes it from a generated pair with the real checkpoint's shapes and checks it.
+IMP_V1_5_3B_196 = ModelCost(text_bytes_per_token=1558674080.0, text_matmul_params=2647654400.0, text_layers=32,
+                            text_hidden=2560, vision_matmul_params=405348352, vision_layers=26, vision_hidden=1152,
+                            vision_tokens=196)
+
+
 def estimate(cost: ModelCost, bandwidth_gbs: float, peak_gflops: float, eff: Efficiency,
              prompt_text_tokens: int) -> Estimate:
     n_prompt = prompt_text_tokens + cost.llm_image_tokens

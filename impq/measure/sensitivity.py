@@ -78,6 +78,19 @@ def read_measurement(lmm: LMM, path: str | Path, limit: int, seqlen: int = 512, 
     return out
 
 
+def sensitivity_record(model: str, method: str, types: list[str], calibration: str, calibration_sequences: int,
+                       measurement: str, measurements: list[Measurement], results: list[GroupSensitivity],
+                       reference_type: str) -> dict:
+    """`impq sensitivity`'s JSON (sensitivity.json), which read_sensitivity reads back."""
+    from dataclasses import asdict
+
+    return {"model": model, "method": method, "types": types, "calibration": calibration,
+            "calibration_sequences": calibration_sequences, "measurement": measurement,
+            "prompts": len(measurements), "positions": sum(m.embeds.shape[1] - m.first for m in measurements),
+            "proxy_rank_correlation": proxy_rank_correlation(results, types, reference_type),
+            "groups": [asdict(r) for r in results]}
+
+
 def read_sensitivity(path: str | Path, types: list[str], tensors: list[str]) -> list[GroupSensitivity]:
     """Sensitivities measured earlier: `impq sensitivity`'s JSON, or an `impq quantize` report of a budgeted run
     (its allocation's sensitivity_groups). Every group must have a figure for each of `types`, and the groups
