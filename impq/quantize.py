@@ -1,49 +1,37 @@
 """`impq quantize`: calibrate on image+text samples, quantize the LLM's decoder layers with RTN, GPTQ or AWQ onto
-an exact grid (a GGUF type, or an integer grid of a safetensors layout), and write the artifact (GGUF pair, or
-safetensors folder), the recipe that reproduces it and a report (per-layer error, bits per weight, sizes, time,
+an exact grid (a GGUF type, or an integer grid of a safetensors layout), and write the artifact through its target
+(impq.targets: GGUF pair, or safetensors folder), the recipe that reproduces it and a report (per-layer error, bits per weight, sizes, time,
 memory, and the written model's agreement with the full-precision PyTorch model)."""
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import json
-import re
 import resource
-import threading
 import time
 import types
 import typing
-import weakref
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
+from .budget import budgeted_plan, prepare_budget
 from .calib import calibration_digest, calibration_embeddings, read_calibration
 from .device import resolve_device
 from .errors import ImpqError
-from .export.gguf_file import QType, aligned, canonical_type_name, nbytes
-from .export.gguf_mmproj import write_mmproj_gguf
-from .export.gguf_text import gguf_vocab, text_tensors, write_text_gguf
-from .export.safetensors_layouts import LAYOUTS
-from .export.safetensors_model import read_dequantized_llm, write_safetensors_model
+from .export.gguf_file import QType
+from .export.gguf_text import text_tensors
 from .fileio import artifact_set, ensure_writable_dir
-from .memory import map_large_allocations, trim
+from .memory import StageSampler, map_large_allocations, trim
 from .models.layouts import read_spec
 from .models.lmm import LMM
 from .quant.driver import METHODS, quantize_llm
-from .quant.grids import GRIDS
 from .quant.plan import plan_llm
 from .quant.signround import ITERATIONS
 from .recipe import MINIMUMS, input_recipe, output_files, sha256_file, write_resolved_recipe
+from .targets import FORMATS, TARGETS, Target
+from .targets.base import tensor_override
 
-# --bits -> the GGUF grid used when --type is not given
-DEFAULT_TYPE_FOR_BITS = {8: "q8_0", 6: "q6_k", 5: "q5_k", 4: "q4_k", 3: "q3_k", 2: "q2_k"}
-FORMATS = ("gguf", "safetensors")
-DEFAULT_GROUP_SIZE = 128          # safetensors: int<bits> with one scale per 128 input columns
-UNQUANTIZED_TYPES = ("q8_0", "f16", "f32")   # GGUF choices for the token embedding, output head and vision side
-SENSITIVITY_MODES = ("measured", "scaled")
 COMPUTE_DTYPES = ("float32", "bfloat16")
 
 
@@ -123,86 +111,22 @@ class QuantizeSettings:
         # both formats run the same layer loop: checked before the format's own settings
         if kwargs.get("compute_dtype", "float32") not in COMPUTE_DTYPES:
             raise ImpqError(None, f"--compute-dtype {kwargs['compute_dtype']}: choose one of {', '.join(COMPUTE_DTYPES)}")
-        if format == "safetensors":
-            if type_name is not None:
-                raise ImpqError(None, "--type names a GGUF grid; with --format safetensors use --layout and --group-size")
-            if kwargs.get("target_bpw") is not None or kwargs.get("target_size"):
-                raise ImpqError(None, "--target-bpw and --target-size need --format gguf (for safetensors, give "
-                                      "compressed-tensors per-layer widths with --tensor-type REGEX=int8)")
-            if embeddings not in (None, "f16") or vision not in (None, "f16"):
-                raise ImpqError(None, "--format safetensors keeps the embeddings, output head and vision side at f16")
-            settings = cls(bits=bits, format=format, type=None, layout=layout or "compressed-tensors",
-                           group_size=group_size or DEFAULT_GROUP_SIZE, embeddings="f16", **kwargs)
-            settings.grid()                     # bits and layout are checked before any work
-            if settings.tensor_types and not LAYOUTS[settings.layout].mixed_widths:
-                raise ImpqError(None, f"--tensor-type: the {settings.layout} layout holds one bit width per "
-                                      "checkpoint; compressed-tensors holds several")
-            settings.overrides()
-            return settings
-        if layout is not None or group_size is not None:
-            raise ImpqError(None, "--layout and --group-size apply to --format safetensors; GGUF types fix their blocks")
-        for value in kwargs.get("tensor_types") or []:
-            _tensor_override(value, GRIDS)      # each override is checked before any work
-        for value in kwargs.get("candidate_types") or []:
-            canonical_type_name(value, GRIDS, "--candidate-types")
-        if kwargs.get("target_bpw") is not None and kwargs.get("target_size") is not None:
-            raise ImpqError(None, "--target-bpw and --target-size: give one budget")
-        if kwargs.get("sensitivity", "measured") not in SENSITIVITY_MODES:
-            raise ImpqError(None, f"--sensitivity {kwargs['sensitivity']}: choose one of {', '.join(SENSITIVITY_MODES)}")
-        if kwargs.get("budget_includes_vision") and kwargs.get("target_size") is None:
-            raise ImpqError(None, "--budget-includes-vision goes with --target-size")
-        if kwargs.get("target_size") is not None and kwargs["target_size"] <= 0:
-            raise ImpqError(None, f"--target-size {kwargs['target_size']}: a positive number of bytes")
-        if kwargs.get("target_bpw") is not None and not 1.0 <= kwargs["target_bpw"] <= 16.0:
-            raise ImpqError(None, f"--target-bpw {kwargs['target_bpw']}: choose a value between 1 and 16 bits")
-        kwargs.update({key: canonical_type_name(value, UNQUANTIZED_TYPES, f"--{key}")
-                       for key, value in (("embeddings", embeddings), ("vision", vision)) if value is not None})
-        if type_name is None:
-            if bits not in DEFAULT_TYPE_FOR_BITS:
-                raise ImpqError(None, f"--bits {bits}: the GGUF grids implemented hold "
-                                      f"{', '.join(f'{b} ({t})' for b, t in DEFAULT_TYPE_FOR_BITS.items())} bits")
-            type_name = DEFAULT_TYPE_FOR_BITS[bits]
-        type_name = canonical_type_name(type_name, GRIDS, "--type")
-        if GRIDS[type_name].bits != bits:
-            raise ImpqError(None, f"--type {type_name} holds {GRIDS[type_name].bits} bits, not --bits {bits}")
-        return cls(bits=bits, type=type_name, **kwargs)
+        return TARGETS[format].settings(cls, bits, type_name, layout, group_size, embeddings, vision, kwargs)
+
+    @property
+    def target(self) -> Target:
+        return TARGETS[self.format]
 
     def overrides(self) -> list[tuple[str, object]]:
-        if self.format == "gguf":
-            grids = GRIDS
-        else:                                   # int2 .. int8 at the run's group size
-            layout = LAYOUTS[self.layout]
-            grids = {f"int{bits}": layout.grid(bits, self.group_size) for bits in layout.bits}
-        return [_tensor_override(value, grids) for value in self.tensor_types]
+        grids = self.target.override_grids(self)
+        return [tensor_override(value, grids) for value in self.tensor_types]
 
     def grid(self):
-        if self.format == "gguf":
-            return GRIDS[self.type]
-        if self.layout not in LAYOUTS:
-            raise ImpqError(None, f"--layout {self.layout}: choose one of {', '.join(LAYOUTS)}")
-        if self.group_size < 8 or self.group_size % 8:
-            raise ImpqError(None, f"--group-size {self.group_size}: a positive multiple of 8")
-        return LAYOUTS[self.layout].grid(self.bits, self.group_size)
+        return self.target.grid(self)
 
     @property
     def grid_label(self) -> str:
-        if self.target_bpw is not None:
-            return f"MIX{self.target_bpw:g}BPW"        # a per-group mix: no one type names the file
-        if self.target_size is not None:
-            return f"MIX{self.target_size / 1e6:.4g}MB"
-        return self.type.upper() if self.format == "gguf" else f"W{self.bits}G{self.group_size}"
-
-
-def _tensor_override(value: str, grids: dict) -> tuple[str, object]:
-    """`REGEX=TYPE` (llama-quantize's --tensor-type) -> (pattern, grid); TYPE names one of `grids`."""
-    pattern, sep, type_name = value.rpartition("=")
-    if not sep or not pattern:
-        raise ImpqError(None, f"--tensor-type {value!r}: write REGEX=TYPE, for example 'attn_v=q6_k'")
-    try:
-        re.compile(pattern)
-    except re.error as err:
-        raise ImpqError(None, f"--tensor-type {value!r}: not a regular expression ({err})") from None
-    return pattern, grids[canonical_type_name(type_name, grids, "--tensor-type")]
+        return self.target.label(self)
 
 
 @dataclass
@@ -232,66 +156,24 @@ class QuantizeReport:
         return asdict(self)
 
 
-class _Stages:
-    """Wall time and peak resident memory of each stage of a run, one after another. The peak is sampled from
-    /proc/self/statm every 50 ms (the kernel's own high-water mark cannot be read per stage without resetting it,
-    which would hide the run's peak from whoever started the process); elsewhere the process's peak so far.
-    The sampler holds only a weak reference: it ends with `begin(None)` or when a failed run drops its stages."""
-
-    def __init__(self):
-        self.record: dict = {}
-        self._current: list | None = None       # [name, start, peak bytes]
-        self._stop = threading.Event()
-        threading.Thread(target=_sample_stages, args=(weakref.ref(self), self._stop), daemon=True).start()
-
-    def begin(self, name: str | None) -> None:
-        """End the current stage (if any) and begin `name` (None: end, and stop sampling)."""
-        if self._current:
-            stage, start, peak = self._current
-            self.record[stage] = {"seconds": round(time.perf_counter() - start, 2),
-                                  "peak_rss_mb": round(max(peak, _rss_bytes()) / 2 ** 20)}
-        self._current = [name, time.perf_counter(), _rss_bytes()] if name else None
-        if name is None:
-            self._stop.set()
-
-
-def _rss_bytes() -> int:
-    try:
-        return int(Path("/proc/self/statm").read_text().split()[1]) * resource.getpagesize()
-    except OSError:
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def _sample_stages(stages_ref, stop: threading.Event) -> None:
-    while not stop.wait(0.05):
-        stages = stages_ref()
-        if stages is None:
-            return
-        current = stages._current
-        del stages
-        if current:
-            current[2] = max(current[2], _rss_bytes())
-
-
 def quantize_model(model_dir: str | Path, out_dir: str | Path, settings: QuantizeSettings, *,
                    verify_items: int = 140, on_layer=None, on_status=None,
                    flags_over_recipe: list[str] | None = None) -> QuantizeReport:
     start = time.perf_counter()
     if settings.method not in METHODS:
         raise ImpqError(None, f"--method {settings.method}: choose one of {', '.join(METHODS)}")
+    target = settings.target
     grid = settings.grid()
     device = resolve_device(settings.device)
     spec = read_spec(model_dir)
     samples = read_calibration(settings.calib)
     digest = spec.digest()
     calib_digest = calibration_digest(settings.calib, samples)
-    if settings.format == "gguf":                 # a model that cannot be exported fails before the long work
-        gguf_vocab(spec.tokenizer, spec.text_config.vocab_size)
-        text_tensors(spec, grid.qtype)
+    target.check_exportable(spec, grid)
 
     (on_status or (lambda _: None))(f"calibrating on {device}")
     map_large_allocations()
-    stages = _Stages()
+    stages = StageSampler()
     stages.begin("load")
     budgeted = settings.target_bpw is not None or settings.target_size is not None
     # the decoder is read block by block from the checkpoint, never whole; a budget's sensitivity measurement
@@ -304,31 +186,9 @@ def quantize_model(model_dir: str | Path, out_dir: str | Path, settings: Quantiz
         raise ImpqError(spec.folder, f"no linear layer's input width is a multiple of {grid.block}, the "
                                      f"{grid.name} block: choose a smaller block or group")
     if budgeted:
-        candidates = {t: plan_llm(lmm.llm, GRIDS[canonical_type_name(t, GRIDS, "--candidate-types")])
-                      for t in settings.candidate_types}
-        weights = sum(spec.numel(n) for n in plan)
-        smallest = sum(min(_planned_bytes(c[n]) for c in candidates.values()) for n in plan)
-        if settings.target_size is not None:
-            # the recipe in the header counted at its longest: every tensor's type spelt "float"
-            bound = _recorded(settings, model_dir, digest, calib_digest, dict.fromkeys(plan, "float"))
-            beside = _bytes_beside_decoder(spec, grid, settings, plan, digest, bound)
-            budget = settings.target_size - beside
-            if budget < smallest:
-                raise ImpqError(None, f"--target-size {settings.target_size}: below the smallest possible file, "
-                                      f"{beside + smallest} bytes with {', '.join(settings.candidate_types)}")
-        else:
-            beside, budget = 0, int(settings.target_bpw * weights / 8)
-            if budget < smallest:
-                raise ImpqError(None, f"--target-bpw {settings.target_bpw}: below the smallest possible mix of "
-                                      f"{', '.join(settings.candidate_types)} ({8 * smallest / weights:.3f} bits per "
-                                      "weight)")
-        if settings.sensitivity_file:            # read (and checked) before any work
-            from .measure.sensitivity import read_sensitivity
-
-            measured = read_sensitivity(settings.sensitivity_file, list(candidates),
-                                        list(next(iter(candidates.values()))))
-        else:
-            measured = _measurement_prompts(lmm, model_dir, settings)
+        # the recipe in the header counted at its longest: every tensor's type spelt "float"
+        longest = _recorded(settings, model_dir, digest, calib_digest, dict.fromkeys(plan, "float"))
+        budget = prepare_budget(lmm, settings, plan, target, model_dir, digest, longest)
     out_dir = ensure_writable_dir(Path(out_dir))
     calibration_side = (lmm.vision, lmm.projector, lmm.llm.get_input_embeddings())
     stages.begin("calibrate")
@@ -337,17 +197,14 @@ def quantize_model(model_dir: str | Path, out_dir: str | Path, settings: Quantiz
     embeddings = calibration_embeddings(lmm, samples, settings.nsamples, settings.seqlen, settings.seed)
     for module in calibration_side:
         module.to("cpu")
-    if lmm.streams_decoder and settings.format == "gguf":
+    if lmm.streams_decoder and target.releases_model:
         lmm.release_all_but_decoder()
         trim()
     allocation = {}
     if budgeted:
         (on_status or (lambda _: None))("measuring sensitivity for the budget")
         stages.begin("sensitivity")
-        plan, allocation = _budgeted_plan(lmm, embeddings, measured, settings, spec, candidates, budget, aliases)
-        if settings.target_size is not None:
-            allocation.update(target_size=settings.target_size,
-                              predicted_file_bytes=beside + allocation["achieved_bytes"])
+        plan, allocation = budgeted_plan(lmm, embeddings, budget, settings, aliases, target.tensor_bytes)
     options = {"damp": settings.damp, "block_size": settings.block_size, "act_order": settings.act_order,
                "static_groups": settings.static_groups}
     # the artifacts are written from the codes: the quantized weights are released block by block
@@ -358,27 +215,17 @@ def quantize_model(model_dir: str | Path, out_dir: str | Path, settings: Quantiz
     embeddings = [e.cpu() for e in embeddings]
     stages.begin("export")
 
-    stem = f"{spec.name}-{settings.grid_label}-{settings.method}"
-    if settings.format == "safetensors":
-        stem += f"-{settings.layout}"
+    stem = target.stem(spec.name, settings)
     recipe = input_recipe(settings, Path(model_dir))
     plan_types = {name: entry.grid.name if entry.grid is not None else "float" for name, entry in plan.items()}
     recorded = _recorded(settings, model_dir, digest, calib_digest, plan_types)
     # every file of the artifact is written and checked in a staging folder, then moved in together, report last
     with artifact_set(out_dir, f"{stem}.report.json") as stage:
-        if settings.format == "gguf":
-            artifacts = _write_gguf_pair(lmm, stage, stem, settings, result, digest, recorded)
-            llm_bytes = Path(artifacts["text_gguf"]).stat().st_size
-            if allocation:
-                allocation["achieved_file_bytes"] = llm_bytes + (Path(artifacts["mmproj_gguf"]).stat().st_size
-                                                                 if settings.budget_includes_vision else 0)
-            bits_quantized = 8 * sum(nbytes(spec.shape(name), q.grid.qtype) for name, q in result.tensors.items()) / \
-                sum(spec.numel(name) for name in result.tensors)
-        else:
-            folder, bits_quantized = write_safetensors_model(lmm, stage / stem, LAYOUTS[settings.layout],
-                                                             result.tensors, recorded, digest)
-            artifacts = {"safetensors": folder}
-            llm_bytes = (folder / "model.safetensors").stat().st_size
+        written = target.write(lmm, stage, stem, settings, result, digest, recorded)
+        artifacts = written.artifacts
+        if allocation:
+            allocation["achieved_file_bytes"] = written.llm_bytes + (written.vision_bytes
+                                                                     if settings.budget_includes_vision else 0)
         recipe_path = stage / f"{stem}.recipe.yaml"
         resolved = {"model_digest": digest, "calibration_digest": recorded["calibration_digest"],
                     "tensor_types": plan_types,
@@ -394,32 +241,19 @@ def quantize_model(model_dir: str | Path, out_dir: str | Path, settings: Quantiz
             str(out_dir / recipe_path.name), recorded,
             {name: q.relative_error for name, q in result.tensors.items()},
             plan_types, allocation,
-            {name: entry.fallback for name, entry in plan.items() if entry.fallback}, bits_quantized,
-            8 * llm_bytes / llm_weights, len(embeddings), sum(e.shape[1] for e in embeddings), result.seconds, 0.0,
+            {name: entry.fallback for name, entry in plan.items() if entry.fallback}, written.bits_quantized,
+            8 * written.llm_bytes / llm_weights, len(embeddings), sum(e.shape[1] for e in embeddings), result.seconds, 0.0,
             resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, str(device),
             learned_rounding=result.blocks)
         del result                                   # the codes are in the artifacts now
         if verify_items:
             stages.begin("verify")
             # the check builds a full-precision reference: at most one other model may be alive beside it
-            if settings.format == "gguf":
-                del lmm
-                trim()
-                (on_status or (lambda _: None))("verifying in llama.cpp")
-                from .measure.vqa import GGUFAnswerer
-                from .runtime.llamacpp import resolve_gpu_layers
-                # llama.cpp on the GPU where it can offload, unless the run was told to stay on the CPU
-                gpu_layers = resolve_gpu_layers("cpu" if settings.device == "cpu" else "auto")
-                report.verification = {"runtime": "llama.cpp", **_verify(
-                    lambda: GGUFAnswerer(artifacts["text_gguf"], artifacts["mmproj_gguf"], gpu_layers=gpu_layers),
-                    model_dir, verify_items)}
-            else:
-                (on_status or (lambda _: None))("verifying the written safetensors in PyTorch")
-                from .measure.vqa import TorchAnswerer
-                # what the files hold, in place of the released weights
-                lmm.llm.load_state_dict(read_dequantized_llm(folder), strict=False, assign=True)
-                report.verification = {"runtime": "pytorch (weights unpacked from the written files)",
-                                       **_verify(lambda: TorchAnswerer(lmm), model_dir, verify_items)}
+            checked = None if target.releases_model else lmm
+            del lmm
+            trim()
+            report.verification = target.check(artifacts, checked, settings, model_dir, verify_items,
+                                               on_status or (lambda _: None))
         stages.begin(None)
         report.stages = stages.record
         report.peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024   # verification included
@@ -431,100 +265,10 @@ def quantize_model(model_dir: str | Path, out_dir: str | Path, settings: Quantiz
     return report
 
 
-def _write_gguf_pair(lmm: LMM, out_dir: Path, stem: str, settings: QuantizeSettings, result, digest: str,
-                     recorded: dict) -> dict:
-    spec = lmm.spec
-    text_path, mmproj_path = out_dir / f"{stem}.gguf", out_dir / f"mmproj-{stem}.gguf"
-    state = {f"llm.{k}": v for k, v in lmm.llm.state_dict().items()}
-
-    def source(name: str):
-        """The model's tensor as quantization left it (AWQ folds its scales into norms), or, for one released
-        to the meta device, the checkpoint's."""
-        value = state[name]
-        return spec.load(name) if value.is_meta else value
-
-    write_text_gguf(spec, text_path, GRIDS[settings.type].qtype, digest, recorded, quantized=result.tensors,
-                    source=source, head_type=QType[settings.embeddings.upper()])
-    write_mmproj_gguf(spec, mmproj_path, QType[settings.vision.upper()], digest, recorded)
-    return {"text_gguf": text_path, "mmproj_gguf": mmproj_path}
-
-
 def _recorded(settings, model_dir, digest: str, calib_digest: str, tensor_types: dict) -> dict:
     """What the artifact's own bytes carry: the recipe, its input digests and the plan; no path, no machine."""
     return {**input_recipe(settings, Path(model_dir)), "model_digest": digest, "calibration_digest": calib_digest,
             "tensor_types": tensor_types}
-
-
-def _planned_bytes(entry) -> int:
-    """A tensor's bytes in the GGUF at its planned grid (16 bits where it stays float), alignment padding included."""
-    return aligned(nbytes((entry.out_features, entry.in_features),
-                          entry.grid.qtype if entry.grid is not None else QType.F16))
-
-
-def _bytes_beside_decoder(spec, grid, settings, plan, digest: str, recorded: dict) -> int:
-    """The text GGUF's bytes other than the decoder tensors' data, with `recorded` in its header: header and
-    metadata, embedding, output head, norms and biases; and the whole mmproj where the budget includes the vision
-    side."""
-    from .export.gguf_mmproj import mmproj_gguf_bytes
-    from .export.gguf_text import text_gguf_bytes
-
-    total = text_gguf_bytes(spec, grid.qtype, digest, recorded, dict.fromkeys(plan, QType.F16),
-                            head_type=QType[settings.embeddings.upper()])
-    if settings.budget_includes_vision:
-        total += mmproj_gguf_bytes(spec, QType[settings.vision.upper()], digest, recorded)
-    return total - sum(aligned(nbytes((e.out_features, e.in_features), QType.F16)) for e in plan.values())
-
-
-def _measurement_prompts(lmm, model_dir, settings) -> list:
-    """The sensitivity's measurement sequences (measure/sensitivity.read_measurement), disjoint from the calibration:
-    the file's last ones, since impq eval and the report's verification take the first."""
-    from .defaults import default_eval_data, is_embedded_model
-    from .measure.sensitivity import read_measurement
-
-    data = settings.sensitivity_data
-    if data is None:
-        if not is_embedded_model(model_dir):
-            raise ImpqError(None, "a size budget measures sensitivity: give --sensitivity-data (a VQA JSONL or a text "
-                                  "file, disjoint from the calibration data)")
-        data = default_eval_data()
-    return read_measurement(lmm, data, settings.sensitivity_prompts, settings.seqlen, from_end=True)
-
-
-def _budgeted_plan(lmm, embeddings, measured: list, settings, spec, candidates: dict, budget: int, aliases: dict):
-    """The plan that minimises the predicted KLD (measured sensitivity per tensor group) within `budget` bytes of
-    decoder tensors, and what the report says about it. `measured`: the measurement sequences, or (with
-    --sensitivity-file) the groups' sensitivities already read."""
-    import re as regex
-
-    from .quant.allocate import Option, allocate
-    from .measure.sensitivity import measure_sensitivity
-
-    method = "gptq" if settings.method in ("gptq", "signround") else "rtn"
-    reference = None
-    if settings.sensitivity == "scaled":
-        reference = settings.type if settings.type in candidates else list(candidates)[len(candidates) // 2]
-    if settings.sensitivity_file:
-        groups, prompts = measured, []
-    else:
-        prompts = measured
-        groups = measure_sensitivity(lmm, embeddings, prompts, list(candidates), method, reference_type=reference)
-    options = [[Option(t, sum(_planned_bytes(candidates[t][n]) for n in g.tensors), g.kld[t])
-                for t in candidates] for g in groups]
-    choice = allocate(options, budget)
-    overrides = [(f"^{regex.escape(name)}$", candidates[options[i][c].type][name].requested)
-                 for i, g in enumerate(groups) for name in g.tensors for c in [choice[i]]]
-    # the allocation as exact-name overrides, then the user's own --tensor-type overrides, which win
-    plan = plan_llm(lmm.llm, GRIDS[settings.type], overrides + settings.overrides(), aliases)
-    achieved = sum(_planned_bytes(entry) for entry in plan.values())
-    weights = sum(spec.numel(n) for n in plan)
-    return plan, {"target_bpw": settings.target_bpw, "budget_bytes": budget, "achieved_bytes": achieved,
-                  "achieved_bpw": 8 * achieved / weights,
-                  "predicted_kld": sum(options[i][c].kld for i, c in enumerate(choice)),
-                  "groups": {"+".join(g.tensors): options[i][choice[i]].type for i, g in enumerate(groups)},
-                  "sensitivity_method": method, "sensitivity_prompts": len(prompts),
-                  "sensitivity_positions": sum(p.embeds.shape[1] - p.first for p in prompts),
-                  "sensitivity": settings.sensitivity, "sensitivity_reference_type": reference,
-                  "sensitivity_groups": [dataclasses.asdict(g) for g in groups]}
 
 
 def _versions() -> dict:
@@ -541,46 +285,3 @@ def _versions() -> dict:
 
 def _size(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else path.stat().st_size
-
-
-def _verify(make_candidate, model_dir, n_items: int) -> dict:
-    """Accuracy on the first items of the shipped eval split (for the embedded model) and next-token agreement
-    with the full-precision PyTorch model on the bundled images and prompts. `make_candidate()` builds the
-    answerer under test; for a model other than imp-tiny it is built only once the streamed reference's logits
-    exist and the reference is freed, so the two are never in memory together."""
-    from .defaults import default_eval_data, is_embedded_model
-    from .measure.divergence import Divergence
-    from .measure.vqa import TorchAnswerer, evaluate, read_vqa_jsonl
-    from .models.preprocess import load_image
-    from .verify import DEFAULT_PROMPTS, default_images
-
-    out: dict = {}
-    with contextlib.ExitStack() as stack:
-
-        def opened(candidate):
-            return stack.enter_context(candidate) if hasattr(candidate, "__exit__") else candidate
-
-        if is_embedded_model(model_dir):
-            reference, candidate = TorchAnswerer(model_dir), opened(make_candidate())
-            items = read_vqa_jsonl(default_eval_data())[:n_items]
-            report = evaluate(candidate, items, model="quantized", dataset="eval", reference=reference)
-            full = evaluate(reference, items, model="pytorch", dataset="eval")
-            out.update(eval_items=len(items), accuracy=report.accuracy, reference_accuracy=full.accuracy,
-                       mean_kld=report.mean_kld, top1_agreement=report.top1_agreement)
-        else:
-            # the full-precision reference streams its decoder (one block in memory), and is gone before the
-            # candidate loads
-            reference = LMM(read_spec(model_dir), stream_decoder=True)
-            prompts = [(load_image(path), prompt) for path in default_images() for prompt in DEFAULT_PROMPTS]
-            ref_logits = reference.next_token_logits([reference.prompt_embeddings(*p) for p in prompts])
-            del reference
-            trim()
-            candidate = opened(make_candidate())
-            divergence = Divergence()
-            for (image, prompt), ref in zip(prompts, ref_logits):
-                _, logits = candidate.answer(image, prompt, 1)
-                divergence.add(ref.numpy(), logits)
-            out.update(mean_kld=divergence.mean_kld, top1_agreement=divergence.top1_agreement)
-        if hasattr(candidate, "backend"):
-            out["backend"] = candidate.backend          # where llama.cpp ran
-    return out

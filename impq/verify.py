@@ -3,6 +3,7 @@ through both, compared on next-token logits along the reference's 16-token greed
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -11,6 +12,8 @@ import gguf
 import numpy as np
 
 from .measure.divergence import Divergence
+from .memory import trim
+from .models.layouts import read_spec
 from .models.lmm import LMM
 from .models.preprocess import load_image
 from .models.reduction import VisionReduction
@@ -121,3 +124,43 @@ def verify_pair(export_dir: str | Path | None, reference_dir: str | Path, images
     return VerifyReport(str(text_path), str(mmproj_path), str(reference_dir), wtype, divergence.top1_agreement,
                         divergence.max_abs_diff, embedding_diff, divergence.mean_kld, matched == len(cases),
                         f"{matched}/{len(cases)}", divergence.near_ties, tolerance, passed, cases, backend)
+
+
+def check_against_reference(make_candidate, model_dir, n_items: int) -> dict:
+    """Accuracy on the first items of the shipped eval split (for the embedded model) and next-token agreement
+    with the full-precision PyTorch model on the bundled images and prompts. `make_candidate()` builds the
+    answerer under test; for a model other than imp-tiny it is built only once the streamed reference's logits
+    exist and the reference is freed, so the two are never in memory together."""
+    from .defaults import default_eval_data, is_embedded_model
+    from .measure.vqa import TorchAnswerer, evaluate, read_vqa_jsonl
+
+    out: dict = {}
+    with contextlib.ExitStack() as stack:
+
+        def opened(candidate):
+            return stack.enter_context(candidate) if hasattr(candidate, "__exit__") else candidate
+
+        if is_embedded_model(model_dir):
+            reference, candidate = TorchAnswerer(model_dir), opened(make_candidate())
+            items = read_vqa_jsonl(default_eval_data())[:n_items]
+            report = evaluate(candidate, items, model="quantized", dataset="eval", reference=reference)
+            full = evaluate(reference, items, model="pytorch", dataset="eval")
+            out.update(eval_items=len(items), accuracy=report.accuracy, reference_accuracy=full.accuracy,
+                       mean_kld=report.mean_kld, top1_agreement=report.top1_agreement)
+        else:
+            # the full-precision reference streams its decoder (one block in memory), and is gone before the
+            # candidate loads
+            reference = LMM(read_spec(model_dir), stream_decoder=True)
+            prompts = [(load_image(path), prompt) for path in default_images() for prompt in DEFAULT_PROMPTS]
+            ref_logits = reference.next_token_logits([reference.prompt_embeddings(*p) for p in prompts])
+            del reference
+            trim()
+            candidate = opened(make_candidate())
+            divergence = Divergence()
+            for (image, prompt), ref in zip(prompts, ref_logits):
+                _, logits = candidate.answer(image, prompt, 1)
+                divergence.add(ref.numpy(), logits)
+            out.update(mean_kld=divergence.mean_kld, top1_agreement=divergence.top1_agreement)
+        if hasattr(candidate, "backend"):
+            out["backend"] = candidate.backend          # where llama.cpp ran
+    return out
