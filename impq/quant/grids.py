@@ -94,6 +94,7 @@ class Grid(Protocol):
     qmin: int                   # the code range
     qmax: int
     tunable_scales: bool        # a block's scale may take any fp16 value (k-quants: integer sub-block scales)
+    fallback: Grid | None       # what the format stores where a row's width does not fill this grid's blocks
 
     def fit(self, w: torch.Tensor, importance: torch.Tensor | None = None, steps: int = 24) -> BlockParams: ...
 
@@ -117,6 +118,7 @@ class LegacyGrid:
     block = 32          # columns fitted together
     sub = 32            # columns sharing one (scale, minimum)
     tunable_scales = True
+    fallback = None     # legacy blocks fit every width that is a multiple of 32
 
     def __init__(self, qtype: QType, bits: int, symmetric: bool):
         self.qtype, self.bits, self.symmetric = qtype, bits, symmetric
@@ -307,6 +309,10 @@ GRIDS.update({
     "q3_k": KQuantGrid(QType.Q3_K, 3, True, 16, 31),
     "q2_k": KQuantGrid(QType.Q2_K, 2, False, 16, 15),
 })
+# llama.cpp's width fallbacks (llama-quant.cpp): a k-quant tensor whose rows do not fill 256-wide super-blocks is
+# stored at this legacy type instead
+for _name, _fallback in {"q2_k": "q4_0", "q3_k": "q4_0", "q4_k": "q5_0", "q5_k": "q5_1", "q6_k": "q8_0"}.items():
+    GRIDS[_name].fallback = GRIDS[_fallback]
 
 
 class IntegerGrid(LegacyGrid):

@@ -16,10 +16,7 @@ from torch import nn
 
 from ..errors import ImpqError
 from ..models.lmm import decoder_name
-from .grids import GRIDS, Grid
-
-WIDTH_FALLBACK = {"q2_k": "q4_0", "q3_k": "q4_0", "q4_k": "q5_0", "q5_k": "q5_1", "q6_k": "q8_0"}
-
+from .grids import Grid
 
 @dataclass(frozen=True)
 class TensorPlan:
@@ -43,11 +40,8 @@ Plan = dict[str, TensorPlan]       # canonical tensor name -> plan
 
 def fitting_grid(grid: Grid, width: int) -> Grid | None:
     """`grid`, or its width fallback (repeatedly) until its blocks fill `width`; None where none does."""
-    while width % grid.block:
-        name = WIDTH_FALLBACK.get(grid.name.lower())
-        if name is None:
-            return None
-        grid = GRIDS[name]
+    while grid is not None and width % grid.block:
+        grid = grid.fallback
     return grid
 
 
