@@ -95,7 +95,8 @@ def main() -> None:
     parser.add_argument("--nsamples", type=int, default=64)
     parser.add_argument("--autoround-iters", type=int, default=50,
                         help="AutoRound's tuning steps per block (50: its auto-round-light recipe)")
-    parser.add_argument("--autoround-types", default=None, help="the types AutoRound runs at (default: --types)")
+    parser.add_argument("--autoround-types", default=None, help="the types AutoRound runs at (default: --types; "
+                        "empty: none)")
     parser.add_argument("--text", choices=sorted(REAL_TEXTS), default="docstrings",
                         help="the kind of text whose halves calibrate and evaluate (bench/real_lm.py)")
     parser.add_argument("--llama-cpp-bin", type=Path, default=os.environ.get("IMPQ_LLAMA_CPP_BIN"))
@@ -163,7 +164,8 @@ def main() -> None:
             run(f"impq {method} {type_name}", impq_job, str(prepared["folder"]),
                 str(work / f"impq-{method}-{type_name}{suffix}"), str(prepared["calib"]), args.nsamples, type_name,
                 method)
-        if autoround and type_name in (args.autoround_types or args.types).split(","):
+        peer_types = args.types if args.autoround_types is None else args.autoround_types   # "": none
+        if autoround and type_name in peer_types.split(","):
             run(f"AutoRound {type_name}", autoround_job, str(prepared["folder"]), str(prepared["calib"]), type_name,
                 str(f16.text_path), str(work / f"autoround-{type_name}{suffix}"), args.nsamples,
                 args.autoround_iters)
