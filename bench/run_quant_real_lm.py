@@ -71,10 +71,8 @@ def impq_job(folder: str, out: str, calib: str, nsamples: int, type_name: str, m
     settings = QuantizeSettings.from_bits(GRIDS[type_name].bits, type_name, method=name, calib=calib,
                                           nsamples=nsamples, **options)
     report = quantize_model(folder, out, settings, verify_items=0)
-    # learned rounding's guard: which rounding each decoder block kept, judged on held-out sequences
-    kept = {block: choice["kept"] for block, choice in (report.learned_rounding or {}).items()}
     return {"text_gguf": report.artifacts["text_gguf"], "stages": report.stages, **_job_stats(start),
-            **({"kept": kept} if kept else {})}
+            **_guard_choices(report.learned_rounding or {})}
 
 
 def autoround_job(folder: str, calib: str, type_name: str, f16: str, out: str, nsamples: int, iters: int) -> dict:
@@ -177,13 +175,21 @@ def main() -> None:
     print((RESULTS / "quant_real_lm_texts.md").read_text())
 
 
+def _guard_choices(blocks: dict) -> dict:
+    """Learned rounding's guard per decoder block: the rounding kept, and the learned rounding's held-out error
+    over GPTQ's (above 1: GPTQ's kept)."""
+    if not blocks:
+        return {}
+    return {"kept": {str(b): c["kept"] for b, c in blocks.items()},
+            "held_out_ratio": {str(b): c["held_out_error"]["learned"] / c["held_out_error"]["gptq"]
+                               for b, c in blocks.items() if c["held_out_error"].get("gptq")}}
+
+
 def _add_guard_choices(row: dict) -> None:
     """A learned-rounding row made before rows recorded the guard's choices: read them from its report."""
     reports = list(Path(row.get("text_gguf", "/nonexistent")).parent.glob("*.report.json"))
-    if "kept" not in row and len(reports) == 1:
-        blocks = json.loads(reports[0].read_text()).get("learned_rounding") or {}
-        if blocks:
-            row["kept"] = {block: choice["kept"] for block, choice in blocks.items()}
+    if "held_out_ratio" not in row and len(reports) == 1:
+        row.update(_guard_choices(json.loads(reports[0].read_text()).get("learned_rounding") or {}))
 
 
 def _suffix(text: str) -> str:
@@ -324,10 +330,17 @@ def write_text_summary(types: list[str]) -> None:
             method = label.split()[1] if label.startswith("impq ") else ""
             if not _learned(method):
                 continue
-            guards = [f"{t} {sum(v == 'gptq' for v in kept.values())} of {len(kept)}" for t in texts
-                      if (kept := records[t]["rows"].get(label, {}).get("kept"))]
+            guards = []
+            for t in texts:
+                row_t = records[t]["rows"].get(label, {})
+                if row_t.get("kept"):
+                    ratios = row_t.get("held_out_ratio", {})
+                    worst = max(ratios, key=ratios.get) if ratios else None
+                    guards.append(f"{t} {sum(v == 'gptq' for v in row_t['kept'].values())} of {len(row_t['kept'])}"
+                                  + (f" (largest held-out error over GPTQ's: {ratios[worst]:.1f}x, block {worst})"
+                                     if worst is not None else ""))
             if guards:
-                lines.append(f"- {label}: the held-out guard kept GPTQ's rounding in " + ", ".join(guards) +
+                lines.append(f"- {label}: the held-out guard kept GPTQ's rounding in " + "; ".join(guards) +
                              " blocks (the rest: the learned rounding).")
             if any(v is None for v in row.values()):
                 continue
