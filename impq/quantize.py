@@ -160,6 +160,7 @@ def quantize_model(model_dir: str | Path, out_dir: str | Path, settings: Quantiz
                    verify_items: int = 140, on_layer=None, on_status=None,
                    flags_over_recipe: list[str] | None = None) -> QuantizeReport:
     start = time.perf_counter()
+    on_status = on_status or (lambda _: None)
     if settings.method not in METHODS:
         raise ImpqError(None, f"--method {settings.method}: choose one of {', '.join(METHODS)}")
     target = settings.target
@@ -171,7 +172,7 @@ def quantize_model(model_dir: str | Path, out_dir: str | Path, settings: Quantiz
     calib_digest = calibration_digest(settings.calib, samples)
     target.check_exportable(spec, grid)
 
-    (on_status or (lambda _: None))(f"calibrating on {device}")
+    on_status(f"calibrating on {device}")
     map_large_allocations()
     stages = StageSampler()
     stages.begin("load")
@@ -202,7 +203,7 @@ def quantize_model(model_dir: str | Path, out_dir: str | Path, settings: Quantiz
         trim()
     allocation = {}
     if budgeted:
-        (on_status or (lambda _: None))("measuring sensitivity for the budget")
+        on_status("measuring sensitivity for the budget")
         stages.begin("sensitivity")
         plan, allocation = budgeted_plan(lmm, embeddings, budget, settings, aliases, target.tensor_bytes)
     options = {"damp": settings.damp, "block_size": settings.block_size, "act_order": settings.act_order,
@@ -252,8 +253,7 @@ def quantize_model(model_dir: str | Path, out_dir: str | Path, settings: Quantiz
             checked = None if target.releases_model else lmm
             del lmm
             trim()
-            report.verification = target.check(artifacts, checked, settings, model_dir, verify_items,
-                                               on_status or (lambda _: None))
+            report.verification = target.check(artifacts, checked, settings, model_dir, verify_items, on_status)
         stages.begin(None)
         report.stages = stages.record
         report.peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024   # verification included

@@ -84,7 +84,6 @@ def _pack_k_quant(grid, codes: torch.Tensor, params: BlockParams) -> np.ndarray:
     return np.concatenate(parts, axis=-1).reshape(rows, -1)
 
 
-
 PACKERS = {QType.Q8_0: _pack_legacy, QType.Q5_0: _pack_legacy, QType.Q5_1: _pack_legacy, QType.Q4_0: _pack_legacy,
            QType.Q4_1: _pack_legacy, QType.Q6_K: _pack_k_quant, QType.Q5_K: _pack_k_quant,
            QType.Q4_K: _pack_k_quant, QType.Q3_K: _pack_k_quant, QType.Q2_K: _pack_k_quant}

@@ -173,8 +173,9 @@ def _llava_default_text_type() -> str:
 
 def _family(layout: str, config: dict) -> TextFamily:
     if layout == "llava-hf":
+        text_config = config.get("text_config", {})
         # transformers' LlavaConfig builds its default text model where config.json names none
-        text_type = config.get("text_config", {}).get("model_type", _llava_default_text_type())
+        text_type = text_config["model_type"] if "model_type" in text_config else _llava_default_text_type()
         family = text_family_of_llava(text_type)
         if family is None:
             names = sorted(t for f in TEXT_FAMILIES.values() for t in f.llava_text_types)
@@ -271,12 +272,11 @@ def _map_tensors(layout: str, ckpt: SafetensorsCheckpoint) -> dict[str, Source]:
     return mapped
 
 
-def build_vision_model(vision: VisionSpec) -> nn.Module:
+def build_vision_model(family: VisionFamily, config: PretrainedConfig) -> nn.Module:
     """The vision transformer itself (embeddings, encoder, layernorms), whose tensors are `vision.vision_model.*`."""
-    family = vision.family
     for key, value in family.model_overrides.items():
-        setattr(vision.config, key, value)
-    tower = family.model_class(vision.config)
+        setattr(config, key, value)
+    tower = family.model_class(config)
     # older transformers wrap the transformer in `.vision_model`; 5.x does not
     return getattr(tower, "vision_model", tower)
 
@@ -285,7 +285,7 @@ def expected_shapes(spec_text_config: PretrainedConfig, vision: VisionSpec, proj
     """Canonical name -> shape, from transformers' own modules built on the meta device (no memory)."""
     with torch.device("meta"):
         llm = AutoModelForCausalLM.from_config(spec_text_config)
-        tower = build_vision_model(vision)
+        tower = build_vision_model(vision.family, vision.config)
     shapes = {f"llm.{k}": tuple(v.shape) for k, v in llm.state_dict().items()}
     shapes.update({f"vision.vision_model.{k}": tuple(v.shape) for k, v in tower.state_dict().items()})
     hidden = spec_text_config.hidden_size

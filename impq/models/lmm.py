@@ -72,7 +72,7 @@ class LMM(nn.Module):
         if stream_decoder:
             for name, param in self._outside_decoder():
                 self._assign(self.llm, name, torch.empty(param.shape, dtype=param.dtype))
-        self.vision = build_vision_model(spec.vision).to(dtype)
+        self.vision = build_vision_model(spec.vision.family, spec.vision.config).to(dtype)
         hidden = spec.text_config.hidden_size
         self.projector = nn.Sequential(nn.Linear(spec.vision.config.hidden_size, hidden), nn.GELU(),
                                        nn.Linear(hidden, hidden)).to(dtype)

@@ -25,17 +25,6 @@ from ..fileio import atomic_output, ensure_writable_dir
 from .layouts import build_vision_model
 
 
-@dataclass(frozen=True)
-class VisionKind:
-    """The fields of layouts.VisionSpec that build_vision_model reads."""
-    kind: str
-    config: object
-
-    @property
-    def family(self):
-        return VISION_FAMILIES[self.kind]
-
-
 _CORPUS = """\
 A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, detailed,
 and polite answers to the user's questions. What is in the image? Describe the picture in one word.
@@ -215,7 +204,7 @@ def _plan(naming: str, family: str, text_cfg, vision_cfg, kind: str) -> list[tup
     """[(checkpoint key, shape, [canonical parts])]; q/k/v are fused into one Wqkv for phi-msft."""
     with torch.device("meta"):
         llm = AutoModelForCausalLM.from_config(text_cfg)
-        tower = build_vision_model(VisionKind(kind, vision_cfg))
+        tower = build_vision_model(VISION_FAMILIES[kind], vision_cfg)
     canonical = [(f"llm.{k}", tuple(v.shape)) for k, v in llm.state_dict().items()]
     canonical += [(f"vision.vision_model.{k}", tuple(v.shape)) for k, v in tower.state_dict().items()]
     h, vh = text_cfg.hidden_size, vision_cfg.hidden_size
