@@ -148,15 +148,15 @@ def llamacpp_job(bin_dir: str, f16: str, out: str, mix: str, calib_text: str | N
 def impq_job(folder: str, out: str, calib: str, nsamples: int, type_name: str, target_size: int | None,
              sensitivity_data: str | None, sensitivity_prompts: int, candidates: list[str],
              sensitivity_file: str | None = None) -> dict:
-    from impq.quantize import QuantizeSettings, quantize_model
+    from impq.quantize import quantize_model
+    from impq.recipe import Recipe
 
     start = time.perf_counter()
     budget = {} if target_size is None else {"target_size": target_size, "candidate_types": candidates,
                                              "sensitivity": "scaled", "sensitivity_data": sensitivity_data,
                                              "sensitivity_prompts": sensitivity_prompts,
                                              "sensitivity_file": sensitivity_file}
-    settings = QuantizeSettings.from_bits(4 if type_name == "q4_k" else 3, type_name, method="gptq", calib=calib,
-                                          nsamples=nsamples, **budget)
+    settings = Recipe.from_flags(type=type_name, method="gptq", calib=calib, nsamples=nsamples, **budget)
     report = quantize_model(folder, out, settings, verify_items=0)
     return {"text_gguf": report.artifacts["text_gguf"], "mmproj_gguf": report.artifacts["mmproj_gguf"],
             "report": str(Path(out) / Path(report.recipe).name.replace(".recipe.yaml", ".report.json")),
@@ -223,14 +223,14 @@ def _vqa(text: str, mmproj: str, limit: int) -> dict:
 # --- the run ----------------------------------------------------------------------------------------------------
 
 def run_model(model: str, args, bin_dir: Path, record: dict, save) -> None:
-    from impq.export.pair import export_pair
+    from impq.recipe import export_with_recipe
     from impq.models.layouts import read_spec
 
     # "smollm2:manual": the real LM on another kind of text (bench/real_lm.py's REAL_TEXTS)
     name, _, text = model.partition(":")
     work = args.work / model.replace(":", "-")
     prepared = prepare(name, work, args.nsamples, args.limit, text=text or "docstrings")
-    f16 = export_pair(read_spec(prepared["folder"]), work / "f16", "f16")
+    f16 = export_with_recipe(read_spec(prepared["folder"]), work / "f16", "f16")
     base = work / "f16.kld"
     if not base.is_file():
         _tool(bin_dir, "llama-perplexity", "-m", f16.text_path, "-f", prepared["eval_text"], "-c", prepared["ctx"],

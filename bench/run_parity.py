@@ -10,7 +10,7 @@ import argparse
 import json
 from pathlib import Path
 
-from impq.export.pair import export_pair
+from impq.recipe import export_with_recipe
 from impq.models.layouts import read_spec
 from impq.models.testing import TEST_LAYOUTS, make_model
 from impq.verify import verify_pair
@@ -27,7 +27,7 @@ def main() -> None:
         folder = make_model(layout, args.work / layout)
         for type_name in ("f16", "q8_0"):
             out = args.work / f"{layout}-{type_name}"
-            export_pair(read_spec(folder), out, type_name)
+            export_with_recipe(read_spec(folder), out, type_name)
             report = verify_pair(out, folder)
             rows[f"{layout} {type_name}"] = {k: getattr(report, k) for k in (
                 "top1_agreement", "max_abs_logit_diff", "max_abs_image_embedding_diff", "mean_kld",

@@ -41,11 +41,10 @@ def _copy_mmproj(mmproj_f16: Path, text_gguf: Path) -> Path:
 
 def _impq(method: str, type_name: str, out: str, nsamples: int) -> dict:
     from impq.defaults import default_calib_data, default_model_dir
-    from impq.quant.grids import GRIDS
-    from impq.quantize import QuantizeSettings, quantize_model
+    from impq.quantize import quantize_model
+    from impq.recipe import Recipe
 
-    settings = QuantizeSettings.from_bits(GRIDS[type_name].bits, type_name, method=method,
-                                          calib=str(default_calib_data()), nsamples=nsamples)
+    settings = Recipe.from_flags(type=type_name, method=method, calib=str(default_calib_data()), nsamples=nsamples)
     start = time.perf_counter()
     report = quantize_model(default_model_dir(), out, settings, verify_items=0)
     return _made(report.artifacts["text_gguf"], report.artifacts["mmproj_gguf"], start)
@@ -111,12 +110,12 @@ def main() -> None:
     args = parser.parse_args()
     autoround = importlib.util.find_spec("auto_round") is not None
     from impq.defaults import default_model_dir
-    from impq.export.pair import export_pair
+    from impq.recipe import export_with_recipe
     from impq.models.layouts import read_spec
     from impq.runtime.gguf_pair import resolve_pair
 
     f16_dir = args.work / "f16"
-    export_pair(read_spec(default_model_dir()), f16_dir, "f16")
+    export_with_recipe(read_spec(default_model_dir()), f16_dir, "f16")
     context = get_context("spawn")
     with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
         f16 = pool.submit(_evaluate, *map(str, resolve_pair(f16_dir)), args.limit).result()

@@ -61,16 +61,15 @@ def imatrix_job(bin_dir: str, f16: str, calib_text: str, out: str) -> dict:
 
 def impq_job(folder: str, out: str, calib: str, nsamples: int, type_name: str, method: str) -> dict:
     """`method`: one of impq's methods, then optionally -N (--iterations N) and -bf16 (--compute-dtype bfloat16)."""
-    from impq.quant.grids import GRIDS
-    from impq.quantize import QuantizeSettings, quantize_model
+    from impq.quantize import quantize_model
+    from impq.recipe import Recipe
 
     start = time.perf_counter()
     name, *suffixes = method.split("-")
     options = {}
     for suffix in suffixes:
         options.update({"compute_dtype": "bfloat16"} if suffix == "bf16" else {"iterations": int(suffix)})
-    settings = QuantizeSettings.from_bits(GRIDS[type_name].bits, type_name, method=name, calib=calib,
-                                          nsamples=nsamples, **options)
+    settings = Recipe.from_flags(type=type_name, method=name, calib=calib, nsamples=nsamples, **options)
     report = quantize_model(folder, out, settings, verify_items=0)
     return {"text_gguf": report.artifacts["text_gguf"], "stages": report.stages, **_job_stats(start),
             **_guard_choices(report.learned_rounding or {})}
@@ -102,12 +101,12 @@ def main() -> None:
     args = parser.parse_args()
     if args.llama_cpp_bin is None or not (args.llama_cpp_bin / "llama-perplexity").is_file():
         sys.exit("bench: give --llama-cpp-bin (or IMPQ_LLAMA_CPP_BIN): llama.cpp's built tools")
-    from impq.export.pair import export_pair
+    from impq.recipe import export_with_recipe
     from impq.models.layouts import read_spec
 
     work, suffix = args.work, _suffix(args.text)
     prepared = prepare("smollm2", work, args.nsamples, 0, eval_bytes=EVAL_BYTES, text=args.text)
-    f16 = export_pair(read_spec(prepared["folder"]), work / "f16", "f16")
+    f16 = export_with_recipe(read_spec(prepared["folder"]), work / "f16", "f16")
     base = work / f"f16{suffix}.kld"
     if not base.is_file():
         _tool(args.llama_cpp_bin, "llama-perplexity", "-m", f16.text_path, "-f", prepared["eval_text"], "-c", 512,

@@ -19,7 +19,8 @@ import platform
 from pathlib import Path
 
 from impq.defaults import default_model_dir
-from impq.export.pair import export_pair, pair_paths
+from impq.export.pair import pair_paths
+from impq.recipe import export_with_recipe
 from impq.measure.bench import bench_pair
 from impq.measure.phone import ModelCost, estimate, fit_efficiency, measure_machine
 from impq.models.layouts import read_spec
@@ -50,7 +51,7 @@ def main() -> None:
             out = args.work / f"{label}-{type_name}"
             text, mmproj = pair_paths(out, spec, type_name)
             if not (text.is_file() and mmproj.is_file()):
-                export_pair(spec, out, type_name)
+                export_with_recipe(spec, out, type_name)
             figures = bench_pair(text, mmproj, image, runs=args.runs, warmup=1, decode_tokens=32)
             cases[f"{label} {type_name}"] = figures
             costs[f"{label} {type_name}"] = ModelCost.from_gguf_pair(text, mmproj)

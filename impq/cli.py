@@ -14,7 +14,9 @@ from rich.table import Table
 
 from .errors import ImpqError
 from .export.gguf_file import canonical_type_name
-from .recipe import MINIMUMS
+from .recipe import ALL_FLAGS, Budget, Calibration, Method, Recipe, Safetensors, least
+
+_DEFAULT, _BUDGET = Recipe(), Budget()     # the CLI's defaults are the recipe's
 
 app = typer.Typer(help="Quantize and export small multimodal models (Imp, Bunny, LLaVA) for llama.cpp on phones.",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
@@ -141,16 +143,16 @@ def export_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ):
     """Export a checkpoint to the GGUF pair llama.cpp loads (text model + mmproj)."""
-    from .export.pair import export_pair
     from .models.layouts import read_spec
     from .models.reduction import vision_reduction
+    from .recipe import export_with_recipe
 
     spec = read_spec(model)
     reduction = vision_reduction(spec.vision, image_size, token_reduction)
     with _progress() as progress:
         task = progress.add_task(f"exporting {spec.name} ({type_name})", total=len(spec.tensors))
-        result = export_pair(spec, out, type_name, mmproj_type, on_tensor=lambda _: progress.advance(task),
-                             reduction=reduction)
+        result = export_with_recipe(spec, out, type_name, mmproj_type, on_tensor=lambda _: progress.advance(task),
+                                    reduction=reduction)
     payload = {"text_gguf": str(result.text_path), "mmproj_gguf": str(result.mmproj_path),
                "text_bytes": result.text_path.stat().st_size, "mmproj_bytes": result.mmproj_path.stat().st_size,
                "seconds": round(result.seconds, 3), "layout": spec.layout, "source_digest": result.source_digest}
@@ -292,11 +294,11 @@ def bench_cmd(
     with tempfile.TemporaryDirectory(prefix="impq-bench-") as scratch:
         if export_dir is None and text is None and mmproj is None:
             from .defaults import default_model_dir
-            from .export.pair import export_pair
             from .models.layouts import read_spec
+            from .recipe import export_with_recipe
 
             export_dir = Path(scratch)
-            export_pair(read_spec(default_model_dir()), export_dir, type_name)
+            export_with_recipe(read_spec(default_model_dir()), export_dir, type_name)
         text_path, mmproj_path = resolve_pair(export_dir, text, mmproj)
         with console.status(f"benchmarking {text_path.name} ({warmup} warm-up + {runs} runs)"):
             figures = bench_pair(text_path, mmproj_path, image, question, runs, warmup, decode_tokens, threads,
@@ -356,17 +358,18 @@ def quantize_cmd(
     recipe: Optional[Path] = typer.Option(None, "--recipe", help="Run this recipe (a <stem>.recipe.yaml or one "
                                                                  "written by hand; see impq/recipe.py); flags given "
                                                                  "beside it override it and are recorded."),
-    bits: int = typer.Option(4, help="Weight bits of the LLM's decoder layers (GGUF: 2 to 6, or 8; safetensors: "
-                                     "2 to 8 as the layout allows)."),
-    method: str = typer.Option("gptq", help="rtn | gptq | awq | signround (learned rounding)."),
-    format: str = typer.Option("gguf", "--format", help="gguf (a GGUF pair for llama.cpp) | safetensors (a "
-                                                        "transformers folder in a GPTQ/AWQ/compressed-tensors layout)."),
+    bits: Optional[int] = typer.Option(None, help="Weight bits of the LLM's decoder layers (GGUF: 2 to 6, or 8; "
+                                                  "safetensors: 2 to 8 as the layout allows); default: the --type's, "
+                                                  f"else {_DEFAULT.target.bits}."),
+    method: str = typer.Option(_DEFAULT.method.name, help="rtn | gptq | awq | signround (learned rounding)."),
+    format: str = typer.Option(_DEFAULT.target.format, "--format", help="gguf (a GGUF pair for llama.cpp) | "
+                               "safetensors (a transformers folder in a GPTQ/AWQ/compressed-tensors layout)."),
     type_name: Optional[str] = typer.Option(None, "--type", help="GGUF grid: q8_0 q6_k q5_k q5_0 q5_1 q4_k q4_0 "
                                                                  "q4_1 q3_k q2_k; default from --bits (4: q4_k)."),
     layout: Optional[str] = typer.Option(None, help="safetensors layout: compressed-tensors (default; transformers "
                                                     "loads it) | gptq | awq."),
-    group_size: Optional[int] = typer.Option(None, min=MINIMUMS["group_size"], help="safetensors: input columns per "
-                                                                                    "scale (default 128)."),
+    group_size: Optional[int] = typer.Option(None, min=least(Safetensors, "group_size"), help="safetensors: input "
+                                             f"columns per scale (default {Safetensors().group_size})."),
     embeddings: Optional[str] = typer.Option(None, help="GGUF type of the token embedding and output head: q8_0 "
                                                         "(default), f16, f32."),
     vision: Optional[str] = typer.Option(None, help="GGUF type of the mmproj (vision tower, projector): f16 "
@@ -381,77 +384,76 @@ def quantize_cmd(
     target_size: Optional[str] = typer.Option(None, "--target-size", help="GGUF: the same within this size of the "
                                               "text GGUF, header and embeddings included (1.6GB, 500MB, 750MiB or "
                                               "bytes)."),
-    budget_includes_vision: bool = typer.Option(False, "--budget-includes-vision", help="--target-size counts the "
-                                                "mmproj as well."),
-    candidate_types: str = typer.Option("q2_k,q3_k,q4_k,q5_k,q6_k,q8_0", "--candidate-types",
+    budget_includes_vision: bool = typer.Option(_BUDGET.includes_vision, "--budget-includes-vision",
+                                                help="--target-size counts the mmproj as well."),
+    candidate_types: str = typer.Option(",".join(_BUDGET.candidate_types), "--candidate-types",
                                         help="Types --target-bpw chooses from."),
     sensitivity_data: Optional[Path] = typer.Option(None, "--sensitivity-data", help="A budget's measurement "
                                                     "data disjoint from the calibration: a VQA JSONL (the answer's "
                                                     "position) or a text file (every position of each paragraph); "
                                                     "default: the eval split (imp-tiny)."),
-    sensitivity_prompts: int = typer.Option(32, "--sensitivity-prompts", min=MINIMUMS["sensitivity_prompts"],
+    sensitivity_prompts: int = typer.Option(_BUDGET.sensitivity_prompts, "--sensitivity-prompts",
+                                            min=least(Budget, "sensitivity_prompts"),
                                             help="Measurement sequences (the file's last ones)."),
     sensitivity_file: Optional[Path] = typer.Option(None, "--sensitivity-file", help="A budget's sensitivity from "
                                                     "an earlier budgeted run's report.json (or impq sensitivity's "
                                                     "JSON) instead of measuring it again."),
-    sensitivity: str = typer.Option("scaled", "--sensitivity", help="scaled: measure each group's KLD at --type "
-                                    "and scale it to the other candidates by the quantizer's output error (one "
-                                    "pass per group); measured: measure every candidate."),
+    sensitivity: str = typer.Option(_BUDGET.sensitivity, "--sensitivity", help="scaled: measure each group's KLD "
+                                    "at --type and scale it to the other candidates by the quantizer's output error "
+                                    "(one pass per group); measured: measure every candidate."),
     out: Path = typer.Option(Path("quantized"), help="Output folder."),
     calib: Optional[Path] = typer.Option(None, help="Calibration JSONL ({image, prompt}) or text; default: the "
                                                     "shapes split for imp-tiny, calib_data/photos otherwise."),
-    nsamples: int = typer.Option(64, min=MINIMUMS["nsamples"], help="Calibration sequences."),
-    seqlen: int = typer.Option(512, min=MINIMUMS["seqlen"], help="Longest calibration sequence (tokens, image tokens "
-                                                                 "included)."),
-    seed: int = typer.Option(0, help="Seed of the calibration sampling."),
-    damp: float = typer.Option(0.01, help="GPTQ damping, as a fraction of the mean Hessian diagonal."),
-    act_order: bool = typer.Option(False, "--act-order", help="GPTQ: quantize columns by decreasing activation."),
-    static_groups: bool = typer.Option(False, "--static-groups", help="GPTQ: block scales from the original weights."),
-    device: str = typer.Option("auto", help="Where calibration and quantization run: auto (a CUDA GPU when torch "
-                                            "sees one, else the CPU), cpu, cuda, cuda:N, mps."),
-    compute_dtype: str = typer.Option("float32", "--compute-dtype", help="The blocks' forward passes while "
-                                      "quantizing: float32, or bfloat16 (2-3x faster on a CPU with AVX-512 BF16 "
-                                      "or a GPU; Hessians and rounding stay float32)."),
-    iterations: int = typer.Option(200, "--iterations", min=MINIMUMS["iterations"],
-                                   help="--method signround: tuning steps per decoder "
-                                   "block (AutoRound's default 200; 50, its light recipe, took about half the "
-                                   "time on SmolLM2-135M)."),
+    nsamples: int = typer.Option(_DEFAULT.calibration.nsamples, min=least(Calibration, "nsamples"),
+                                 help="Calibration sequences."),
+    seqlen: int = typer.Option(_DEFAULT.calibration.seqlen, min=least(Calibration, "seqlen"),
+                               help="Longest calibration sequence (tokens, image tokens included)."),
+    seed: int = typer.Option(_DEFAULT.seed, help="Seed of the calibration sampling."),
+    damp: float = typer.Option(_DEFAULT.method.damp, help="GPTQ damping, as a fraction of the mean Hessian "
+                                                          "diagonal."),
+    act_order: bool = typer.Option(_DEFAULT.method.act_order, "--act-order", help="GPTQ: quantize columns by "
+                                                                                  "decreasing activation."),
+    static_groups: bool = typer.Option(_DEFAULT.method.static_groups, "--static-groups", help="GPTQ: block scales "
+                                                                                              "from the original "
+                                                                                              "weights."),
+    device: str = typer.Option(_DEFAULT.method.device, help="Where calibration and quantization run: auto (a CUDA "
+                                                            "GPU when torch sees one, else the CPU), cpu, cuda, "
+                                                            "cuda:N, mps."),
+    compute_dtype: str = typer.Option(_DEFAULT.method.compute_dtype, "--compute-dtype", help="The blocks' forward "
+                                      "passes while quantizing: float32, or bfloat16 (2-3x faster on a CPU with "
+                                      "AVX-512 BF16 or a GPU; Hessians and rounding stay float32)."),
+    iterations: int = typer.Option(_DEFAULT.method.iterations, "--iterations", min=least(Method, "iterations"),
+                                   help="--method signround: tuning steps per decoder block (AutoRound's default "
+                                   "200; 50, its light recipe, took about half the time on SmolLM2-135M)."),
     verify_items: int = typer.Option(140, min=0, help="Eval items for the llama.cpp check (embedded model); 0 skips it."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ):
     """Calibrated low-bit quantization of the LLM backbone onto an exact GGUF or safetensors grid, with recipe and
     report."""
-    from .defaults import default_calib_data, default_model_dir
-    from .quantize import QuantizeSettings, quantize_model
+    from .defaults import default_model_dir
+    from .quantize import quantize_model
     from .recipe import recipe_run
 
-    flags = {"bits": bits, "method": method, "format": format, "type": type_name, "layout": layout,
-             "group_size": group_size, "embeddings": embeddings, "vision": vision, "nsamples": nsamples,
-             "seqlen": seqlen, "seed": seed, "damp": damp, "act_order": act_order, "static_groups": static_groups,
-             "device": device, "compute_dtype": compute_dtype, "iterations": iterations,
-             "tensor_types": list(tensor_type or []), "target_bpw": target_bpw,
-             "target_size": None if target_size is None else _size_in_bytes(target_size),
-             "budget_includes_vision": budget_includes_vision,
-             "candidate_types": _comma_list(candidate_types, "--candidate-types"),
-             "sensitivity_data": None if sensitivity_data is None else str(sensitivity_data),
-             "sensitivity_prompts": sensitivity_prompts, "sensitivity": sensitivity,
-             "sensitivity_file": None if sensitivity_file is None else str(sensitivity_file)}
+    # the recipe's fields by their flag names (impq/recipe.py FLAGS), as the command line gives them
+    converted = {"type": type_name, "tensor_types": list(tensor_type or []),
+                 "target_size": None if target_size is None else _size_in_bytes(target_size),
+                 "candidate_types": _comma_list(candidate_types, "--candidate-types"),
+                 **{key: None if value is None else str(value) for key, value in
+                    (("calib", calib), ("sensitivity_data", sensitivity_data), ("sensitivity_file", sensitivity_file))}}
+    parameter = {"type": "type_name", "tensor_types": "tensor_type"}
+    flags = {key: converted.get(key, ctx.params.get(parameter.get(key, key))) for key in ALL_FLAGS}
     given: list[str] = []
     if recipe is None:
         model = model or default_model_dir()
-        settings = QuantizeSettings.from_bits(
-            flags.pop("bits"), flags.pop("type"), format=flags.pop("format"), layout=flags.pop("layout"),
-            group_size=flags.pop("group_size"), embeddings=flags.pop("embeddings"), vision=flags.pop("vision"),
-            calib=str(calib or default_calib_data(model)), **flags)
+        run_recipe = Recipe.from_flags(**flags)
     else:
-        parameter = {"type": "type_name", "tensor_types": "tensor_type"}
-        given = [key for key in flags if getattr(ctx.get_parameter_source(parameter.get(key, key)), "name", None)
-                 == "COMMANDLINE"]
-        model, settings = recipe_run(recipe, model, calib, {key: flags[key] for key in given})
-    method = settings.method
+        # --calib is the recipe's input file, not a setting laid over it
+        given = [key for key in flags if key != "calib" and getattr(
+            ctx.get_parameter_source(parameter.get(key, key)), "name", None) == "COMMANDLINE"]
+        model, run_recipe = recipe_run(recipe, model, calib, {key: flags[key] for key in given})
     with _progress() as progress:
-        task = progress.add_task(f"{method} -> {settings.grid().name}", total=None)
-        report = quantize_model(model, out, settings, verify_items=verify_items,
+        task = progress.add_task(f"{run_recipe.method.name} -> {run_recipe.grid().name}", total=None)
+        report = quantize_model(model, out, run_recipe, verify_items=verify_items,
                                 on_layer=lambda i, n: progress.update(task, completed=i + 1, total=n),
                                 on_status=lambda text: progress.update(task, description=text),
                                 flags_over_recipe=given)
@@ -581,7 +583,7 @@ def reproduce_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ):
     """Re-run the quantization a recipe describes, and with --check prove the same bytes come out."""
-    from .recipe import reproduce
+    from .reproduce import reproduce
 
     with console.status(f"re-running {recipe}"):
         result = reproduce(recipe, model, calib, out)
@@ -629,7 +631,7 @@ def sweep_resolution_cmd(
                                                                           "24x24)."),
     types: str = typer.Option("f16,q4_k", help="Weight types of the LLM, comma-separated: f16 and the GGUF grids "
                                                "(q8_0 q6_k q5_k q5_0 q5_1 q4_k q4_0 q4_1 q3_k q2_k)."),
-    method: str = typer.Option("gptq", help="Quantization method for the quantized types."),
+    method: str = typer.Option(_DEFAULT.method.name, help="Quantization method for the quantized types."),
     budget_ttft: Optional[float] = typer.Option(None, "--budget-ttft", min=0, help="Largest time to first token on "
                                                                                  "the phone estimate, in ms."),
     budget_size: Optional[float] = typer.Option(None, "--budget-size", min=0, help="Largest text GGUF + mmproj, MB."),
@@ -642,7 +644,8 @@ def sweep_resolution_cmd(
     limit: Optional[int] = typer.Option(140, min=1, help="Eval items per point."),
     runs: int = typer.Option(3, min=1, help="Timed bench runs per point."),
     calib: Optional[Path] = typer.Option(None, help="Calibration file for the quantized types."),
-    nsamples: int = typer.Option(64, min=1, help="Calibration sequences."),
+    nsamples: int = typer.Option(_DEFAULT.calibration.nsamples, min=least(Calibration, "nsamples"),
+                                 help="Calibration sequences."),
     threads: Optional[int] = typer.Option(None, min=1, help="llama.cpp threads (default: all cores)."),
     device: str = _llama_device_option(),
     gpu_layers: Optional[int] = _gpu_layers_option(),

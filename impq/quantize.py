@@ -8,8 +8,6 @@ from __future__ import annotations
 import json
 import resource
 import time
-import types
-import typing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -25,109 +23,10 @@ from .fileio import artifact_set, ensure_writable_dir
 from .memory import StageSampler, map_large_allocations, trim
 from .models.layouts import read_spec
 from .models.lmm import LMM
-from .quant.driver import METHODS, quantize_llm
+from .quant.driver import quantize_llm
 from .quant.plan import plan_llm
-from .quant.signround import ITERATIONS
-from .recipe import MINIMUMS, input_recipe, output_files, sha256_file, write_resolved_recipe
-from .targets import FORMATS, TARGETS, Target
-from .targets.base import tensor_override
-
-COMPUTE_DTYPES = ("float32", "bfloat16")
-
-
-def check_field(key: str, value) -> None:
-    """A setting's type (as QuantizeSettings declares it) and least value: the same rule for a flag and a recipe."""
-    hints = typing.get_type_hints(QuantizeSettings)
-    if key not in hints:
-        raise ImpqError(None, f"{key}: not a quantize setting; known: {', '.join(sorted(hints))}")
-    expected = hints[key]
-    allowed = typing.get_args(expected) if typing.get_origin(expected) is types.UnionType else (expected,)
-    if value is None and type(None) in allowed:
-        return
-    kinds = tuple(typing.get_origin(a) or a for a in allowed if a is not type(None))
-    if float in kinds:
-        kinds += (int,)                                    # 4 is a fine --target-bpw
-    if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
-        raise ImpqError(None, f"{key} {value!r}: expected {' or '.join(k.__name__ for k in kinds)}")
-    if list in kinds and not all(isinstance(item, str) for item in value):
-        raise ImpqError(None, f"{key} {value!r}: expected a list of strings")
-    if key in MINIMUMS and value < MINIMUMS[key]:
-        raise ImpqError(None, f"{key} {value!r}: at least {MINIMUMS[key]}")
-
-
-@dataclass
-class QuantizeSettings:
-    method: str = "gptq"
-    bits: int = 4
-    format: str = "gguf"
-    type: str | None = "q4_k"     # GGUF grid
-    layout: str | None = None     # safetensors layout: compressed-tensors | gptq | awq
-    group_size: int | None = None  # safetensors group size
-    calib: str = ""
-    nsamples: int = 64
-    seqlen: int = 512
-    seed: int = 0
-    damp: float = 0.01
-    block_size: int = 128
-    act_order: bool = False
-    static_groups: bool = False
-    device: str = "auto"          # where calibration and the layer-by-layer work run
-    # the blocks' forward passes during quantization: bfloat16 autocast is 2-3x faster on a CPU with AVX-512 BF16
-    # or a GPU, float32 the exact default (quant/driver.py)
-    compute_dtype: str = "float32"
-    # learned rounding's tuning steps per decoder block (AutoRound's iters: 200 by default, 50 in its light recipe);
-    # the learning rate is 1 / iterations, so fewer steps cover the same range
-    iterations: int = ITERATIONS
-    tensor_types: list[str] = field(default_factory=list)   # GGUF: "REGEX=TYPE" overrides, the last match wins
-    target_bpw: float | None = None   # GGUF: a per-group mix of candidate types within this many bits per weight
-    target_size: int | None = None    # GGUF: ... or within this many bytes of the text GGUF, header and all
-    budget_includes_vision: bool = False   # --target-size counts the mmproj too
-    candidate_types: list[str] = field(default_factory=lambda: ["q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "q8_0"])
-    sensitivity_data: str | None = None   # VQA JSONL of measurement prompts (its last items); default: the eval split
-    sensitivity_prompts: int = 32
-    # measured: every candidate type's KLD measured; scaled: the default type's measured, the others scaled by
-    # the quantizer's output error (measure/sensitivity.py). A recipe without the field predates "scaled".
-    sensitivity: str = "measured"
-    # a budget's sensitivity read from an earlier run's report (or impq sensitivity's JSON) instead of measured
-    sensitivity_file: str | None = None
-    embeddings: str = "q8_0"      # GGUF: token embedding and output head at 8 bits in low-bit exports
-    vision: str = "f16"           # the vision tower and projector stay at 16 bits
-
-    @classmethod
-    def from_bits(cls, bits: int, type_name: str | None = None, *, format: str = "gguf", layout: str | None = None,
-                  group_size: int | None = None, embeddings: str | None = None, vision: str | None = None,
-                  **kwargs) -> "QuantizeSettings":
-        """Settings for --bits with the format's default grid, or the one --type / --layout / --group-size name."""
-        if format not in FORMATS:
-            raise ImpqError(None, f"--format {format}: choose one of {', '.join(FORMATS)}")
-        iterations = kwargs.get("iterations", ITERATIONS)
-        if not isinstance(iterations, int) or isinstance(iterations, bool) or iterations < 1:
-            raise ImpqError(None, f"--iterations {iterations}: a positive number of tuning steps")
-        named = {"type": type_name, "layout": layout, "group_size": group_size, "embeddings": embeddings,
-                 "vision": vision}                      # None here: the format's default
-        for key, value in {"bits": bits, "format": format, **{k: v for k, v in named.items() if v is not None},
-                           **kwargs}.items():
-            check_field(key, value)
-        # both formats run the same layer loop: checked before the format's own settings
-        if kwargs.get("compute_dtype", "float32") not in COMPUTE_DTYPES:
-            raise ImpqError(None, f"--compute-dtype {kwargs['compute_dtype']}: choose one of {', '.join(COMPUTE_DTYPES)}")
-        return TARGETS[format].settings(cls, bits, type_name, layout, group_size, embeddings, vision, kwargs)
-
-    @property
-    def target(self) -> Target:
-        return TARGETS[self.format]
-
-    def overrides(self) -> list[tuple[str, object]]:
-        grids = self.target.override_grids(self)
-        return [tensor_override(value, grids) for value in self.tensor_types]
-
-    def grid(self):
-        return self.target.grid(self)
-
-    @property
-    def grid_label(self) -> str:
-        return self.target.label(self)
-
+from .recipe import NO_METHOD, Recipe, calibration_path, output_files, sha256_file, write_resolved_recipe
+from .targets import target_of
 
 @dataclass
 class QuantizeReport:
@@ -156,46 +55,53 @@ class QuantizeReport:
         return asdict(self)
 
 
-def quantize_model(model_dir: str | Path, out_dir: str | Path, settings: QuantizeSettings, *,
+def quantize_model(model_dir: str | Path, out_dir: str | Path, recipe: Recipe, *,
                    verify_items: int = 140, on_layer=None, on_status=None,
-                   flags_over_recipe: list[str] | None = None) -> QuantizeReport:
+                   flags_over_recipe: list[str] | None = None, carried: dict | None = None) -> QuantizeReport:
+    """`carried`: the recipe document the artifact carries, where it is not the recipe's own schema-2 document
+    (impq reproduce of a recipe file written by an earlier schema carries that file's document, as the original
+    run did)."""
     start = time.perf_counter()
     on_status = on_status or (lambda _: None)
-    if settings.method not in METHODS:
-        raise ImpqError(None, f"--method {settings.method}: choose one of {', '.join(METHODS)}")
-    target = settings.target
-    grid = settings.grid()
-    device = resolve_device(settings.device)
+    if recipe.method.name == NO_METHOD:
+        raise ImpqError(None, "method none is an export's recipe: run impq export")
+    target = target_of(recipe)
+    grid = recipe.grid()
+    device = resolve_device(recipe.method.device)
     spec = read_spec(model_dir)
-    samples = read_calibration(settings.calib)
+    calib = calibration_path(recipe, Path(model_dir))
+    samples = read_calibration(calib)
     digest = spec.digest()
-    calib_digest = calibration_digest(settings.calib, samples)
+    calib_digest = calibration_digest(calib, samples)
+    document = recipe.document(Path(model_dir))
+    carried = carried or document
     target.check_exportable(spec, grid)
 
     on_status(f"calibrating on {device}")
     map_large_allocations()
     stages = StageSampler()
     stages.begin("load")
-    budgeted = settings.target_bpw is not None or settings.target_size is not None
+    budgeted = recipe.budget is not None
     # the decoder is read block by block from the checkpoint, never whole; a budget's sensitivity measurement
     # runs the whole model many times and keeps it loaded
     lmm = LMM(spec, stream_decoder=not budgeted)
     aliases = {t.canonical: t.name for t in text_tensors(spec, QType.F16)}
     # every tensor's grid, fixed before the layer loop
-    plan = plan_llm(lmm.llm, grid, settings.overrides(), aliases)
+    plan = plan_llm(lmm.llm, grid, recipe.tensor_overrides(), aliases)
     if all(entry.grid is None for entry in plan.values()):
         raise ImpqError(spec.folder, f"no linear layer's input width is a multiple of {grid.block}, the "
                                      f"{grid.name} block: choose a smaller block or group")
     if budgeted:
         # the recipe in the header counted at its longest: every tensor's type spelt "float"
-        longest = _recorded(settings, model_dir, digest, calib_digest, dict.fromkeys(plan, "float"))
-        budget = prepare_budget(lmm, settings, plan, target, model_dir, digest, longest)
+        longest = _recorded(carried, digest, calib_digest, dict.fromkeys(plan, "float"))
+        budget = prepare_budget(lmm, recipe, plan, target, model_dir, digest, longest)
     out_dir = ensure_writable_dir(Path(out_dir))
     calibration_side = (lmm.vision, lmm.projector, lmm.llm.get_input_embeddings())
     stages.begin("calibrate")
     for module in calibration_side:
         module.to(device)
-    embeddings = calibration_embeddings(lmm, samples, settings.nsamples, settings.seqlen, settings.seed)
+    embeddings = calibration_embeddings(lmm, samples, recipe.calibration.nsamples, recipe.calibration.seqlen,
+                                        recipe.seed)
     for module in calibration_side:
         module.to("cpu")
     if lmm.streams_decoder and target.releases_model:
@@ -205,35 +111,35 @@ def quantize_model(model_dir: str | Path, out_dir: str | Path, settings: Quantiz
     if budgeted:
         on_status("measuring sensitivity for the budget")
         stages.begin("sensitivity")
-        plan, allocation = budgeted_plan(lmm, embeddings, budget, settings, aliases, target.tensor_bytes)
-    options = {"damp": settings.damp, "block_size": settings.block_size, "act_order": settings.act_order,
-               "static_groups": settings.static_groups}
+        plan, allocation = budgeted_plan(lmm, embeddings, budget, recipe, aliases, target.tensor_bytes)
+    method = recipe.method
+    options = {"damp": method.damp, "block_size": method.block_size, "act_order": method.act_order,
+               "static_groups": method.static_groups}
     # the artifacts are written from the codes: the quantized weights are released block by block
     stages.begin("quantize")
-    result = quantize_llm(lmm, embeddings, plan, settings.method, gptq_options=options,
-                          signround_options={"iterations": settings.iterations}, device=device, release_weights=True,
-                          compute_dtype=getattr(torch, settings.compute_dtype), on_layer=on_layer)
+    result = quantize_llm(lmm, embeddings, plan, method.name, gptq_options=options,
+                          signround_options={"iterations": method.iterations}, device=device, release_weights=True,
+                          compute_dtype=getattr(torch, method.compute_dtype), on_layer=on_layer)
     embeddings = [e.cpu() for e in embeddings]
     stages.begin("export")
 
-    stem = target.stem(spec.name, settings)
-    recipe = input_recipe(settings, Path(model_dir))
+    stem = recipe.stem(spec.name)
     plan_types = {name: entry.grid.name if entry.grid is not None else "float" for name, entry in plan.items()}
-    recorded = _recorded(settings, model_dir, digest, calib_digest, plan_types)
+    recorded = _recorded(carried, digest, calib_digest, plan_types)
     # every file of the artifact is written and checked in a staging folder, then moved in together, report last
     with artifact_set(out_dir, f"{stem}.report.json") as stage:
-        written = target.write(lmm, stage, stem, settings, result, digest, recorded)
+        written = target.write(lmm, stage, stem, recipe, result, digest, recorded)
         artifacts = written.artifacts
         if allocation:
             allocation["achieved_file_bytes"] = written.llm_bytes + (written.vision_bytes
-                                                                     if settings.budget_includes_vision else 0)
+                                                                     if recipe.budget.includes_vision else 0)
         recipe_path = stage / f"{stem}.recipe.yaml"
         resolved = {"model_digest": digest, "calibration_digest": recorded["calibration_digest"],
                     "tensor_types": plan_types,
                     "fallbacks": {name: entry.fallback for name, entry in plan.items() if entry.fallback},
                     "device": str(device), "versions": _versions(), "flags_over_recipe": flags_over_recipe or []}
         outputs = {str(f.relative_to(stage)): sha256_file(f) for f in output_files(artifacts)}
-        write_resolved_recipe(recipe_path, recipe, resolved, outputs)
+        write_resolved_recipe(recipe_path, document, resolved, outputs)
 
         llm_weights = sum(spec.numel(name) for name in spec.tensors if name.startswith("llm."))
         total_bytes = sum(_size(Path(p)) for p in artifacts.values())
@@ -253,7 +159,7 @@ def quantize_model(model_dir: str | Path, out_dir: str | Path, settings: Quantiz
             checked = None if target.releases_model else lmm
             del lmm
             trim()
-            report.verification = target.check(artifacts, checked, settings, model_dir, verify_items, on_status)
+            report.verification = target.check(artifacts, checked, recipe, model_dir, verify_items, on_status)
         stages.begin(None)
         report.stages = stages.record
         report.peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024   # verification included
@@ -265,9 +171,9 @@ def quantize_model(model_dir: str | Path, out_dir: str | Path, settings: Quantiz
     return report
 
 
-def _recorded(settings, model_dir, digest: str, calib_digest: str, tensor_types: dict) -> dict:
+def _recorded(document: dict, digest: str, calib_digest: str, tensor_types: dict) -> dict:
     """What the artifact's own bytes carry: the recipe, its input digests and the plan; no path, no machine."""
-    return {**input_recipe(settings, Path(model_dir)), "model_digest": digest, "calibration_digest": calib_digest,
+    return {**document, "model_digest": digest, "calibration_digest": calib_digest,
             "tensor_types": tensor_types}
 
 

@@ -8,7 +8,7 @@ import math
 import pytest
 
 from impq.defaults import default_model_dir
-from impq.export.pair import export_pair
+from impq.recipe import export_with_recipe
 from impq.measure.phone import Efficiency, ModelCost, estimate, fit_efficiency
 from impq.models.layouts import read_spec
 
@@ -49,7 +49,7 @@ def test_fit_recovers_the_efficiency_it_came_from():
 
 def test_model_cost_counts_the_exported_weights(tmp_path):
     spec = read_spec(default_model_dir())
-    result = export_pair(spec, tmp_path, "f16")
+    result = export_with_recipe(spec, tmp_path, "f16")
     cost = ModelCost.from_gguf_pair(result.text_path, result.mmproj_path)
     cfg = spec.text_config
     h, f, layers, vocab = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers, cfg.vocab_size

@@ -13,7 +13,7 @@ import pytest
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from impq.defaults import default_eval_data, default_model_dir
-from impq.export.pair import export_pair
+from impq.recipe import export_with_recipe
 from impq.families import MEDIA_MARKER, TEXT_FAMILIES
 from impq.measure.clients import answers_llama_cpp_python, answers_mtmd_cli, answers_openai, openai_server
 from impq.measure.vqa import GGUFAnswerer, evaluate, first_per_type, normalize_answer, read_vqa_jsonl
@@ -70,7 +70,7 @@ def test_chat_template_keeps_a_conversation(family):
 
 @pytest.fixture(scope="module")
 def shipped_pair(tmp_path_factory):
-    result = export_pair(read_spec(default_model_dir()), tmp_path_factory.mktemp("imp-tiny-pair"), "f16")
+    result = export_with_recipe(read_spec(default_model_dir()), tmp_path_factory.mktemp("imp-tiny-pair"), "f16")
     return result.text_path, result.mmproj_path
 
 

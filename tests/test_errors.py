@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from impq.export.pair import export_pair
+from impq.recipe import export_with_recipe
 from impq.models.layouts import read_spec
 
 
@@ -91,7 +91,7 @@ def test_config_without_image_token(run_cli, model, tmp_path):
 
 
 def test_unreadable_image(run_cli, models_dir, tmp_path):
-    export_pair(read_spec(models_dir / "imp-phi2"), tmp_path / "pair", "f16")
+    export_with_recipe(read_spec(models_dir / "imp-phi2"), tmp_path / "pair", "f16")
     image = tmp_path / "not-an-image.png"
     image.write_text("this is text, not a PNG")
     result = run_cli("verify", tmp_path / "pair", "--reference", models_dir / "imp-phi2", "--image", image)
@@ -116,7 +116,7 @@ def test_interrupted_export_leaves_nothing(models_dir, tmp_path):
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        export_pair(spec, tmp_path, "f16", on_tensor=interrupt)
+        export_with_recipe(spec, tmp_path, "f16", on_tensor=interrupt)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -130,7 +130,7 @@ def test_interrupted_mmproj_removes_the_text_model_too(models_dir, tmp_path):
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        export_pair(spec, tmp_path, "f16", on_tensor=interrupt)
+        export_with_recipe(spec, tmp_path, "f16", on_tensor=interrupt)
     assert any(not n.startswith(("v.", "mm.")) for n in names)   # the text model was complete before
     assert list(tmp_path.iterdir()) == []
 

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from impq.defaults import default_eval_data, default_model_dir
-from impq.export.pair import export_pair
+from impq.recipe import export_with_recipe
 from impq.measure.vqa import TorchAnswerer, evaluate, load_answerer, read_vqa_jsonl
 from impq.models.layouts import read_spec
 
@@ -15,7 +15,7 @@ from impq.models.layouts import read_spec
 @pytest.fixture(scope="module")
 def tiny_f16(tmp_path_factory):
     out = tmp_path_factory.mktemp("imp-tiny-f16")
-    export_pair(read_spec(default_model_dir()), out, "f16")
+    export_with_recipe(read_spec(default_model_dir()), out, "f16")
     return out
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from impq.export.pair import export_pair
+from impq.recipe import export_with_recipe
 from impq.models.layouts import read_spec
 from impq.models.lmm import LMM
 from impq.models.testing import make_model
@@ -27,7 +27,7 @@ def test_vision_depth_conventions(models_dir, tmp_path, layout, stored, run):
     """Imp's truncated tower (all stored layers run) and a full tower with select layer -2 (one fewer runs)."""
     spec = read_spec(models_dir / layout)
     assert (spec.vision.stored_layers, spec.vision.config.num_hidden_layers) == (stored, run)
-    result = export_pair(spec, tmp_path, "f16")
+    result = export_with_recipe(spec, tmp_path, "f16")
     reader = gguf.GGUFReader(result.mmproj_path)
     assert _field(reader, "clip.vision.block_count") == run
     assert _field(reader, "clip.vision.feature_layer") == [run]
@@ -38,7 +38,7 @@ def test_vision_depth_conventions(models_dir, tmp_path, layout, stored, run):
 
 def test_llamacpp_tokenizes_like_the_checkpoint(models_dir, tmp_path):
     spec = read_spec(models_dir / "imp-qwen2")
-    result = export_pair(spec, tmp_path, "f16")
+    result = export_with_recipe(spec, tmp_path, "f16")
     text = "What colour is 12345 circle?\n  Answer:<|im_end|> yes"
     with PairRunner(result.text_path, result.mmproj_path) as runner:
         ids = runner.llama.tokenize(text.encode(), add_bos=False, special=True)
@@ -48,14 +48,15 @@ def test_llamacpp_tokenizes_like_the_checkpoint(models_dir, tmp_path):
 def test_metadata_and_provenance(models_dir, tmp_path):
     folder = models_dir / "imp-phi2"
     spec = read_spec(folder)
-    result = export_pair(spec, tmp_path, "f16")
+    result = export_with_recipe(spec, tmp_path, "f16")
     text = gguf.GGUFReader(result.text_path)
     digest = hashlib.sha256()
     for path in [folder / "config.json", folder / "model.safetensors"]:
         digest.update(path.name.encode())
         digest.update(path.read_bytes())
     assert _field(text, "impq.source_digest") == digest.hexdigest() == result.source_digest
-    assert json.loads(_field(text, "impq.settings"))["type"] == "f16"
+    carried = json.loads(_field(text, "impq.settings"))           # the export's recipe: no method, F16
+    assert carried["target"]["type"] == "f16" and carried["method"]["name"] == "none" and carried["schema_version"] == 2
     assert _field(text, "general.architecture") == "phi2"
     assert _field(text, "phi2.rope.dimension_count") == 8          # rotary dims per head, not the head size
     assert _field(text, "tokenizer.ggml.add_bos_token") is False
@@ -74,13 +75,13 @@ def test_sharded_checkpoint_with_index(tmp_path):
     folder = make_model("imp-qwen2", tmp_path / "sharded", shard_bytes=40_000)
     assert (folder / "model.safetensors.index.json").is_file()
     assert len(list(folder.glob("model-*.safetensors"))) > 2
-    export_pair(read_spec(folder), tmp_path / "out", "f16")
+    export_with_recipe(read_spec(folder), tmp_path / "out", "f16")
     assert verify_pair(tmp_path / "out", folder, prompts=["What is in the image?"]).passed is True
 
 
 def test_q4_0_export_loads_and_generates(models_dir, tmp_path):
     spec = read_spec(models_dir / "imp-phi2")
-    result = export_pair(spec, tmp_path, "q4_0")
+    result = export_with_recipe(spec, tmp_path, "q4_0")
     reader = gguf.GGUFReader(result.text_path)
     types = {t.name: t.tensor_type for t in reader.tensors}
     assert types["blk.0.attn_q.weight"] == gguf.GGMLQuantizationType.Q4_0

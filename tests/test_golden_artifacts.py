@@ -6,7 +6,8 @@ code before the change:
     python tests/test_golden_artifacts.py --write      # only where a change is meant to change the bytes
 
 What is hashed is each file's content without the recipe it carries: a GGUF's tensors and every metadata key but
-`impq.settings`, a safetensors file's tensors and metadata but its recipe, every other file whole. The recipe's
+`impq.settings`, a safetensors file's tensors and metadata but its recipe, impq.json's keys but `recipe`, every
+other file whole. The recipe's
 own schema is meant to change (issue 27's schema 2); what it records is checked by the recipe tests. Reports and
 recipe files are not hashed (reports hold times). Each command runs in a fresh process under settings that make
 float results the same on any x86-64 CPU with AVX2 (MKL's conditional numerical reproducibility, ATen's and
@@ -89,6 +90,9 @@ def content_hashes(folder: Path, only_gguf: bool = False) -> dict[str, str]:
             continue
         elif path.suffix == ".safetensors":
             hashes[relative] = _safetensors_content(path)
+        elif path.name == "impq.json":           # the safetensors folder's manifest, but its recipe
+            manifest = {k: v for k, v in json.loads(path.read_text()).items() if k != "recipe"}
+            hashes[relative] = hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()
         else:
             hashes[relative] = hashlib.sha256(path.read_bytes()).hexdigest()
     return hashes

@@ -24,9 +24,10 @@ from impq import __version__
 from impq.calib import read_calibration
 from impq.defaults import default_model_dir
 from impq.errors import ImpqError
-from impq.export.pair import export_pair
+from impq.recipe import export_with_recipe
 from impq.models.layouts import read_spec
-from impq.quantize import QuantizeSettings, quantize_model
+from impq.quantize import quantize_model
+from impq.recipe import Recipe
 from impq.verify import DEFAULT_PROMPTS, default_images, verify_pair
 
 
@@ -88,8 +89,8 @@ def test_type_names_in_any_case(run_cli, models_dir, tmp_path):
     assert written["text_gguf"].endswith("-Q4_0.gguf")
     mmproj_types = {t.tensor_type for t in gguf.GGUFReader(written["mmproj_gguf"]).tensors}
     assert gguf.GGMLQuantizationType.F16 in mmproj_types and gguf.GGMLQuantizationType.Q4_0 not in mmproj_types
-    settings = QuantizeSettings.from_bits(4, "Q4_K_S", embeddings="F16", vision="Q8_0")
-    assert (settings.type, settings.embeddings, settings.vision) == ("q4_k", "f16", "q8_0")
+    target = Recipe.from_flags(bits=4, type="Q4_K_S", embeddings="F16", vision="Q8_0").target
+    assert (target.type, target.embeddings, target.vision) == ("q4_k", "f16", "q8_0")
 
 
 @pytest.mark.parametrize("command", ["export", "quantize"])
@@ -122,7 +123,7 @@ def test_non_finite_weight_in_a_fused_tensor_gets_the_checkpoint_index(models_di
     tensors[key][rows - 1, 2] = math.nan                 # the last row of v
     save_file(tensors, model / "model.safetensors")
     with pytest.raises(ImpqError, match=rf"'{key}' holds nan at index \[{rows - 1}, 2\]"):
-        export_pair(read_spec(model), tmp_path / "out", "f16")
+        export_with_recipe(read_spec(model), tmp_path / "out", "f16")
 
 
 def test_transformers_5_llava_siglip_save_exports_and_matches(tmp_path):
@@ -154,7 +155,7 @@ def test_transformers_5_llava_siglip_save_exports_and_matches(tmp_path):
 
     spec = read_spec(folder)
     assert spec.layout == "llava-hf" and spec.vision.kind == "siglip"
-    export_pair(spec, tmp_path / "pair", "f16")
+    export_with_recipe(spec, tmp_path / "pair", "f16")
     report = verify_pair(tmp_path / "pair", folder)
     assert report.passed is True and report.generations_matched == "6/6", report.to_dict()
 
@@ -168,7 +169,7 @@ TOKENIZATION_TEXTS = ["Numbers like 12, 345 and 6789 split into digits.", "Two  
 def test_sentencepiece_vocabulary_tokenizes_as_the_checkpoint(models_dir, tmp_path, layout):
     spec = read_spec(models_dir / layout)
     assert (spec.folder / "tokenizer.model").is_file()
-    result = export_pair(spec, tmp_path, "f16")
+    result = export_with_recipe(spec, tmp_path, "f16")
     reader = gguf.GGUFReader(result.text_path)
     assert reader.fields["tokenizer.ggml.model"].contents() == "llama"
     tokens = reader.fields["tokenizer.ggml.tokens"].contents()
@@ -234,7 +235,7 @@ def test_json_lines_without_the_suffix_are_read_as_jsonl(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_pair(tmp_path_factory):
-    result = export_pair(read_spec(default_model_dir()), tmp_path_factory.mktemp("tiny"), "f16")
+    result = export_with_recipe(read_spec(default_model_dir()), tmp_path_factory.mktemp("tiny"), "f16")
     return result.text_path, result.mmproj_path
 
 
@@ -299,7 +300,7 @@ def test_garbage_gguf_fails_cleanly(run_cli, tiny_pair, tmp_path):
 def test_a_failure_in_the_bench_process_is_one_line(run_cli, models_dir, tiny_pair, tmp_path):
     """The bench runs llama.cpp in a spawned process: an mmproj that llama.cpp refuses there (another model's,
     whose projector width differs from the text model's) comes back as one line naming the file."""
-    other = export_pair(read_spec(models_dir / "imp-phi2"), tmp_path / "other", "f16")
+    other = export_with_recipe(read_spec(models_dir / "imp-phi2"), tmp_path / "other", "f16")
     status, _, err = run_cli("bench", "--text", tiny_pair[0], "--mmproj", other.mmproj_path, "--runs", "1")
     _assert_one_line_error(status, err, other.mmproj_path)
     assert pickle.loads(pickle.dumps(ImpqError("a.gguf", "problem"))).args == ("a.gguf: problem",)
@@ -314,8 +315,8 @@ def _calib(tmp_path: Path) -> Path:
     return path
 
 
-def _settings(tmp_path: Path) -> QuantizeSettings:
-    return QuantizeSettings.from_bits(4, "q4_0", method="rtn", calib=str(_calib(tmp_path)), nsamples=4, seqlen=128)
+def _settings(tmp_path: Path) -> Recipe:
+    return Recipe.from_flags(bits=4, type="q4_0", method="rtn", calib=str(_calib(tmp_path)), nsamples=4, seqlen=128)
 
 
 def test_interrupted_quantize_leaves_no_part_of_the_set(models_dir, tmp_path):
@@ -383,7 +384,7 @@ def bomb(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def imp_tiny_pair(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("imp-tiny-f16")
-    export_pair(read_spec(default_model_dir()), out, "f16")
+    export_with_recipe(read_spec(default_model_dir()), out, "f16")
     return out
 
 

@@ -10,7 +10,7 @@ import llama_cpp.llama_cpp as llama_lib
 import pytest
 
 from impq.defaults import default_model_dir
-from impq.export.pair import export_pair
+from impq.recipe import export_with_recipe
 from impq.models.layouts import read_spec
 from impq.runtime import llamacpp_probe as probe
 
@@ -83,7 +83,7 @@ def test_the_environment_overrides_the_probe_and_float_models_need_none(fresh_pr
 @pytest.fixture(scope="module")
 def q4_0_pair(tmp_path_factory):
     out = tmp_path_factory.mktemp("q4_0")
-    export_pair(read_spec(default_model_dir()), out, "q4_0")
+    export_with_recipe(read_spec(default_model_dir()), out, "q4_0")
     return out
 
 

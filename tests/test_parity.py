@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from impq.export.pair import export_pair
+from impq.recipe import export_with_recipe
 from impq.models.layouts import read_spec
 from impq.verify import TOLERANCES, verify_pair
 
@@ -21,7 +21,7 @@ def _params(type_name):
 
 @pytest.mark.parametrize("layout,type_name", _params("f16"))
 def test_f16_pair_matches_pytorch(models_dir, tmp_path, layout, type_name):
-    export_pair(read_spec(models_dir / layout), tmp_path, type_name)
+    export_with_recipe(read_spec(models_dir / layout), tmp_path, type_name)
     report = verify_pair(tmp_path, models_dir / layout)
     assert len(report.cases) == 6
     assert report.top1_agreement == 1.0
@@ -36,7 +36,7 @@ def test_f16_pair_matches_pytorch(models_dir, tmp_path, layout, type_name):
 
 @pytest.mark.parametrize("layout,type_name", _params("q8_0"))
 def test_q8_0_pair_within_looser_tolerance(models_dir, tmp_path, layout, type_name):
-    export_pair(read_spec(models_dir / layout), tmp_path, type_name)
+    export_with_recipe(read_spec(models_dir / layout), tmp_path, type_name)
     report = verify_pair(tmp_path, models_dir / layout)
     tolerance = TOLERANCES["Q8_0"]
     assert report.weight_type == "Q8_0"
@@ -51,7 +51,7 @@ def test_verify_fails_on_a_pair_of_another_model(models_dir, tmp_path):
     from impq.models.testing import make_model
 
     other = make_model("imp-phi2", tmp_path / "other", seed=1)
-    export_pair(read_spec(other), tmp_path / "out", "f16")
+    export_with_recipe(read_spec(other), tmp_path / "out", "f16")
     report = verify_pair(tmp_path / "out", models_dir / "imp-phi2")
     assert report.passed is False
     assert report.max_abs_logit_diff > 1.0

@@ -9,7 +9,7 @@ import math
 import pytest
 
 from impq.defaults import default_model_dir
-from impq.export.pair import export_pair
+from impq.recipe import export_with_recipe
 from impq.measure.phone import DEVICES, Efficiency, ModelCost, estimate
 from impq.measure.phone_fit import KINDS, PHONE_FIT, REFERENCES, Reference, decoder_cost, fit_phones
 from impq.models.layouts import read_spec
@@ -97,7 +97,7 @@ def test_phone_estimate_is_the_roofline_at_the_fitted_efficiency_with_its_band()
 
 
 def test_estimate_command_prints_ranges(run_cli, tmp_path):
-    pair = export_pair(read_spec(default_model_dir()), tmp_path, "q8_0")
+    pair = export_with_recipe(read_spec(default_model_dir()), tmp_path, "q8_0")
     status, out, err = run_cli("estimate", "--text", pair.text_path, "--mmproj", pair.mmproj_path,
                                "--device", "snapdragon-8-gen-3", "--json")
     assert status == 0, err

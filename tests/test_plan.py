@@ -78,7 +78,7 @@ def test_default_bits_4_is_q4_k_through_gptq_and_llama_cpp(run_cli, tmp_path):
                                   "--out", out, "--json")
     assert status == 0, err
     summary = json.loads(stdout)
-    assert summary["settings"]["quantize"]["type"] == "q4_k" and summary["settings"]["quantize"]["method"] == "gptq"
+    assert summary["settings"]["target"]["type"] == "q4_k" and summary["settings"]["method"]["name"] == "gptq"
     assert set(summary["tensor_types"].values()) == {"Q4_K"} and summary["fallbacks"] == {}
     assert summary["bits_per_weight_quantized"] == pytest.approx(4.5)
     text = next(p for p in out.glob("*.gguf") if not p.name.startswith("mmproj-"))

@@ -17,7 +17,7 @@ import llama_cpp
 import pytest
 from gguf.scripts.gguf_new_metadata import copy_with_new_metadata
 
-from impq.export.pair import export_pair
+from impq.recipe import export_with_recipe
 from impq.models.layouts import read_spec
 
 EVAL_DATA = Path(__file__).resolve().parent.parent / "eval" / "shapes" / "eval.jsonl"
@@ -52,7 +52,7 @@ def _convert_text(converter: Path, model: Path, out: Path) -> Path:
 
 def _mmproj_without_impq_keys(model: Path, scratch: Path, out: Path) -> Path:
     """impq's mmproj for the model, rewritten by gguf-py keeping only llama.cpp's own keys."""
-    export_pair(read_spec(model), scratch, "f16")
+    export_with_recipe(read_spec(model), scratch, "f16")
     reader = gguf.GGUFReader(next(scratch.glob("mmproj-*.gguf")))
     writer = gguf.GGUFWriter(out, "clip")
     copy_with_new_metadata(reader, writer, {}, [name for name in reader.fields if name.startswith("impq.")])

@@ -164,7 +164,7 @@ def test_quantize_cli_writes_artifact_recipe_and_report(run_cli, models_dir, tmp
     assert summary["bits_per_weight_quantized"] == 4.5
     assert summary["verification"]["top1_agreement"] > 0.5
     recipe = yaml.safe_load((out / "imp-phi2-Q4_0-gptq.recipe.yaml").read_text())
-    assert recipe["quantize"]["method"] == "gptq" and recipe["quantize"]["type"] == "q4_0"
+    assert recipe["method"]["name"] == "gptq" and recipe["target"]["type"] == "q4_0"
     report = json.loads((out / "imp-phi2-Q4_0-gptq.report.json").read_text())
     assert len(report["layers"]) == 2 * 6 and all(0 < e < 0.2 for e in report["layers"].values())
     with PairRunner(out / "imp-phi2-Q4_0-gptq.gguf", out / "mmproj-imp-phi2-Q4_0-gptq.gguf") as runner:
@@ -467,7 +467,7 @@ def test_compute_dtype_is_checked_and_recorded(run_cli, models_dir, tmp_path):
                              "--verify-items", "0", "--nsamples", "4", "--out", tmp_path / "out")
     assert status == 0, err
     recipe = yaml.safe_load(next((tmp_path / "out").glob("*.recipe.yaml")).read_text())
-    assert recipe["quantize"]["compute_dtype"] == "bfloat16"
+    assert recipe["method"]["compute_dtype"] == "bfloat16"
 
 
 def test_iterations_reach_the_learned_rounding_and_are_checked(run_cli, models_dir, tmp_path, monkeypatch):
@@ -487,14 +487,14 @@ def test_iterations_reach_the_learned_rounding_and_are_checked(run_cli, models_d
     assert steps == [0, 1, 2] * blocks
     recipe_file = next((tmp_path / "out").glob("*.recipe.yaml"))
     recipe = yaml.safe_load(recipe_file.read_text())
-    assert recipe["quantize"]["iterations"] == 3
+    assert recipe["method"]["iterations"] == 3
     status, _, err = run_cli("quantize", models_dir / "imp-phi2", "--iterations", "0", "--out", tmp_path / "bad")
     assert status == 2 and "--iterations" in err and not (tmp_path / "bad").exists()
-    recipe["quantize"]["iterations"] = "many"
+    recipe["method"]["iterations"] = "many"
     bad_recipe = tmp_path / "bad.recipe.yaml"
     bad_recipe.write_text(yaml.safe_dump(recipe))
     status, _, err = run_cli("quantize", models_dir / "imp-phi2", "--recipe", bad_recipe, "--out", tmp_path / "bad")
-    assert status == 2 and err.startswith("impq: error:") and "--iterations many" in err
+    assert status == 2 and err.startswith("impq: error:") and "iterations 'many': expected int" in err
     assert not (tmp_path / "bad").exists()
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from impq.errors import ImpqError
-from impq.export.pair import export_pair
+from impq.recipe import export_with_recipe
 from impq.models.layouts import read_spec
 from impq.models.lmm import LMM
 from impq.models.reduction import interpolate_positions, pool_tokens, vision_reduction
@@ -46,7 +46,7 @@ def test_pooling_averages_each_2x2_block():
 @pytest.mark.parametrize("size", [56, 42, 28])
 def test_reduced_size_mmproj_matches_pytorch_in_llama_cpp(models_dir, tmp_path, size):
     spec = read_spec(models_dir / "imp-phi2")
-    result = export_pair(spec, tmp_path, "f16", reduction=vision_reduction(spec.vision, size))
+    result = export_with_recipe(spec, tmp_path, "f16", reduction=vision_reduction(spec.vision, size))
     assert result.mmproj_path.name.endswith(f"-{size}px.gguf")
     reader = gguf.GGUFReader(result.mmproj_path)
     assert reader.fields["clip.vision.image_size"].contents() == size
@@ -68,7 +68,7 @@ def test_pooled_mmproj_matches_pytorch_in_llama_cpp(grid24_model, tmp_path):
     spec = read_spec(grid24_model)
     reduction = vision_reduction(spec.vision, None, "pool2")
     assert reduction.n_tokens == 144 and reduction.runs_in_llama_cpp
-    result = export_pair(spec, tmp_path, "f16", reduction=reduction)
+    result = export_with_recipe(spec, tmp_path, "f16", reduction=reduction)
     reader = gguf.GGUFReader(result.mmproj_path)
     assert reader.fields["clip.projector_type"].contents() == "ldpv2"
     report = verify_pair(tmp_path, grid24_model)
@@ -116,4 +116,4 @@ def test_pooling_at_other_grids_runs_in_pytorch_only(models_dir):
         load_image(default_images()[0]), "What is in the image?", 2)
     assert torch.isfinite(torch.as_tensor(logits)).all()
     with pytest.raises(ImpqError, match="PyTorch only"):
-        export_pair(spec, "/nonexistent-never-created", "f16", reduction=reduction)
+        export_with_recipe(spec, "/nonexistent-never-created", "f16", reduction=reduction)

@@ -119,9 +119,10 @@ def test_streaming_peak_memory_is_bounded_by_a_block_not_the_model(tmp_path):
 def test_streamed_quantize_writes_the_in_memory_gguf_byte_for_byte(tmp_path, monkeypatch):
     import impq.quantize as quantize
     from impq.defaults import default_model_dir
-    from impq.quantize import QuantizeSettings, quantize_model
+    from impq.quantize import quantize_model
+    from impq.recipe import Recipe
 
-    settings = QuantizeSettings.from_bits(4, method="gptq", calib=str(default_calib_data()))   # a K-quant
+    settings = Recipe.from_flags(bits=4, method="gptq", calib=str(default_calib_data()))   # a K-quant
     streamed = quantize_model(default_model_dir(), tmp_path / "streamed", settings, verify_items=0)
     monkeypatch.setattr(quantize, "LMM", lambda spec, stream_decoder: LMM(spec))
     whole = quantize_model(default_model_dir(), tmp_path / "whole", settings, verify_items=0)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 
+import gguf
 import pytest
 
 import impq.measure.bench
@@ -30,7 +31,12 @@ def test_two_point_sweep_and_a_rerun_that_recomputes_nothing(run_cli, tmp_path, 
     with open(out / "sweep.csv") as handle:
         table = list(csv.DictReader(handle))
     assert [int(r["image_size"]) for r in table] == [168, 84]
-    assert json.loads((out / "sweep.json").read_text())["points"] == rows
+    record = json.loads((out / "sweep.json").read_text())
+    assert record["points"] == rows
+    # every point's type ran one recipe: F16 is the export's (no method), and its files carry it
+    assert list(record["recipes"]) == ["F16"] and record["recipes"]["F16"]["method"]["name"] == "none"
+    carried = gguf.GGUFReader(next((out / "llm").glob("*.gguf"))).fields["impq.settings"]
+    assert json.loads(bytes(carried.parts[carried.data[0]])) == record["recipes"]["F16"]
     for name in ("accuracy_vs_ttft", "accuracy_vs_phone_ttft", "accuracy_vs_size"):
         assert (out / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     text, mmproj = resolve_pair(out / "recommended")

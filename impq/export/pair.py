@@ -32,16 +32,15 @@ def pair_paths(out_dir: Path, spec: ModelSpec, type_name: str, reduction: Vision
             out_dir / f"mmproj-{spec.name}-{suffix}{'-' + reduction.label if reduced else ''}.gguf")
 
 
-def export_pair(spec: ModelSpec, out_dir: str | Path, type_name: str = "f16", mmproj_type: str | None = None,
+def export_pair(spec: ModelSpec, out_dir: str | Path, type_name: str, mmproj_type: str, recipe: dict,
                 on_tensor=None, reduction: VisionReduction | None = None) -> ExportResult:
-    """The pair; `reduction` (models/reduction.py) writes the mmproj at a lower resolution or with pooled tokens."""
+    """The pair, carrying `recipe` (the export's recipe document, impq/recipe.py `export_recipe`) and the mmproj's
+    reduction; `reduction` (models/reduction.py) writes the mmproj at a lower resolution or with pooled tokens."""
     type_name = canonical_type_name(type_name, EXPORT_TYPES, "--type")
-    mmproj_type = canonical_type_name(mmproj_type or type_name, EXPORT_TYPES, "--mmproj-type")
+    mmproj_type = canonical_type_name(mmproj_type, EXPORT_TYPES, "--mmproj-type")
     start = time.perf_counter()
     digest = spec.digest()
-    settings = {"type": type_name, "mmproj_type": mmproj_type, "layout": spec.layout, "family": spec.family,
-                "source": spec.name,
-                "vision_reduction": (reduction or vision_reduction(spec.vision)).label}
+    settings = {**recipe, "vision_reduction": (reduction or vision_reduction(spec.vision)).label}
     text_path, mmproj_path = pair_paths(Path(out_dir), spec, type_name, reduction)
     text_qtype, mmproj_qtype = EXPORT_TYPES[type_name], EXPORT_TYPES[mmproj_type]
     # plan both files before writing either, so that a model that cannot be exported leaves nothing behind

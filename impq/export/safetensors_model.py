@@ -29,10 +29,11 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 
 def write_safetensors_model(lmm: LMM, out: Path, layout: Layout, quantized: dict, settings: dict,
-                            digest: str) -> tuple[Path, float]:
+                            digest: str, damp: float, act_order: bool) -> tuple[Path, float]:
     """Write the folder `out` (atomically: a temporary folder renamed when complete). `quantized`: canonical
     name -> QuantizedTensor for the LLM's linear weights, each on its planned grid; `lmm` holds everything else.
-    `settings`: the run's recipe (impq/recipe.py), recorded in impq.json.
+    `settings`: the run's recipe (impq/recipe.py), recorded in impq.json; `damp` and `act_order`: the GPTQ options
+    the layout's quantization_config states.
     Returns the folder and the stored bits per quantized weight (codes, scales, zero points, g_idx)."""
     spec: ModelSpec = lmm.spec
     llm_state = lmm.llm.state_dict()
@@ -58,8 +59,7 @@ def write_safetensors_model(lmm: LMM, out: Path, layout: Layout, quantized: dict
         tensors[name] = value.to(torch.float16).contiguous()
     config = spec.text_config.to_dict()
     config.update(architectures=[type(lmm.llm).__name__], torch_dtype="float16", dtype="float16",
-                  quantization_config=layout.config(grids, not_quantized, settings["quantize"]["damp"],
-                                                    settings["quantize"]["act_order"]))
+                  quantization_config=layout.config(grids, not_quantized, damp, act_order))
     vision = {f"vision.vision_model.{k}": v for k, v in lmm.vision.state_dict().items()}
     vision.update({f"projector.{k}": v for k, v in lmm.projector.state_dict().items()})
     vision = {k: v for k, v in vision.items() if k in spec.tensors}    # what the checkpoint holds, nothing made up

@@ -73,12 +73,12 @@ def verdict_key() -> str:
 
 def _write_probe_model(folder: Path) -> Path:
     """A tiny random-weight Imp checkpoint exported to a quantized text GGUF by impq's own exporter."""
-    from ..export.pair import export_pair
     from ..models.layouts import read_spec
     from ..models.testing import make_model
+    from ..recipe import export_with_recipe
 
     make_model("imp-phi2", folder / "model")
-    return export_pair(read_spec(folder / "model"), folder / "gguf", PROBE_TYPE).text_path
+    return export_with_recipe(read_spec(folder / "model"), folder / "gguf", PROBE_TYPE).text_path
 
 
 def _child_command(text_gguf: Path) -> list[str]:

@@ -36,6 +36,7 @@ from ..measure.vqa import VQAItem, evaluate, read_vqa_jsonl
 from ..models.layouts import ModelSpec, read_spec
 from ..models.reduction import TOKEN_REDUCTIONS, VisionReduction, vision_reduction
 from ..quant.grids import GRIDS
+from ..recipe import Calibration, Method, Recipe, export_recipe
 from ..runtime.llamacpp import resolve_flash_attn
 
 SWEEP_TYPES = ("f16", *GRIDS)
@@ -47,9 +48,9 @@ class SweepSettings:
     resolutions: list[int] | None = None         # None: native, three quarters and half (multiples of the patch)
     token_reductions: list[str] = field(default_factory=lambda: ["none"])
     types: list[str] = field(default_factory=lambda: ["f16", "q4_k"])
-    method: str = "gptq"
+    method: str = Method().name                  # the quantized types' recipe (impq/recipe.py), as impq quantize's
     calib: str | None = None
-    nsamples: int = 64
+    nsamples: int = Calibration().nsamples
     limit: int | None = 140                       # eval items per point; None: the whole split
     runs: int = 3                                 # timed bench runs per point
     decode_tokens: int = 16
@@ -148,6 +149,7 @@ def run_sweep(model_dir: str | Path, out_dir: str | Path, settings: SweepSetting
     model_digest = spec.digest()
     data_digest = _dataset_digest(Path(data), items)
     calib_digest = calibration_digest(calib)
+    recipes = type_recipes([p.type for p in points], settings, calib)
     image = default_images()[0]
     device = DEVICES[settings.device_profile]
 
@@ -162,9 +164,9 @@ def run_sweep(model_dir: str | Path, out_dir: str | Path, settings: SweepSetting
         if not path.is_file():
             path.parent.mkdir(exist_ok=True)
             if type_name == "f16":
-                write_text_gguf(spec, path, QType.F16, model_digest, {"type": "f16"})
+                write_text_gguf(spec, path, QType.F16, model_digest, recipes[type_name].document(Path(model_dir)))
             else:
-                _quantize_text(model_dir, spec, type_name, settings, calib, path)
+                _quantize_text(model_dir, recipes[type_name], path)
         texts[type_name] = path
         return path
 
@@ -175,7 +177,8 @@ def run_sweep(model_dir: str | Path, out_dir: str | Path, settings: SweepSetting
         path = out / "mmproj" / f"mmproj-{spec.name}-F16-{runnable.label}-{key}.gguf"
         if not path.is_file():
             path.parent.mkdir(exist_ok=True)
-            write_mmproj_gguf(spec, path, QType.F16, model_digest, {"vision_reduction": runnable.label},
+            write_mmproj_gguf(spec, path, QType.F16, model_digest,
+                              {**recipes["f16"].document(Path(model_dir)), "vision_reduction": runnable.label},
                               reduction=runnable)
         return path
 
@@ -254,21 +257,28 @@ def run_sweep(model_dir: str | Path, out_dir: str | Path, settings: SweepSetting
         row["original"] = (row["type"] == "F16" and row["image_size"] == native.image_size
                            and row["token_reduction"] == "none")
     recommended = recommend(rows, settings)
-    files = _write_outputs(out, spec, rows, recommended, settings, text_gguf, mmproj_gguf, points)
+    documents = {t: recipe.document(Path(model_dir)) for t, recipe in recipes.items()}
+    files = _write_outputs(out, spec, rows, recommended, settings, documents, text_gguf, mmproj_gguf, points)
     return SweepResult(rows, recommended, files)
 
 
-def _quantize_text(model_dir, spec: ModelSpec, type_name: str, settings: SweepSettings, calib: Path,
-                   path: Path) -> None:
+def type_recipes(types, settings: SweepSettings, calib: Path) -> dict[str, Recipe]:
+    """Each weight type's recipe: F16 is an export (method none), the others impq quantize's with the sweep's
+    method, calibration and sample count. Every point of a type runs its type's recipe."""
+    return {t: export_recipe("f16", "f16") if t == "f16" else
+            Recipe.from_flags(type=t, bits=GRIDS[t].bits, method=settings.method, calib=str(calib),
+                              nsamples=settings.nsamples)
+            for t in dict.fromkeys(["f16", *types])}
+
+
+def _quantize_text(model_dir, recipe: Recipe, path: Path) -> None:
     """impq quantize for one type (no verification: the sweep measures every point itself); keeps its text GGUF."""
     import tempfile
 
-    from ..quantize import QuantizeSettings, quantize_model
+    from ..quantize import quantize_model
 
-    quantize = QuantizeSettings.from_bits(GRIDS[type_name].bits, type_name, method=settings.method, calib=str(calib),
-                                          nsamples=settings.nsamples)
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=".quantize-") as scratch:
-        report = quantize_model(model_dir, scratch, quantize, verify_items=0)
+        report = quantize_model(model_dir, scratch, recipe, verify_items=0)
         shutil.move(report.artifacts["text_gguf"], path)
 
 
@@ -299,6 +309,7 @@ COLUMNS = ("type", "image_size", "token_reduction", "image_tokens", "runtime", "
 
 
 def _write_outputs(out: Path, spec: ModelSpec, rows: list[dict], recommended: dict | None, settings: SweepSettings,
+                   recipes: dict,
                    text_gguf, mmproj_gguf, points: list[Point]) -> dict:
     from .plots import write_plots
 
@@ -310,6 +321,8 @@ def _write_outputs(out: Path, spec: ModelSpec, rows: list[dict], recommended: di
     # the calibration file by name: no path of this machine in the outputs
     record = {"model": spec.name, "impq": __version__,
               "settings": {**asdict(settings), "calib": settings.calib and Path(settings.calib).name},
+              # each weight type's recipe: every point of the type ran it (no machine path in it)
+              "recipes": {t.upper(): document for t, document in recipes.items()},
               "device_profile": DEVICES[settings.device_profile].name, "points": rows,
               "recommended": recommended and {k: recommended[k] for k in COLUMNS}}
     with atomic_output(out / "sweep.json") as tmp:

@@ -1,13 +1,12 @@
-"""The target protocol (impq.targets) and what a target's write returns."""
+"""The target protocol (impq.targets) and what a target's write returns. What a target is made of (a GGUF pair's
+types, a safetensors layout, bits and group size) is the recipe's target section (impq/recipe.py), which also
+answers which grid the decoder gets and which grids an override may name; a target here writes and checks it."""
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import NamedTuple, Protocol
 
-from ..errors import ImpqError
-from ..export.gguf_file import canonical_type_name
 from ..quant.grids import Grid
 
 
@@ -19,35 +18,21 @@ class Written(NamedTuple):
 
 
 class Target(Protocol):
-    name: str
     # the layer loop may release the vision side and keep only the decoder (False: the check reuses the model)
     releases_model: bool
 
-    def settings(self, cls, bits: int, type_name: str | None, layout: str | None, group_size: int | None,
-                 embeddings: str | None, vision: str | None, values: dict): ...
-
-    def grid(self, settings) -> Grid: ...
-
-    def override_grids(self, settings) -> dict[str, Grid]: ...
-
-    def label(self, settings) -> str: ...
-
-    def stem(self, model_name: str, settings) -> str: ...
-
     def check_exportable(self, spec, grid: Grid) -> None: ...
 
-    def write(self, lmm, stage: Path, stem: str, settings, result, digest: str, recorded: dict) -> Written: ...
+    def write(self, lmm, stage: Path, stem: str, recipe, result, digest: str, recorded: dict) -> Written: ...
 
-    def check(self, artifacts: dict, lmm, settings, model_dir, n_items: int, on_status) -> dict: ...
+    def check(self, artifacts: dict, lmm, recipe, model_dir, n_items: int, on_status) -> dict: ...
 
 
-def tensor_override(value: str, grids: dict) -> tuple[str, Grid]:
-    """`REGEX=TYPE` (llama-quantize's --tensor-type) -> (pattern, grid); TYPE names one of `grids`."""
-    pattern, sep, type_name = value.rpartition("=")
-    if not sep or not pattern:
-        raise ImpqError(None, f"--tensor-type {value!r}: write REGEX=TYPE, for example 'attn_v=q6_k'")
-    try:
-        re.compile(pattern)
-    except re.error as err:
-        raise ImpqError(None, f"--tensor-type {value!r}: not a regular expression ({err})") from None
-    return pattern, grids[canonical_type_name(type_name, grids, "--tensor-type")]
+class BudgetedTarget(Target, Protocol):
+    """A target whose recipe section can take a size budget (`budgets`): it counts the bytes the budget spends."""
+
+    def tensor_bytes(self, entry) -> int:
+        """A decoder tensor's bytes at its planned grid."""
+
+    def bytes_beside_decoder(self, spec, recipe, plan, digest: str, recorded: dict) -> int:
+        """The artifact's bytes other than the decoder tensors' data, with `recorded` in it (a --target-size)."""
