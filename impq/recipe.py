@@ -240,7 +240,8 @@ class GGUFPair(_Checked):
 
     @property
     def bits(self) -> int:
-        return GRIDS[self.type].bits if self.type in GRIDS else int(self.type[1:].split("_")[0])
+        # an export's float types by their width: f16 -> 16, f32 -> 32
+        return GRIDS[self.type].bits if self.type in GRIDS else int(self.type[1:])
 
     def grid(self) -> Grid:
         return GRIDS[self.type]
