@@ -500,7 +500,7 @@ def sensitivity_cmd(
     from .fileio import atomic_output, ensure_writable_dir
     from .models.lmm import LMM
     from .measure.sensitivity import METHODS, measure_sensitivity, read_measurement, sensitivity_record
-    from .measure.sensitivity import write_sensitivity_plot
+    from .measure.sensitivity_plot import write_sensitivity_plot
     from .sweep.resolution import SWEEP_TYPES
 
     embedded = model is None

@@ -17,15 +17,14 @@ from .budget import budgeted_plan, prepare_budget
 from .calib import calibration_digest, calibration_embeddings, read_calibration
 from .device import resolve_device
 from .errors import ImpqError
-from .export.gguf_file import QType
-from .export.gguf_text import text_tensors
 from .fileio import artifact_set, ensure_writable_dir
 from .memory import StageSampler, map_large_allocations, trim
 from .models.layouts import read_spec
 from .models.lmm import LMM
 from .quant.driver import quantize_llm
 from .quant.plan import plan_llm
-from .recipe import NO_METHOD, Recipe, calibration_path, output_files, sha256_file, write_resolved_recipe
+from .recipe import (NO_METHOD, Recipe, calibration_path, output_files, override_names, sha256_file,
+                     write_resolved_recipe)
 from .targets import target_of
 
 @dataclass
@@ -85,7 +84,7 @@ def quantize_model(model_dir: str | Path, out_dir: str | Path, recipe: Recipe, *
     # the decoder is read block by block from the checkpoint, never whole; a budget's sensitivity measurement
     # runs the whole model many times and keeps it loaded
     lmm = LMM(spec, stream_decoder=not budgeted)
-    aliases = {t.canonical: t.name for t in text_tensors(spec, QType.F16)}
+    aliases = override_names(spec)
     # every tensor's grid, fixed before the layer loop
     plan = plan_llm(lmm.llm, grid, recipe.tensor_overrides(), aliases)
     if all(entry.grid is None for entry in plan.values()):

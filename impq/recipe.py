@@ -56,7 +56,8 @@ import yaml
 
 from .defaults import default_calib_data, default_model_dir, is_embedded_model
 from .errors import ImpqError
-from .export.gguf_file import EXPORT_TYPES, canonical_type_name
+from .export.gguf_file import EXPORT_TYPES, QType, canonical_type_name
+from .export.gguf_text import text_tensors
 from .export.pair import export_pair
 from .export.safetensors_layouts import LAYOUTS
 from .quant.driver import METHODS
@@ -319,6 +320,12 @@ def tensor_override(value: str, grids: dict) -> tuple[str, Grid]:
     except re.error as err:
         raise ImpqError(None, f"--tensor-type {value!r}: not a regular expression ({err})") from None
     return pattern, grids[canonical_type_name(type_name, grids, "--tensor-type")]
+
+
+def override_names(spec) -> dict[str, str]:
+    """Each LLM tensor's canonical name -> its GGUF name (blk.N.attn_v.weight), which an override's pattern may
+    match as well as the canonical one: llama-quantize's --tensor-type vocabulary, whatever the target."""
+    return {t.canonical: t.name for t in text_tensors(spec, QType.F16)}
 
 
 @dataclass(frozen=True)

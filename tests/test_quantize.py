@@ -404,7 +404,7 @@ def test_statistics_pass_gathers_every_linear_input_before_it_stops(models_dir, 
     """The pass that accumulates the Hessians ends at the block's last linear layer, before its product: every
     linear layer's input still reaches the statistics, exactly as a whole forward pass gives it."""
     from torch import nn
-    from impq.quant import driver
+    from impq.quant import statistics
 
     lmm = LMM(read_spec(models_dir / "imp-phi2"))
     embeddings = calibration_embeddings(lmm, read_calibration(_calib_file(tmp_path)), 3, 128)
@@ -417,8 +417,8 @@ def test_statistics_pass_gathers_every_linear_input_before_it_stops(models_dir, 
         layer(hidden, **kwargs)
     for handle in handles:
         handle.remove()
-    recorded, gram = [], driver.gram
-    monkeypatch.setattr(driver, "gram", lambda x: recorded.append(x.clone()) or gram(x))
+    recorded, gram = [], statistics.gram
+    monkeypatch.setattr(statistics, "gram", lambda x: recorded.append(x.clone()) or gram(x))
     fc2_products = []                               # Phi-2's last product runs only in the pass making outputs
     layer.mlp.fc2.register_forward_hook(lambda m, args, out: fc2_products.append(1))
     quantize_llm(lmm, embeddings, plan_llm(lmm.llm, GRIDS["q4_0"]), "rtn")
@@ -430,7 +430,7 @@ def test_statistics_pass_gathers_every_linear_input_before_it_stops(models_dir, 
 
 @pytest.mark.parametrize("width", [96, 1536, 2560])
 def test_gram_matrix_of_wide_inputs_is_the_full_product(width):
-    from impq.quant.driver import gram
+    from impq.quant.statistics import gram
 
     x = torch.randn(300, width)
     expected = (x.T @ x).double()

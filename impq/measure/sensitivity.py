@@ -25,11 +25,14 @@ import torch
 from torch import nn
 
 from ..models.lmm import LMM, decoder_name
+from .divergence import kl_terms
+from .rank_correlation import spearman
 from ..quant.error import output_error
 from ..quant.gptq import gptq
 from ..quant.grids import GRIDS
 from ..quant.plan import plan_llm
 from ..quant.rtn import rtn
+from ..quant.statistics import InputStatistics
 
 METHODS = ("rtn", "gptq")
 
@@ -125,38 +128,12 @@ def _linears(layer: nn.Module) -> dict[str, nn.Linear]:
 def _input_statistics(module: nn.Module, forwards: list[Callable[[], object]]) -> tuple[list[list[str]], dict, list]:
     """`module`'s linears grouped by the input they share, each one's mean X^T X over what the forwards feed
     them, and what each forward returns."""
-    linears = _linears(module)
-    hessians = {name: torch.zeros(m.in_features, m.in_features, dtype=torch.float64) for name, m in linears.items()}
-    counts = dict.fromkeys(linears, 0)
-    inputs_seen: dict[str, str] = {}
-    first_input: dict[int, str] = {}
-    alive: list[torch.Tensor] = []       # inputs held for one forward, so that no id() is reused within it
-
-    def hook(name):
-        def record(mod, args, output):
-            x = args[0].reshape(-1, args[0].shape[-1]).float()
-            hessians[name] += (x.T @ x).double()
-            counts[name] += x.shape[0]
-            alive.append(args[0])
-            inputs_seen.setdefault(name, first_input.setdefault(id(args[0]), name))
-        return record
-
-    handles = [m.register_forward_hook(hook(name)) for name, m in linears.items()]
     results = []
-    try:
+    with InputStatistics(module) as statistics:
         for forward in forwards:
-            first_input.clear()
-            alive.clear()
             results.append(forward())
-    finally:
-        for handle in handles:
-            handle.remove()
-        alive.clear()
-    groups: dict[str, list[str]] = {}
-    for name in linears:
-        if name in inputs_seen:                  # a linear the run never reaches has no statistics
-            groups.setdefault(inputs_seen[name], []).append(name)
-    return list(groups.values()), {name: (h / max(1, counts[name])).float() for name, h in hessians.items()}, results
+            statistics.next_pass()
+    return statistics.groups(), statistics.mean_hessians(), results
 
 
 def _layer_statistics(layer: nn.Module, inputs: list[tuple[torch.Tensor, dict]]) -> tuple[list[list[str]], dict, list]:
@@ -189,7 +166,7 @@ class _Reference:
             total, count = 0.0, 0
             for m, inputs, ref in zip(self.measurements, self.layer_inputs, self.log_probs):
                 logits = self.lmm.llm(inputs_embeds=inputs[index], use_cache=False).logits[0, m.first:].float()
-                total += float((ref.exp() * (ref - torch.log_softmax(logits, -1))).sum())
+                total += float(kl_terms(ref, logits).sum())
                 count += ref.shape[0]
         finally:
             model.layers = layers
@@ -288,12 +265,11 @@ def measure_vision_sensitivity(lmm: LMM, calib_images: list, items: list, types:
     groups, hessians, _ = _input_statistics(side, [lambda p=p: lmm.image_features(p) for p in pixels])
     images = [load_image(item.image) for item in items]
 
-    def log_probs() -> list[torch.Tensor]:
-        return [torch.log_softmax(lmm.llm(inputs_embeds=lmm.prompt_embeddings(image, item.question),
-                                          use_cache=False).logits[0, -1].float(), -1)
-                for image, item in zip(images, items)]
+    def answer_logits() -> list[torch.Tensor]:
+        return [lmm.llm(inputs_embeds=lmm.prompt_embeddings(image, item.question), use_cache=False).logits[0, -1]
+                .float() for image, item in zip(images, items)]
 
-    reference = log_probs()
+    reference = [torch.log_softmax(logits, -1) for logits in answer_logits()]
     linears = _linears(side)
     n_layers = len(lmm.vision.encoder.layers)
     results = []
@@ -308,8 +284,8 @@ def measure_vision_sensitivity(lmm: LMM, calib_images: list, items: list, types:
             grids = [fitting_grid(GRIDS[type_name], linears[name].in_features) for name in group]
             entry.written_as[type_name] = _written_as(grids)
             entry.output_error[type_name] = _quantize_group(linears, original, grids, hessians, "rtn")
-            entry.kld[type_name] = float(np.mean([float((ref.exp() * (ref - now)).sum())
-                                                  for ref, now in zip(reference, log_probs())]))
+            entry.kld[type_name] = float(np.mean([float(kl_terms(ref, now).sum())
+                                                  for ref, now in zip(reference, answer_logits())]))
             entry.measured.append(type_name)
             for name in group:
                 linears[name].weight.copy_(original[name])
@@ -317,61 +293,6 @@ def measure_vision_sensitivity(lmm: LMM, calib_images: list, items: list, types:
         if on_group:
             on_group(len(results), len(groups))
     return results
-
-
-def write_sensitivity_plot(path, results: list[GroupSensitivity], types: list[str], title: str) -> None:
-    """KLD by layer, one panel per type and a row per side (the decoder; the vision tower and projector)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
-
-    from ..fileio import atomic_output
-
-    def is_vision(r: GroupSensitivity) -> bool:
-        return r.kind.startswith(("vision:", "projector:"))
-
-    sides = [(label, rows) for label, rows in (("decoder layer", [r for r in results if not is_vision(r)]),
-                                               ("vision layer (projector: after the last)",
-                                                [r for r in results if is_vision(r)])) if rows]
-    figure, axes = plt.subplots(len(sides), len(types), figsize=(4 * len(types), 3.6 * len(sides)), sharey=True,
-                                squeeze=False)
-    for row, (label, rows) in zip(axes, sides):
-        kinds = list(dict.fromkeys(r.kind for r in rows))
-        for ax, type_name in zip(row, types):
-            for kind in kinds:         # a group that stays float at this type (no block fits) has nothing to show
-                points = [r for r in rows if r.kind == kind and r.written_as[type_name] != "float"]
-                ax.plot([r.layer for r in points], [max(r.kld[type_name], 1e-12) for r in points], marker="o",
-                        label=kind)
-            ax.set_yscale("log")
-            ax.set_title(type_name.upper())
-            ax.set_xlabel(label)
-            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-            ax.grid(alpha=0.3)
-        row[0].set_ylabel("mean KLD, only this group quantized")
-        row[-1].legend(fontsize=7)
-    figure.suptitle(title, fontsize=9)
-    figure.tight_layout()
-    with atomic_output(path) as tmp:
-        figure.savefig(tmp, format="png", dpi=110)
-    plt.close(figure)
-
-
-def _ranks(values: np.ndarray) -> np.ndarray:
-    """Ranks with ties averaged (Spearman's convention)."""
-    order = values.argsort(kind="stable")
-    ranks = np.empty(len(values))
-    ranks[order] = np.arange(len(values))
-    for value in np.unique(values):
-        tied = values == value
-        ranks[tied] = ranks[tied].mean()
-    return ranks
-
-
-def spearman(x: list[float], y: list[float]) -> float:
-    rx, ry = _ranks(np.asarray(x, dtype=float)), _ranks(np.asarray(y, dtype=float))
-    return float(np.corrcoef(rx, ry)[0, 1])
 
 
 def proxy_rank_correlation(results: list[GroupSensitivity], types: list[str], reference_type: str) -> dict:

@@ -23,6 +23,7 @@ from .gptq import NotPositiveDefinite, gptq
 from .plan import Plan
 from .rtn import rtn
 from .signround import signround_block
+from .statistics import InputStatistics, InputsCaptured
 
 METHODS = ("rtn", "gptq", "awq", "signround")
 ERROR_ROWS = 512             # output rows each reported layer error is computed on
@@ -70,32 +71,6 @@ class QuantizeResult:
     seconds: float = 0.0
     # learned rounding: decoder layer -> which rounding it kept and each candidate's held-out output error
     blocks: dict[int, dict] = field(default_factory=dict)
-
-
-class _InputsCaptured(Exception):
-    """Ends a statistics pass once every linear layer of the block has seen its input."""
-
-
-def gram(x: torch.Tensor) -> torch.Tensor:
-    """X^T X in float64 from float32 products (as in GPTQ; float64 matmuls are several times slower), with
-    autocast off. A wide input's (1024 columns or more: SmolLM2's 1536-wide down_proj input too) is built from the
-    blocks on and above the diagonal, mirrored: 10 of 16 column-block products, a third less work on the widest
-    (Phi-2's 10240-wide fc2 input: 1.4 TFLOP per block at 8x1024 tokens), as BLAS's syrk would (torch has none)."""
-    with torch.autocast(x.device.type, enabled=False):
-        x = x.float()
-        width = x.shape[1]
-        if width < 1024:
-            return (x.T @ x).double()
-        out = torch.empty(width, width, dtype=torch.float64, device=x.device)
-        bounds = [width * i // 4 for i in range(5)]
-        for i in range(4):
-            rows = x[:, bounds[i]:bounds[i + 1]]
-            for j in range(i, 4):
-                block = (rows.T @ x[:, bounds[j]:bounds[j + 1]]).double()
-                out[bounds[i]:bounds[i + 1], bounds[j]:bounds[j + 1]] = block
-                if j > i:
-                    out[bounds[j]:bounds[j + 1], bounds[i]:bounds[i + 1]] = block.T
-        return out
 
 
 def _gptq(tensor: str, weight: torch.Tensor, hessian: torch.Tensor, grid, options: dict):
@@ -150,47 +125,20 @@ def quantize_llm(lmm: LMM, embeddings: list[torch.Tensor], plan: Plan, method: s
                                   f"quantize, after {'the embeddings' if index == 0 else f'layer {index - 1}'})")
         linears = {name: m for name, m in layer.named_modules() if isinstance(m, nn.Linear)}
         grids = {name: plan[decoder_name(index, name)].grid for name in linears}
-        hessians = {name: torch.zeros(m.in_features, m.in_features, dtype=torch.float64, device=device)
-                    for name, m in linears.items()}
-        counts = dict.fromkeys(linears, 0)
         groups = usable_groups(lmm.spec.family, layer) if method == "awq" else []
-        # AWQ's scale search also needs each input channel's mean |x| (its errors come from the Hessians)
-        abs_sums = {name: torch.zeros(m.in_features, dtype=torch.float64, device=device)
-                    for name, m in linears.items()} if method == "awq" else {}
-
-        # this sample's (input, X^T X): q, k, v (and Phi-2's fc1, after the attention's dense) share one input
-        captured: list[tuple[torch.Tensor, torch.Tensor]] = []
-        seen: set[str] = set()                   # the linear layers whose input this sample has given
-
-        def accumulate(name):
-            def hook(module, args):
-                x = args[0].reshape(-1, args[0].shape[-1])
-                xtx = next((xtx for given, xtx in captured if given is args[0]), None)
-                if xtx is None:
-                    xtx = gram(x)
-                    captured.append((args[0], xtx))
-                hessians[name] += xtx
-                counts[name] += x.shape[0]
-                if name in abs_sums:
-                    abs_sums[name] += x.float().abs().sum(0).double()
-                seen.add(name)
-                # every input is in: the last product (Phi-2's fc2 is a third of its block's weights) and what
-                # follows it would only make an output this pass throws away
-                if len(seen) == len(linears):
-                    raise _InputsCaptured
-            return hook
-
-        handles = [m.register_forward_pre_hook(accumulate(name)) for name, m in linears.items()]
-        with autocast():
+        # AWQ's scale search also needs each input channel's mean |x| (its errors come from the Hessians); every
+        # input is in once the last linear has its own: the last product (Phi-2's fc2 is a third of its block's
+        # weights) and what follows it would only make an output this pass throws away
+        with InputStatistics(layer, device, abs_sums=method == "awq", stop_when_complete=True) as statistics, \
+                autocast():
             for hidden, kwargs in inputs:
                 try:
                     layer(hidden, **kwargs)
-                except _InputsCaptured:
+                except InputsCaptured:
                     pass
-                captured.clear()
-                seen.clear()
-            for handle in handles:
-                handle.remove()
+                statistics.next_pass()
+        hessians, counts, abs_sums = statistics.hessians, statistics.counts, statistics.abs_sums
+        with autocast():
             targets = None if fp_inputs is None else [layer(hidden, **kwargs) for hidden, kwargs in fp_inputs]
         alphas = {}
         for group in groups:
