@@ -646,16 +646,27 @@ def sweep_resolution_cmd(
     calib: Optional[Path] = typer.Option(None, help="Calibration file for the quantized types."),
     nsamples: int = typer.Option(_DEFAULT.calibration.nsamples, min=least(Calibration, "nsamples"),
                                  help="Calibration sequences."),
-    threads: Optional[int] = typer.Option(None, min=1, help="llama.cpp threads (default: all cores)."),
+    threads: Optional[int] = typer.Option(None, min=1, help="Each task's threads, torch, OpenMP and llama.cpp alike, "
+                                          "and the CPUs it holds on Ray (default: all cores in-process, "
+                                          "1 on Ray)."),
     device: str = _llama_device_option(),
     gpu_layers: Optional[int] = _gpu_layers_option(),
     out: Path = typer.Option(Path("sweep"), help="Output folder (cache, CSV, JSON, plots, recommended pair)."),
+    executor: str = typer.Option("in-process", "--executor", help="in-process (one task after another here) | ray "
+                                 "(the same tasks on a Ray cluster: pip install 'impq[ray]')."),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="--executor ray: the cluster (host:port, "
+                                              "ray://host:port, auto); default: a local cluster of this machine."),
+    shared_dir: Optional[Path] = typer.Option(None, "--shared-dir", help="Where tasks write their files (every node "
+                                              "must read it); default: --out. Runs that share it resume each other."),
+    shard_items: Optional[int] = typer.Option(None, "--shard-items", min=1, help="Items per evaluation task "
+                                              "(default: a point's items in one)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ):
     """Accuracy, speed, size and phone estimate over resolution x token reduction x weight type, with plots and
-    the best configuration under the budgets; resumable."""
+    the best configuration under the budgets; resumable, in-process or on a Ray cluster."""
     from .defaults import default_eval_data, default_model_dir
     from .models.layouts import read_spec
+    from .sweep.graph import executor as graph_executor
     from .sweep.resolution import SweepSettings, plan_points, run_sweep
 
     model = model or default_model_dir()
@@ -665,12 +676,14 @@ def sweep_resolution_cmd(
         method=method, calib=None if calib is None else str(calib), nsamples=nsamples, limit=limit, runs=runs,
         threads=threads, gpu_layers=_gpu_layers(device, gpu_layers), flash_attn=_comma_list(flash_attn, "--flash-attn"),
         device_profile=device_profile, budget_ttft_ms=budget_ttft,
-        budget_size_mb=budget_size)
+        budget_size_mb=budget_size, shard_items=shard_items)
     points = plan_points(read_spec(model), settings)           # every value is checked before anything is written
+    runner = graph_executor(executor, ray_address, threads)
     with _progress() as progress:
         task = progress.add_task("sweep", total=len(points))
         result = run_sweep(model, out, settings, data or default_eval_data(),
-                           on_point=lambda i, n, label: progress.update(task, completed=i, description=label))
+                           on_point=lambda i, n, label: progress.update(task, completed=i, total=n, description=label),
+                           executor=runner, shared_dir=shared_dir)
     table = Table("point", "runtime", "accuracy", "KLD", "TTFT s", "phone TTFT s", "MB",
                   title=f"{len(result.rows)} points in {out}")
     for row in result.rows:

@@ -11,6 +11,7 @@ import pytest
 
 import impq.measure.bench
 import impq.sweep.resolution as sweep
+import impq.sweep.tasks as sweep_tasks
 from impq.defaults import default_model_dir
 from impq.runtime.gguf_pair import resolve_pair
 from impq.sweep.plots import pareto_front
@@ -45,10 +46,10 @@ def test_two_point_sweep_and_a_rerun_that_recomputes_nothing(run_cli, tmp_path, 
     def must_not_run(*args, **kwargs):
         raise AssertionError("a cached point was recomputed")
 
-    monkeypatch.setattr(sweep, "evaluate", must_not_run)
+    monkeypatch.setattr(sweep_tasks, "evaluate", must_not_run)           # the sweep's tasks (sweep/tasks.py)
     monkeypatch.setattr(impq.measure.bench, "bench_pair", must_not_run)
-    monkeypatch.setattr(sweep, "write_text_gguf", must_not_run)
-    monkeypatch.setattr(sweep, "write_mmproj_gguf", must_not_run)
+    monkeypatch.setattr(sweep_tasks, "write_text_gguf", must_not_run)
+    monkeypatch.setattr(sweep_tasks, "write_mmproj_gguf", must_not_run)
     status, stdout, err = run_cli(*args)
     assert status == 0, err
     assert json.loads(stdout)["points"] == rows

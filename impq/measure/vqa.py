@@ -154,12 +154,13 @@ def evaluate(answerer: Answerer, items: list[VQAItem], *, model: str, dataset: s
         text, logits = answerer.answer(image, item.question, max_new_tokens)
         correct = normalize_answer(text) == normalize_answer(item.answer)
         per_type[item.type].append(correct)
-        if divergence is not None:
-            _, ref_logits = reference.answer(image, item.question, 1)
-            divergence.add(ref_logits, logits)
         # the image by file name and JSONL line: no path of this machine in a results file
         records.append({"image": item.image.name, "line": item.line, "question": item.question, "answer": item.answer,
                         "prediction": normalize_answer(text), "correct": correct, "type": item.type})
+        if divergence is not None:
+            _, ref_logits = reference.answer(image, item.question, 1)
+            same = divergence.add(ref_logits, logits)
+            records[-1].update(kld=divergence.klds[-1], same_top1=same)     # shards of a sweep merge from these
         if on_item:
             on_item(records[-1])
     n_correct = sum(r["correct"] for r in records)

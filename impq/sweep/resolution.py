@@ -26,13 +26,11 @@ from typing import Callable
 
 from .. import __version__
 from ..errors import ImpqError
-from ..export.gguf_file import QType, canonical_type_name
-from ..export.gguf_mmproj import write_mmproj_gguf
-from ..export.gguf_text import read_text_gguf_weights, write_text_gguf
+from ..export.gguf_file import canonical_type_name
 from ..fileio import atomic_output, ensure_writable_dir, sha256_files
 from ..measure.phone import DEVICES, ModelCost
 from ..measure.phone_fit import PHONE_FIT
-from ..measure.vqa import VQAItem, evaluate, read_vqa_jsonl
+from ..measure.vqa import VQAItem, read_vqa_jsonl
 from ..models.layouts import ModelSpec, read_spec
 from ..models.reduction import TOKEN_REDUCTIONS, VisionReduction, vision_reduction
 from ..quant.grids import GRIDS
@@ -60,6 +58,7 @@ class SweepSettings:
     device_profile: str = "snapdragon-8-gen-3"
     budget_ttft_ms: float | None = None           # on the phone estimate of device_profile
     budget_size_mb: float | None = None           # text GGUF + mmproj
+    shard_items: int | None = None                # items per evaluation task (None: a point's items in one)
 
 
 @dataclass(frozen=True)
@@ -113,19 +112,6 @@ def _dataset_digest(path: Path, items: list[VQAItem]) -> str:
     return sha256_files([path, *sorted({item.image for item in items})])
 
 
-class _MemoAnswerer:
-    """The full-precision reference's answers, computed once per item for all points."""
-
-    def __init__(self, answerer):
-        self.answerer, self.memo = answerer, {}
-
-    def answer(self, image, question, max_new_tokens):
-        key = (hashlib.sha256(image.tobytes()).hexdigest(), question, max_new_tokens)
-        if key not in self.memo:
-            self.memo[key] = self.answerer.answer(image, question, max_new_tokens)
-        return self.memo[key]
-
-
 @dataclass
 class SweepResult:
     rows: list[dict]
@@ -134,110 +120,137 @@ class SweepResult:
 
 
 def run_sweep(model_dir: str | Path, out_dir: str | Path, settings: SweepSettings, data: Path,
-              on_point: Callable[[int, int, str], None] | None = None) -> SweepResult:
+              on_point: Callable[[int, int, str], None] | None = None, executor=None,
+              shared_dir: str | Path | None = None) -> SweepResult:
+    """The sweep as a task graph (sweep/graph.py) run by `executor` (default: in this process), its files under
+    `shared_dir` (default: `out_dir`), where any executor finds them; then the rows, the recommendation, the
+    tables and plots in `out_dir`. `on_point(i, n, label)`: each task as it is started or submitted."""
     from ..calib import calibration_digest
     from ..defaults import default_calib_data
-    from ..measure.bench import bench_pair
-    from ..measure.vqa import GGUFAnswerer, TorchAnswerer
     from ..verify import default_images
+    from .graph import InProcess, Task
+    from .tasks import evaluate_shard, merge_shards, reference_logits, time_point, write_mmproj, write_text
 
     spec = read_spec(model_dir)
     points = plan_points(spec, settings)
     items = read_vqa_jsonl(data)[:settings.limit]
     calib = Path(settings.calib or default_calib_data(model_dir))
     out = ensure_writable_dir(Path(out_dir))
+    shared = ensure_writable_dir(Path(shared_dir)) if shared_dir is not None else out
+    executor = executor or InProcess()
     model_digest = spec.digest()
     data_digest = _dataset_digest(Path(data), items)
     calib_digest = calibration_digest(calib)
     recipes = type_recipes([p.type for p in points], settings, calib)
+    documents = {t: recipe.document(Path(model_dir)) for t, recipe in recipes.items()}
     image = default_images()[0]
     device = DEVICES[settings.device_profile]
-
-    texts: dict[str, Path] = {}
+    model, cpus = str(model_dir), settings.threads or 1
 
     def text_gguf(type_name: str) -> Path:
         """The type's text GGUF, quantized once and reused at every resolution."""
-        if type_name in texts:
-            return texts[type_name]
         key = _digest(model_digest, type_name, settings.method, calib_digest, settings.nsamples, __version__)
-        path = out / "llm" / f"{spec.name}-{type_name.upper()}-{key}.gguf"
-        if not path.is_file():
-            path.parent.mkdir(exist_ok=True)
-            if type_name == "f16":
-                write_text_gguf(spec, path, QType.F16, model_digest, recipes[type_name].document(Path(model_dir)))
-            else:
-                _quantize_text(model_dir, recipes[type_name], path)
-        texts[type_name] = path
-        return path
+        return shared / "llm" / f"{spec.name}-{type_name.upper()}-{key}.gguf"
+
+    def runnable(reduction: VisionReduction) -> VisionReduction:
+        return VisionReduction(reduction.image_size, reduction.patch_size, reduction.pool and
+                               reduction.runs_in_llama_cpp)
 
     def mmproj_gguf(reduction: VisionReduction) -> Path:
-        runnable = VisionReduction(reduction.image_size, reduction.patch_size, reduction.pool and
-                                   reduction.runs_in_llama_cpp)
-        key = _digest(model_digest, runnable.label, __version__)
-        path = out / "mmproj" / f"mmproj-{spec.name}-F16-{runnable.label}-{key}.gguf"
-        if not path.is_file():
-            path.parent.mkdir(exist_ok=True)
-            write_mmproj_gguf(spec, path, QType.F16, model_digest,
-                              {**recipes["f16"].document(Path(model_dir)), "vision_reduction": runnable.label},
-                              reduction=runnable)
-        return path
+        label = runnable(reduction).label
+        return shared / "mmproj" / f"mmproj-{spec.name}-F16-{label}-{_digest(model_digest, label, __version__)}.gguf"
 
-    reference = None
+    def evaluation_key(point: Point) -> str:
+        return _digest(model_digest, data_digest, calib_digest, point.type, point.reduction.label, settings.method,
+                       settings.nsamples, len(items), __version__)
 
-    def evaluation(point: Point, text: Path, mmproj: Path) -> dict:
-        """Accuracy and divergence of a (type, reduction), shared by its flash-attention settings."""
-        nonlocal reference
-        key = _digest(model_digest, data_digest, calib_digest, point.type, point.reduction.label, settings.method,
-                      settings.nsamples, len(items), __version__)
-        cached = out / "evals" / f"{key}.json"
-        if cached.is_file():
-            return json.loads(cached.read_text())
-        if reference is None:
-            reference = _MemoAnswerer(TorchAnswerer(model_dir))
+    def point_key(point: Point) -> str:
+        return _digest(model_digest, data_digest, calib_digest, point.type, point.reduction.label, settings.method,
+                       settings.nsamples, settings.runs, settings.decode_tokens, settings.threads, settings.gpu_layers,
+                       point.flash_attn,
+                       settings.device_profile, asdict(PHONE_FIT.efficiency), PHONE_FIT.band, len(items), __version__)
+
+    size = settings.shard_items or max(1, len(items))
+    shards = [(start, min(start + size, len(items))) for start in range(0, len(items), size)]
+
+    def shard_path(point: Point, start: int, stop: int) -> Path:
+        return shared / "evals" / f"{evaluation_key(point)}.items-{start}-{stop}.json"
+
+    reference_path = shared / "reference" / f"{_digest(model_digest, data_digest, len(items), __version__)}.npy"
+    tasks: dict[str, Task] = {}
+
+    def add(task: Task) -> None:
+        tasks.setdefault(task.key, task)
+
+    for point in points:
+        if (shared / "points" / f"{point_key(point)}.json").is_file():
+            continue
+        text, mmproj = text_gguf(point.type), mmproj_gguf(point.reduction)
+        add(Task(text.name, "quantize", str(text), write_text,
+                 {"model_dir": model, "recipe": recipes[point.type], "document": documents[point.type],
+                  "output": str(text)}, cpus=cpus, accelerated=True))
+        add(Task(mmproj.name, "mmproj", str(mmproj), write_mmproj,
+                 {"model_dir": model, "reduction": runnable(point.reduction), "document": documents["f16"],
+                  "output": str(mmproj)}))
+        if not (shared / "evals" / f"{evaluation_key(point)}.json").is_file():
+            add(Task(reference_path.name, "reference", str(reference_path), reference_logits,
+                     {"model_dir": model, "data": str(data), "limit": settings.limit, "output": str(reference_path)},
+                     cpus=cpus, accelerated=True))
+            for start, stop in shards:
+                path = shard_path(point, start, stop)
+                add(Task(path.name, "evaluate", str(path), evaluate_shard,
+                         {"model_dir": model, "text": str(text), "mmproj": str(mmproj), "runtime": point.runtime,
+                          "reduction": point.reduction, "label": point.label, "data": str(data),
+                          "limit": settings.limit, "start": start, "stop": stop, "reference": str(reference_path),
+                          "llama_threads": settings.threads, "gpu_layers": settings.gpu_layers, "output": str(path)},
+                         after=(text.name, mmproj.name, reference_path.name), cpus=cpus, accelerated=True))
         if point.runtime == "llama.cpp":
-            with GGUFAnswerer(text, mmproj, n_threads=settings.threads, gpu_layers=settings.gpu_layers) as answerer:
-                report = evaluate(answerer, items, model=point.label, dataset=str(data), reference=reference)
-        else:
-            answerer = TorchAnswerer(_lmm_with_gguf_weights(spec, text), point.reduction.image_size, "pool2")
-            report = evaluate(answerer, items, model=point.label, dataset=str(data), reference=reference)
-        result = {"accuracy": report.accuracy, "mean_kld": report.mean_kld, "top1_agreement": report.top1_agreement,
-                  "eval_items": report.n_items, "per_type": {t: v["accuracy"] for t, v in report.per_type.items()}}
-        cached.parent.mkdir(exist_ok=True)
-        with atomic_output(cached) as tmp:
-            tmp.write_text(json.dumps(result, indent=2) + "\n")
-        return result
+            timing = shared / "times" / f"{point_key(point)}.json"
+            add(Task(timing.name, "time", str(timing), time_point,
+                     {"text": str(text), "mmproj": str(mmproj), "image": str(image), "runs": settings.runs,
+                      "decode_tokens": settings.decode_tokens, "flash_attn": point.flash_attn,
+                      "llama_threads": settings.threads, "gpu_layers": settings.gpu_layers, "output": str(timing)},
+                     after=(text.name, mmproj.name), cpus=cpus, timing=True))
+    started = []
+
+    def on_task(task: Task) -> None:
+        started.append(task)
+        if on_point:
+            on_point(len(started) - 1, len(tasks), f"{task.kind} {task.key[:40]}")
+
+    executor.run(list(tasks.values()), on_task)
 
     rows = []
-    (out / "points").mkdir(exist_ok=True)
-    for index, point in enumerate(points):
-        if on_point:
-            on_point(index, len(points), point.label)
-        key = _digest(model_digest, data_digest, calib_digest, point.type, point.reduction.label, settings.method,
-                      settings.nsamples, settings.runs, settings.decode_tokens, settings.threads, settings.gpu_layers,
-                      point.flash_attn,
-                      settings.device_profile, asdict(PHONE_FIT.efficiency), PHONE_FIT.band, len(items), __version__)
-        cached = out / "points" / f"{key}.json"
+    (shared / "points").mkdir(exist_ok=True)
+    for point in points:
+        key = point_key(point)
+        cached = shared / "points" / f"{key}.json"
         if cached.is_file():
             rows.append(json.loads(cached.read_text()))
             continue
         text, mmproj = text_gguf(point.type), mmproj_gguf(point.reduction)
+        merged = shared / "evals" / f"{evaluation_key(point)}.json"
+        if not merged.is_file():
+            with atomic_output(merged) as tmp:
+                tmp.write_text(json.dumps(merge_shards([str(shard_path(point, *s)) for s in shards]), indent=2) + "\n")
         row = {"type": point.type.upper(), "image_size": point.reduction.image_size,
                "token_reduction": "pool2" if point.reduction.pool else "none", "image_tokens": point.reduction.n_tokens,
                "runtime": point.runtime, "method": "export" if point.type == "f16" else settings.method,
                "text_gguf_mb": text.stat().st_size / 1e6, "mmproj_gguf_mb": mmproj.stat().st_size / 1e6,
-               "flash_attn": point.flash_attn, "key": key, **evaluation(point, text, mmproj)}
+               "flash_attn": point.flash_attn, "key": key, **json.loads(merged.read_text())}
         row["total_mb"] = row["text_gguf_mb"] + row["mmproj_gguf_mb"]
         if point.runtime == "llama.cpp":
-            figures = bench_pair(text, mmproj, image, runs=settings.runs, warmup=1,
-                                 decode_tokens=settings.decode_tokens, n_threads=settings.threads,
-                                 flash_attn=point.flash_attn, gpu_layers=settings.gpu_layers)
+            timing = json.loads((shared / "times" / f"{key}.json").read_text())
+            figures = timing["figures"]
             row.update(llama_device=figures["backend"]["device"], repack=figures["backend"]["repack"])
             row.update({name: figures[name]["median"] for name in
                         ("image_encode_s", "ttft_s", "prompt_tokens_per_s", "decode_tokens_per_s")})
-            row["peak_rss_mb"] = figures["peak_rss_mb"]
+            row.update(peak_rss_mb=figures["peak_rss_mb"],
+                       **{k: timing[k] for k in ("timing_node", "timing_start", "timing_end")})
         else:
-            row.update(llama_device=None, repack=None, image_encode_s=None, ttft_s=None, prompt_tokens_per_s=None, decode_tokens_per_s=None,
-                       peak_rss_mb=None)
+            row.update(llama_device=None, repack=None, image_encode_s=None, ttft_s=None, prompt_tokens_per_s=None,
+                       decode_tokens_per_s=None, peak_rss_mb=None, timing_node=None, timing_start=None,
+                       timing_end=None)
         cost = ModelCost.from_gguf_pair(text, mmproj)
         if point.reduction.pool:
             cost = ModelCost(**{**asdict(cost), "pooled": True})
@@ -250,14 +263,13 @@ def run_sweep(model_dir: str | Path, out_dir: str | Path, settings: SweepSetting
             tmp.write_text(json.dumps(row, indent=2) + "\n")
         rows.append(row)
     if on_point:
-        on_point(len(points), len(points), "done")
+        on_point(len(tasks), len(tasks), "done")
 
     native = vision_reduction(spec.vision)
     for row in rows:
         row["original"] = (row["type"] == "F16" and row["image_size"] == native.image_size
                            and row["token_reduction"] == "none")
     recommended = recommend(rows, settings)
-    documents = {t: recipe.document(Path(model_dir)) for t, recipe in recipes.items()}
     files = _write_outputs(out, spec, rows, recommended, settings, documents, text_gguf, mmproj_gguf, points)
     return SweepResult(rows, recommended, files)
 
@@ -269,26 +281,6 @@ def type_recipes(types, settings: SweepSettings, calib: Path) -> dict[str, Recip
             Recipe.from_flags(type=t, bits=GRIDS[t].bits, method=settings.method, calib=str(calib),
                               nsamples=settings.nsamples)
             for t in dict.fromkeys(["f16", *types])}
-
-
-def _quantize_text(model_dir, recipe: Recipe, path: Path) -> None:
-    """impq quantize for one type (no verification: the sweep measures every point itself); keeps its text GGUF."""
-    import tempfile
-
-    from ..quantize import quantize_model
-
-    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".quantize-") as scratch:
-        report = quantize_model(model_dir, scratch, recipe, verify_items=0)
-        shutil.move(report.artifacts["text_gguf"], path)
-
-
-def _lmm_with_gguf_weights(spec: ModelSpec, text: Path):
-    from ..models.lmm import LMM
-
-    lmm = LMM(spec)
-    weights = read_text_gguf_weights(spec, text)
-    lmm.llm.load_state_dict({name[len("llm."):]: value for name, value in weights.items()}, strict=False)
-    return lmm
 
 
 def recommend(rows: list[dict], settings: SweepSettings) -> dict | None:
@@ -305,7 +297,7 @@ COLUMNS = ("type", "image_size", "token_reduction", "image_tokens", "runtime", "
            "top1_agreement", "eval_items", "image_encode_s", "ttft_s", "prompt_tokens_per_s", "decode_tokens_per_s",
            "peak_rss_mb", "text_gguf_mb", "mmproj_gguf_mb", "total_mb", "phone_image_encode_s", "phone_ttft_s",
            "phone_ttft_s_low", "phone_ttft_s_high", "phone_prompt_tokens_per_s", "phone_decode_tokens_per_s",
-           "flash_attn", "llama_device", "repack", "original", "key")
+           "flash_attn", "llama_device", "repack", "original", "key", "timing_node", "timing_start", "timing_end")
 
 
 def _write_outputs(out: Path, spec: ModelSpec, rows: list[dict], recommended: dict | None, settings: SweepSettings,
