@@ -660,6 +660,8 @@ def sweep_resolution_cmd(
                                               "must read it); default: --out. Runs that share it resume each other."),
     shard_items: Optional[int] = typer.Option(None, "--shard-items", min=1, help="Items per evaluation task "
                                               "(default: a point's items in one)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the task graph (each task, and whether it is "
+                                 "already done) and write nothing."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ):
     """Accuracy, speed, size and phone estimate over resolution x token reduction x weight type, with plots and
@@ -678,6 +680,16 @@ def sweep_resolution_cmd(
         device_profile=device_profile, budget_ttft_ms=budget_ttft,
         budget_size_mb=budget_size, shard_items=shard_items)
     points = plan_points(read_spec(model), settings)           # every value is checked before anything is written
+    if dry_run:
+        graph = run_sweep(model, out, settings, data or default_eval_data(), shared_dir=shared_dir,
+                          dry_run=True).tasks
+        table = Table("task", "tasks", "done", "to run", title=f"the sweep's task graph ({len(points)} points)")
+        for kind in dict.fromkeys(t["kind"] for t in graph):
+            of_kind = [t for t in graph if t["kind"] == kind]
+            done = sum(t["done"] for t in of_kind)
+            table.add_row(kind, str(len(of_kind)), str(done), str(len(of_kind) - done))
+        _emit(as_json, {"points": len(points), "tasks": graph}, table)
+        return
     runner = graph_executor(executor, ray_address, threads)
     with _progress() as progress:
         task = progress.add_task("sweep", total=len(points))

@@ -53,6 +53,23 @@ def test_two_point_sweep_and_a_rerun_that_recomputes_nothing(run_cli, tmp_path, 
     status, stdout, err = run_cli(*args)
     assert status == 0, err
     assert json.loads(stdout)["points"] == rows
+    status, stdout, err = run_cli(*args, "--dry-run")                # the graph of a finished sweep: nothing to run
+    assert status == 0, err
+    graph = json.loads(stdout)["tasks"]
+    assert [t["kind"] for t in graph] == ["point", "point"] and all(t["done"] for t in graph)
+
+
+def test_dry_run_prints_the_task_graph_and_writes_nothing(run_cli, tmp_path):
+    out = tmp_path / "never"
+    status, stdout, err = run_cli("sweep-resolution", "--resolutions", "168,84", "--types", "f16,q4_0", "--limit",
+                                  "6", "--shard-items", "4", "--out", out, "--dry-run", "--json")
+    assert status == 0, err
+    graph = json.loads(stdout)
+    kinds = [t["kind"] for t in graph["tasks"]]
+    # two types, two reductions, one reference, 2 shards x 4 (type, reduction), one timing per point
+    assert graph["points"] == 4 and {k: kinds.count(k) for k in set(kinds)} == {
+        "quantize": 2, "mmproj": 2, "reference": 1, "evaluate": 8, "time": 4}
+    assert not any(t["done"] for t in graph["tasks"]) and not out.exists()
 
 
 def test_budget_picks_the_cheaper_point():

@@ -117,14 +117,16 @@ class SweepResult:
     rows: list[dict]
     recommended: dict | None
     files: dict
+    tasks: list[dict] = field(default_factory=list)     # the graph: each task's kind, key and whether it is done
 
 
 def run_sweep(model_dir: str | Path, out_dir: str | Path, settings: SweepSettings, data: Path,
               on_point: Callable[[int, int, str], None] | None = None, executor=None,
-              shared_dir: str | Path | None = None) -> SweepResult:
+              shared_dir: str | Path | None = None, dry_run: bool = False) -> SweepResult:
     """The sweep as a task graph (sweep/graph.py) run by `executor` (default: in this process), its files under
     `shared_dir` (default: `out_dir`), where any executor finds them; then the rows, the recommendation, the
-    tables and plots in `out_dir`. `on_point(i, n, label)`: each task as it is started or submitted."""
+    tables and plots in `out_dir`. `on_point(i, n, label)`: each task as it is started or submitted. `dry_run`:
+    only the graph (every task, done or to run, and the points already measured); nothing is written."""
     from ..calib import calibration_digest
     from ..defaults import default_calib_data
     from ..verify import default_images
@@ -135,8 +137,10 @@ def run_sweep(model_dir: str | Path, out_dir: str | Path, settings: SweepSetting
     points = plan_points(spec, settings)
     items = read_vqa_jsonl(data)[:settings.limit]
     calib = Path(settings.calib or default_calib_data(model_dir))
-    out = ensure_writable_dir(Path(out_dir))
-    shared = ensure_writable_dir(Path(shared_dir)) if shared_dir is not None else out
+    out = Path(out_dir) if dry_run else ensure_writable_dir(Path(out_dir))
+    shared = Path(shared_dir) if shared_dir is not None else out
+    if shared_dir is not None and not dry_run:
+        ensure_writable_dir(shared)
     executor = executor or InProcess()
     model_digest = spec.digest()
     data_digest = _dataset_digest(Path(data), items)
@@ -211,6 +215,11 @@ def run_sweep(model_dir: str | Path, out_dir: str | Path, settings: SweepSetting
                       "decode_tokens": settings.decode_tokens, "flash_attn": point.flash_attn,
                       "llama_threads": settings.threads, "gpu_layers": settings.gpu_layers, "output": str(timing)},
                      after=(text.name, mmproj.name), cpus=cpus, timing=True))
+    if dry_run:
+        graph = [{"kind": t.kind, "key": t.key, "done": t.done} for t in tasks.values()]
+        measured = [{"kind": "point", "key": point_key(p), "done": True} for p in points
+                    if (shared / "points" / f"{point_key(p)}.json").is_file()]
+        return SweepResult([], None, {}, graph + measured)
     started = []
 
     def on_task(task: Task) -> None:
