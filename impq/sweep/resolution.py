@@ -117,7 +117,8 @@ class SweepResult:
     rows: list[dict]
     recommended: dict | None
     files: dict
-    tasks: list[dict] = field(default_factory=list)     # the graph: each task's kind, key and whether it is done
+    # a run: each task it ran (kind, key, node, start, end, threads); a dry run: each task and whether it is done
+    tasks: list[dict] = field(default_factory=list)
 
 
 def run_sweep(model_dir: str | Path, out_dir: str | Path, settings: SweepSettings, data: Path,
@@ -227,7 +228,7 @@ def run_sweep(model_dir: str | Path, out_dir: str | Path, settings: SweepSetting
         if on_point:
             on_point(len(started) - 1, len(tasks), f"{task.kind} {task.key[:40]}")
 
-    executor.run(list(tasks.values()), on_task)
+    records = executor.run(list(tasks.values()), on_task)
 
     rows = []
     (shared / "points").mkdir(exist_ok=True)
@@ -280,7 +281,7 @@ def run_sweep(model_dir: str | Path, out_dir: str | Path, settings: SweepSetting
                            and row["token_reduction"] == "none")
     recommended = recommend(rows, settings)
     files = _write_outputs(out, spec, rows, recommended, settings, documents, text_gguf, mmproj_gguf, points)
-    return SweepResult(rows, recommended, files)
+    return SweepResult(rows, recommended, files, records)
 
 
 def type_recipes(types, settings: SweepSettings, calib: Path) -> dict[str, Recipe]:
