@@ -68,12 +68,13 @@ def reference_logits(model_dir: str, data: str, limit: int | None, output: str, 
 
 
 class StoredReference:
-    """The reference's answers read back from reference_logits' file, found by image and question."""
+    """The reference's answers to items [start, stop), read back from reference_logits' file, found by image and
+    question (only the shard's own images are read)."""
 
-    def __init__(self, path: str, data: str, limit: int | None):
-        logits = np.load(path)
+    def __init__(self, path: str, data: str, limit: int | None, start: int, stop: int):
+        logits = np.load(path)[start:stop]
         self.by_item = {_image_key(load_image(item.image), item.question): row
-                        for item, row in zip(_items(data, limit), logits)}
+                        for item, row in zip(_items(data, limit, start, stop), logits)}
 
     def answer(self, image, question, max_new_tokens):
         return "", self.by_item[_image_key(image, question)]
@@ -87,7 +88,7 @@ def evaluate_shard(model_dir: str, text: str, mmproj: str, runtime: str, reducti
     from ..measure.vqa import GGUFAnswerer, TorchAnswerer
 
     items = _items(data, limit, start, stop)
-    stored = StoredReference(reference, data, limit)
+    stored = StoredReference(reference, data, limit, start, stop)
     if runtime == "llama.cpp":
         with GGUFAnswerer(text, mmproj, n_threads=llama_threads or threads, gpu_layers=gpu_layers) as answerer:
             report = evaluate(answerer, items, model=label, dataset=str(data), reference=stored)
