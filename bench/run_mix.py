@@ -272,7 +272,7 @@ def run_model(model: str, args, bin_dir: Path, record: dict, save) -> None:
             str(work / f"impq-mix-{mix}{folder_suffix}"), str(prepared["calib"]), args.nsamples, "q4_k", target,
             None if prepared["sensitivity"] is None else str(prepared["sensitivity"]), prepared["sensitivity_prompts"],
             prepared["candidates"], first, args.method)
-    for type_name in UNIFORM:
+    for type_name in args.uniform:
         run(f"impq uniform {type_name.upper()}{suffix}", impq_job, str(prepared["folder"]),
             str(work / f"impq-{type_name}{folder_suffix}"), str(prepared["calib"]), args.nsamples, type_name, None,
             None, 0, prepared["candidates"], None, args.method)
@@ -360,6 +360,9 @@ def main() -> None:
     parser.add_argument("--skip-proxy", action="store_true", help="leave out the every-candidate proxy check")
     parser.add_argument("--method", default="gptq", help="impq's method for its mixes and uniform rows: gptq (the "
                         "rows named plainly), rtn, awq, or signround-N (learned rounding, N steps per block)")
+    parser.add_argument("--uniform", default=",".join(UNIFORM), type=lambda v: [t for t in v.split(",") if t],
+                        help="uniform types measured beside the mixes (empty: none; bench/run_quant_real_lm.py "
+                        "measures them on the other texts)")
     parser.add_argument("--nsamples", type=int, default=64)
     parser.add_argument("--limit", type=int, default=200, help="imp-tiny eval items")
     parser.add_argument("--llama-cpp-bin", type=Path, default=os.environ.get("IMPQ_LLAMA_CPP_BIN"))
