@@ -492,6 +492,14 @@ def sensitivity_cmd(
     vision: bool = typer.Option(False, "--vision", help="Also the vision tower's and projector's groups (RTN, "
                                 "measured at the answer position of the VQA --data prompts)."),
     out: Path = typer.Option(Path("sensitivity"), help="Folder for sensitivity.json and sensitivity.png."),
+    threads: Optional[int] = typer.Option(None, min=1, help="Threads (torch and OpenMP); on Ray, each task's, and "
+                                          "the CPUs it holds (default: all cores in-process, 1 on Ray)."),
+    executor: str = typer.Option("in-process", "--executor", help="in-process | ray (one task per tensor group and "
+                                 "candidate on a Ray cluster: pip install 'impq[ray]'; --vision's groups run here)."),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="--executor ray: the cluster (host:port, "
+                                              "ray://host:port, auto); default: a local cluster of this machine."),
+    shared_dir: Optional[Path] = typer.Option(None, "--shared-dir", help="--executor ray: where tasks write their "
+                                              "files (every node must read it); default: OUT/tasks."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ):
     """Mean KLD of the next-token distribution when only one tensor group is quantized, per candidate type."""
@@ -501,6 +509,7 @@ def sensitivity_cmd(
     from .models.lmm import LMM
     from .measure.sensitivity import METHODS, measure_sensitivity, read_measurement, sensitivity_record
     from .measure.sensitivity_plot import write_sensitivity_plot
+    from .sweep.graph import executor as graph_executor
     from .sweep.resolution import SWEEP_TYPES
 
     embedded = model is None
@@ -513,6 +522,7 @@ def sensitivity_cmd(
                  else "q4_k" if "q4_k" in candidates else candidates[len(candidates) // 2])
     if method not in METHODS:
         raise ImpqError(None, f"--method {method}: choose one of {', '.join(METHODS)}")
+    runner = graph_executor(executor, ray_address, threads)
     if data is None and not embedded:
         raise ImpqError(None, "--data: give measurement data (a VQA JSONL or text) disjoint from the calibration data")
     calib = calib or default_calib_data(model)
@@ -542,11 +552,24 @@ def sensitivity_cmd(
         if not calib_images:
             raise ImpqError(calib, "--vision needs calibration samples with images")
     ensure_writable_dir(out)
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
     calib_embeds = calibration_embeddings(lmm, samples, nsamples, seqlen)
     with _progress() as progress:
         task = progress.add_task(f"sensitivity ({method})", total=None)
-        results = measure_sensitivity(lmm, calib_embeds, measurements, candidates, method,
-                                      lambda i, n: progress.update(task, completed=i), layers=chosen)
+        if runner.name == "in-process":
+            results = measure_sensitivity(lmm, calib_embeds, measurements, candidates, method,
+                                          lambda i, n: progress.update(task, completed=i), layers=chosen)
+        else:
+            from .sweep.sensitivity_tasks import SensitivityInputs, measure_sensitivity_tasks
+
+            inputs = SensitivityInputs(str(Path(model).resolve()), str(Path(calib).resolve()), nsamples, seqlen,
+                                       str(Path(data).resolve()), limit)
+            results = measure_sensitivity_tasks(
+                runner, inputs, candidates, method, chosen, ensure_writable_dir(shared_dir or out / "tasks"), threads,
+                on_task=lambda t: progress.update(task, description=f"sensitivity: {t.kind} {t.key[:24]}"))
         if vision:
             from .measure.sensitivity import measure_vision_sensitivity
 

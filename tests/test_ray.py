@@ -25,6 +25,9 @@ TIMING_COLUMNS = {"image_encode_s", "ttft_s", "prompt_tokens_per_s", "decode_tok
 SWEEP = ("sweep-resolution", "--resolutions", "168,84", "--types", "f16,q4_0", "--nsamples", "8", "--limit", "6",
          "--runs", "1", "--shard-items", "4", "--threads", "1")
 HEAD_CPUS = 2
+# no token authentication on the test's 127.0.0.1 cluster: a ~/.ray/auth_token left by an earlier local ray.init()
+# would otherwise switch it on for some of its processes and not others
+RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
 
 
 def _free_port() -> int:
@@ -37,9 +40,13 @@ def _free_port() -> int:
 def cluster(tmp_path_factory):
     """`ray start` twice: the head (2 CPUs, the machine's impq_bench) and a second node (1 CPU)."""
     root = tmp_path_factory.mktemp("ray")
+    saved = {k: os.environ.get(k) for k in RAY_ENV}
+    os.environ.update(RAY_ENV)                              # the drivers this module starts in-process
     temp = Path("/tmp") / f"ray-impq-{os.getpid()}"          # Ray's socket paths must stay short
     port = _free_port()
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    # OMP_NUM_THREADS=8, which Ray's workers inherit (Ray sets it to a task's CPUs only where it is unset): a task
+    # runs 1 thread only because impq gives it its budget
+    env = {**os.environ, **RAY_ENV, "OMP_NUM_THREADS": "8"}
     common = ["--node-ip-address", "127.0.0.1", "--disable-usage-stats"]
     ray_bin = str(Path(sys.executable).parent / "ray")
     subprocess.run([ray_bin, "start", "--head", "--port", str(port), "--num-cpus", str(HEAD_CPUS), "--resources",
@@ -55,12 +62,17 @@ def cluster(tmp_path_factory):
             ray.shutdown()
         subprocess.run([ray_bin, "stop", "--force"], capture_output=True, env=env)
         shutil.rmtree(temp, ignore_errors=True)
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def _sweep(out: Path, *extra: str, env: dict | None = None) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-c", "from impq.cli import main; main()", *SWEEP, "--out", str(out),
                              "--json", *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0", **(env or {})})
+                            env={**os.environ, **RAY_ENV, **(env or {})})
 
 
 def _finish(process: subprocess.Popen) -> dict:
@@ -124,6 +136,21 @@ def test_a_sweep_on_ray_gives_the_in_process_rows_and_survives_a_killed_worker(c
         assert status == 0, err
         assert json.loads(stdout)["points"] == result["points"]
     assert {p: p.stat().st_mtime_ns for p in written} == written
+
+
+def test_sensitivity_on_ray_gives_the_in_process_json(cluster, tmp_path, run_cli):
+    """One task per tensor group and candidate on the cluster: the same sensitivity.json as in-process."""
+    address, _ = cluster
+    command = ("sensitivity", "--types", "q4_0,q4_k,q8_0", "--nsamples", "4", "--limit", "4", "--threads", "1",
+               "--json")
+    status, _, err = run_cli(*command, "--out", tmp_path / "local")
+    assert status == 0, err
+    status, _, err = run_cli(*command, "--out", tmp_path / "ray", "--executor", "ray", "--ray-address", address)
+    assert status == 0, err
+    assert (tmp_path / "ray" / "sensitivity.json").read_bytes() == (tmp_path / "local" / "sensitivity.json").read_bytes()
+    groups = json.loads((tmp_path / "ray" / "sensitivity.json").read_text())["groups"]
+    distinct = sum(len(set(g["written_as"].values())) for g in groups)
+    assert len(list((tmp_path / "ray" / "tasks" / "sensitivity" / "figures").glob("*.json"))) == distinct
 
 
 def _thread_probe(seconds: float, output: str, threads: int | None) -> None:

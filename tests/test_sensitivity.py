@@ -55,12 +55,12 @@ def test_a_group_is_measured_from_its_own_layer(models_dir, layout):
     model's distribution at every layer (KLD 0); a quantized group moves it."""
     from impq.calib import calibration_embeddings, read_calibration
     from impq.models.lmm import LMM
-    from impq.measure.sensitivity import _Reference, measure_sensitivity, read_measurement
+    from impq.measure.sensitivity import Reference, measure_sensitivity, read_measurement
     from impq.defaults import default_calib_data
 
     lmm = LMM.from_folder(models_dir / layout)
     measurements = read_measurement(lmm, default_eval_data(), 3)
-    reference = _Reference(lmm, measurements)
+    reference = Reference(lmm, measurements)
     assert all(abs(reference.mean_kld(i)) < 1e-9 for i in range(len(lmm.llm.model.layers)))
     calib = calibration_embeddings(lmm, read_calibration(default_calib_data()), 4, 512)
     scaled = measure_sensitivity(lmm, calib, measurements, ["q4_0", "q8_0"], "rtn", reference_type="q4_0")

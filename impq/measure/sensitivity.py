@@ -142,19 +142,32 @@ def _layer_statistics(layer: nn.Module, inputs: list[tuple[torch.Tensor, dict]])
     return _input_statistics(layer, [lambda h=hidden, k=kwargs: (layer(h, **k), k) for hidden, kwargs in inputs])
 
 
-class _Reference:
-    """The full-precision model's log-probabilities at the compared positions, and every decoder layer's inputs,
-    so that a group in layer i is measured by running layers i.. only."""
+class Reference:
+    """The full-precision model's log-probabilities at the compared positions, and the inputs of the decoder
+    layers measured (`layers`; None: all), so that a group in layer i is measured by running layers i.. only."""
 
     @torch.no_grad()
-    def __init__(self, lmm: LMM, measurements: list[Measurement]):
-        self.lmm, self.measurements = lmm, measurements
+    def __init__(self, lmm: LMM, measurements: list[Measurement], layers: list[int] | None = None):
+        self.lmm, self.firsts = lmm, [m.first for m in measurements]
         self.layer_inputs, self.log_probs = [], []
         n_layers = len(lmm.llm.model.layers)
+        kept = range(n_layers) if layers is None else sorted(set(layers))
         for m in measurements:
             out = lmm.llm(inputs_embeds=m.embeds, use_cache=False, output_hidden_states=True)
-            self.layer_inputs.append(out.hidden_states[:n_layers])   # [i]: the input of decoder layer i
+            self.layer_inputs.append({i: out.hidden_states[i] for i in kept})   # [i]: the input of decoder layer i
             self.log_probs.append(torch.log_softmax(out.logits[0, m.first:].float(), -1))
+
+    def save(self, path: Path) -> None:
+        torch.save({"firsts": self.firsts, "layer_inputs": self.layer_inputs, "log_probs": self.log_probs}, path)
+
+    @classmethod
+    def load(cls, lmm: LMM, path: str | Path) -> "Reference":
+        reference = cls.__new__(cls)
+        reference.lmm = lmm
+        state = torch.load(path, weights_only=True)
+        reference.firsts, reference.layer_inputs, reference.log_probs = (state["firsts"], state["layer_inputs"],
+                                                                         state["log_probs"])
+        return reference
 
     @torch.no_grad()
     def mean_kld(self, index: int) -> float:
@@ -164,8 +177,8 @@ class _Reference:
         model.layers = layers[index:]          # the earlier layers' outputs are the cached full-precision ones
         try:
             total, count = 0.0, 0
-            for m, inputs, ref in zip(self.measurements, self.layer_inputs, self.log_probs):
-                logits = self.lmm.llm(inputs_embeds=inputs[index], use_cache=False).logits[0, m.first:].float()
+            for first, inputs, ref in zip(self.firsts, self.layer_inputs, self.log_probs):
+                logits = self.lmm.llm(inputs_embeds=inputs[index], use_cache=False).logits[0, first:].float()
                 total += float(kl_terms(ref, logits).sum())
                 count += ref.shape[0]
         finally:
@@ -197,6 +210,73 @@ def _quantize_group(linears: dict[str, nn.Linear], original: dict[str, torch.Ten
     return error
 
 
+@dataclass(frozen=True)
+class Candidate:
+    """A type as one group sees it: the grids it writes there (width fallbacks applied), the first type that
+    writes the same grids (measured once, its figures shared), and whether its KLD is measured or scaled."""
+    type_name: str
+    grids: tuple
+    same_as: str
+    measured: bool
+
+
+def group_candidates(names: list[str], types: list[str], plans: dict, reference_type: str | None
+                     ) -> list[Candidate]:
+    """`plans`: each type's plan_llm. With `reference_type`, only the types that write its grids are measured."""
+    first: dict[tuple, str] = {}
+    out = []
+    for type_name in types:
+        grids = tuple(plans[type_name][c].grid for c in names)
+        measured = reference_type is None or grids == tuple(plans[reference_type][c].grid for c in names)
+        out.append(Candidate(type_name, grids, first.setdefault(grids, type_name), measured))
+    return out
+
+
+@torch.no_grad()
+def group_figures(reference: Reference, index: int, linears: dict[str, nn.Linear], hessians: dict,
+                  candidate: Candidate, method: str) -> tuple[float, float | None]:
+    """One group (`linears`, by their names in layer `index`) quantized alone onto the candidate's grids: its
+    summed output error and, where the candidate is measured, the mean KLD; the weights are restored after."""
+    original = {name: linear.weight.detach().clone() for name, linear in linears.items()}
+    try:
+        error = _quantize_group(linears, original, candidate.grids, hessians, method)
+        return error, reference.mean_kld(index) if candidate.measured else None
+    finally:
+        for name, linear in linears.items():
+            linear.weight.copy_(original[name])
+
+
+def assemble_group(layer: int, names: list[str], group: list[str], candidates: list[Candidate],
+                   figures: dict[str, tuple[float, float | None]], reference_type: str | None) -> GroupSensitivity:
+    """The group's row from the figures of its distinct candidates (`figures[c.same_as]`): types that write the
+    same grids share them, and with `reference_type` the unmeasured types' KLD is scaled from it."""
+    entry = GroupSensitivity(layer, names, "+".join(n.split(".")[-1] for n in group), {}, {})
+    for c in candidates:
+        entry.written_as[c.type_name] = _written_as(c.grids)
+        error, kld = figures[c.same_as]
+        entry.output_error[c.type_name] = error
+        if c.measured:
+            entry.kld[c.type_name] = kld
+            entry.measured.append(c.type_name)
+    if reference_type is not None:
+        ref_kld, ref_error = entry.kld[reference_type], entry.output_error[reference_type]
+        for c in candidates:
+            if c.type_name not in entry.kld:
+                entry.kld[c.type_name] = ref_kld * entry.output_error[c.type_name] / max(ref_error, 1e-30)
+    return entry
+
+
+def layer_statistics(lmm: LMM, calib: list[torch.Tensor], layers: list[int]):
+    """Each of `layers`' (index, groups, Hessians) on the full-precision model's calibration inputs, in order: one
+    pass through the decoder layers up to the last of them."""
+    decoder = lmm.llm.model.layers
+    inputs = lmm.first_block_inputs(calib)
+    for index in range(max(layers) + 1):
+        groups, hessians, inputs = _layer_statistics(decoder[index], inputs)
+        if index in layers:
+            yield index, groups, hessians
+
+
 @torch.no_grad()
 def measure_sensitivity(lmm: LMM, calib: list[torch.Tensor], measurements: list[Measurement], types: list[str],
                         method: str = "gptq", on_group: Callable[[int, int], None] | None = None,
@@ -204,45 +284,20 @@ def measure_sensitivity(lmm: LMM, calib: list[torch.Tensor], measurements: list[
                         ) -> list[GroupSensitivity]:
     """`calib`: calibration input embeddings (the Hessians); `types`: GGUF grid names; `reference_type`: measure
     that type only and scale it to the others (see the module's docstring); `layers`: only these decoder layers.
-    Every tensor is restored afterwards."""
-    reference = _Reference(lmm, measurements)
+    Every tensor is restored afterwards. sweep/sensitivity_tasks.py runs the same steps as a task graph."""
+    chosen = list(range(len(lmm.llm.model.layers))) if layers is None else layers
+    reference = Reference(lmm, measurements, chosen)
     plans = {t: plan_llm(lmm.llm, GRIDS[t]) for t in types}
-    decoder = lmm.llm.model.layers
-    chosen = range(len(decoder)) if layers is None else layers
     results = []
-    inputs = lmm.first_block_inputs(calib)
-    for index in range(max(chosen) + 1):
-        groups, hessians, next_inputs = _layer_statistics(decoder[index], inputs)
-        inputs = next_inputs
-        if index not in chosen:
-            continue
-        linears = _linears(decoder[index])
+    for index, groups, hessians in layer_statistics(lmm, calib, chosen):
+        linears = _linears(lmm.llm.model.layers[index])
         for group in groups:
             names = [decoder_name(index, name) for name in group]
-            original = {name: linears[name].weight.detach().clone() for name in group}
-            entry = GroupSensitivity(index, names, "+".join(n.split(".")[-1] for n in group), {}, {})
-            by_grids: dict[tuple, str] = {}          # the grids a type writes -> the first type that wrote them
-            for type_name in types:
-                grids = tuple(plans[type_name][c].grid for c in names)
-                entry.written_as[type_name] = _written_as(grids)
-                if (same := by_grids.setdefault(grids, type_name)) != type_name:
-                    entry.output_error[type_name] = entry.output_error[same]
-                    if same in entry.measured:
-                        entry.kld[type_name] = entry.kld[same]
-                        entry.measured.append(type_name)
-                    continue
-                entry.output_error[type_name] = _quantize_group(linears, original, grids, hessians, method)
-                if reference_type is None or grids == tuple(plans[reference_type][c].grid for c in names):
-                    entry.kld[type_name] = reference.mean_kld(index)
-                    entry.measured.append(type_name)
-                for name in group:
-                    linears[name].weight.copy_(original[name])
-            if reference_type is not None:
-                ref_kld, ref_error = entry.kld[reference_type], entry.output_error[reference_type]
-                for type_name in types:
-                    if type_name not in entry.kld:
-                        entry.kld[type_name] = ref_kld * entry.output_error[type_name] / max(ref_error, 1e-30)
-            results.append(entry)
+            candidates = group_candidates(names, types, plans, reference_type)
+            figures = {c.type_name: group_figures(reference, index, {n: linears[n] for n in group}, hessians, c,
+                                                  method)
+                       for c in candidates if c.same_as == c.type_name}
+            results.append(assemble_group(index, names, group, candidates, figures, reference_type))
             if on_group:
                 on_group(len(results), len(chosen))
     return results
