@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -704,14 +705,7 @@ def sweep_resolution_cmd(
         budget_size_mb=budget_size, shard_items=shard_items)
     points = plan_points(read_spec(model), settings)           # every value is checked before anything is written
     if dry_run:
-        graph = run_sweep(model, out, settings, data or default_eval_data(), shared_dir=shared_dir,
-                          dry_run=True).tasks
-        table = Table("task", "tasks", "done", "to run", title=f"the sweep's task graph ({len(points)} points)")
-        for kind in dict.fromkeys(t["kind"] for t in graph):
-            of_kind = [t for t in graph if t["kind"] == kind]
-            done = sum(t["done"] for t in of_kind)
-            table.add_row(kind, str(len(of_kind)), str(done), str(len(of_kind) - done))
-        _emit(as_json, {"points": len(points), "tasks": graph}, table)
+        _print_sweep_estimate(model, out, settings, data or default_eval_data(), shared_dir, len(points), as_json)
         return
     runner = graph_executor(executor, ray_address, threads)
     with _progress() as progress:
@@ -732,6 +726,38 @@ def sweep_resolution_cmd(
                      f"recommended: {best['type']} at {best['image_size']} px, token reduction {best['token_reduction']}"
                      f", flash attention {best['flash_attn']} -> {result.files['recommended']}")
     _emit(as_json, {"points": result.rows, "recommended": best, "files": result.files}, table)
+
+
+def _print_sweep_estimate(model, out, settings, data, shared_dir, n_points: int, as_json: bool) -> None:
+    """--dry-run: the task graph, what is cached, and the time it would take here and on Ray workers like this
+    machine (sweep/estimate.py)."""
+    from dataclasses import asdict
+
+    from .measure.phone import measure_machine
+    from .sweep.estimate import SLOWER_DAYS, Machine, wall_seconds
+    from .sweep.resolution import run_sweep
+
+    machine = Machine(**measure_machine(settings.threads or os.cpu_count() or 1, seconds=0.5))
+    graph = run_sweep(model, out, settings, data, shared_dir=shared_dir, dry_run=True, machine=machine).tasks
+    to_run = [t for t in graph if not t["done"] and t["seconds"] is not None]
+    walls = {"in-process": wall_seconds(to_run, 1), **{f"ray, {n} workers": wall_seconds(to_run, n)
+                                                       for n in (2, 4, 16)}}
+    table = Table("task", "tasks", "done", "to run", "estimated s", title=f"the sweep's task graph ({n_points} "
+                  f"points); this machine: {machine.peak_gflops:.0f} GFLOP/s FP32, {machine.bandwidth_gbs:.0f} GB/s")
+    for kind in dict.fromkeys(t["kind"] for t in graph):
+        of_kind = [t for t in graph if t["kind"] == kind]
+        done = sum(t["done"] for t in of_kind)
+        table.add_row(kind, str(len(of_kind)), str(done), str(len(of_kind) - done),
+                      f"{sum(t['seconds'] for t in of_kind if not t['done']):.0f}")
+    table.caption = "estimated wall time: " + "; ".join(
+        f"{name} {_duration(s)} (to {_duration(s * SLOWER_DAYS)} on a slow day)" for name, s in walls.items())
+    _emit(as_json, {"points": n_points, "tasks": graph, "machine": asdict(machine),
+                    "estimated_wall_s": walls, "slow_day_factor": SLOWER_DAYS}, table)
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min" if seconds < 7200 else \
+        f"{seconds / 3600:.1f} h"
 
 
 # typer >= 0.29 raises its own copy of click's exceptions, older typer raises click's: find the class through typer

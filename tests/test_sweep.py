@@ -70,6 +70,43 @@ def test_dry_run_prints_the_task_graph_and_writes_nothing(run_cli, tmp_path):
     assert graph["points"] == 4 and {k: kinds.count(k) for k in set(kinds)} == {
         "quantize": 2, "mmproj": 2, "reference": 1, "evaluate": 8, "time": 4}
     assert not any(t["done"] for t in graph["tasks"]) and not out.exists()
+    # each task's estimate, and the graph's wall time: the sum in-process, less on more Ray workers
+    seconds = [t["seconds"] for t in graph["tasks"]]
+    assert all(s > 0 for s in seconds)
+    walls = graph["estimated_wall_s"]
+    assert walls["in-process"] == pytest.approx(sum(seconds))
+    assert walls["in-process"] > walls["ray, 2 workers"] >= walls["ray, 4 workers"] >= walls["ray, 16 workers"] \
+        >= max(seconds)
+
+
+def test_wall_time_follows_the_graph():
+    from impq.sweep.estimate import wall_seconds
+
+    graph = [{"key": "a", "seconds": 10.0, "after": []}, {"key": "b", "seconds": 5.0, "after": ["a"]},
+             {"key": "c", "seconds": 5.0, "after": []}, {"key": "d", "seconds": 1.0, "after": ["b", "c"]}]
+    assert wall_seconds(graph, 1) == 21.0
+    assert wall_seconds(graph, 2) == 16.0           # b waits for a; d for b
+    assert wall_seconds(graph, 8) == 16.0
+
+
+def test_the_estimate_reads_the_dimensions_the_exported_pair_has(tmp_path):
+    """The dry run's costs come from the checkpoint's shapes: the same as those the phone estimate reads from the
+    written pair."""
+    from impq.defaults import default_model_dir
+    from impq.measure.phone import ModelCost
+    from impq.models.layouts import read_spec
+    from impq.models.reduction import vision_reduction
+    from impq.recipe import export_with_recipe
+    from impq.sweep.estimate import model_cost
+
+    spec = read_spec(default_model_dir())
+    pair = export_with_recipe(spec, tmp_path, "f16")
+    written = ModelCost.from_gguf_pair(pair.text_path, pair.mmproj_path)
+    estimated = model_cost(spec, "f16", vision_reduction(spec.vision))
+    for field in ("text_matmul_params", "text_layers", "text_hidden", "vision_matmul_params", "vision_layers",
+                  "vision_hidden", "vision_tokens", "pooled"):
+        assert getattr(estimated, field) == getattr(written, field), field
+    assert estimated.text_bytes_per_token == pytest.approx(written.text_bytes_per_token, rel=0.02)
 
 
 def test_budget_picks_the_cheaper_point():

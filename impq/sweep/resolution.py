@@ -123,15 +123,17 @@ class SweepResult:
 
 def run_sweep(model_dir: str | Path, out_dir: str | Path, settings: SweepSettings, data: Path,
               on_point: Callable[[int, int, str], None] | None = None, executor=None,
-              shared_dir: str | Path | None = None, dry_run: bool = False) -> SweepResult:
+              shared_dir: str | Path | None = None, dry_run: bool = False, machine=None) -> SweepResult:
     """The sweep as a task graph (sweep/graph.py) run by `executor` (default: in this process), its files under
     `shared_dir` (default: `out_dir`), where any executor finds them; then the rows, the recommendation, the
     tables and plots in `out_dir`. `on_point(i, n, label)`: each task as it is started or submitted. `dry_run`:
-    only the graph (every task, done or to run, and the points already measured); nothing is written."""
+    only the graph (every task, done or to run, and the points already measured); nothing is written; with
+    `machine` (sweep/estimate.Machine), each task's estimated seconds there."""
     from ..calib import calibration_digest
     from ..defaults import default_calib_data
     from ..verify import default_images
-    from .graph import InProcess, Task
+    from .estimate import task_seconds
+    from .graph import InProcess, Task, ordered
     from .tasks import evaluate_shard, merge_shards, reference_logits, time_point, write_mmproj, write_text
 
     spec = read_spec(model_dir)
@@ -183,9 +185,11 @@ def run_sweep(model_dir: str | Path, out_dir: str | Path, settings: SweepSetting
 
     reference_path = shared / "reference" / f"{_digest(model_digest, data_digest, len(items), __version__)}.npy"
     tasks: dict[str, Task] = {}
+    work: dict[str, dict] = {}           # what each task works on, for its estimate
 
-    def add(task: Task) -> None:
+    def add(task: Task, **what) -> None:
         tasks.setdefault(task.key, task)
+        work.setdefault(task.key, what)
 
     for point in points:
         if (shared / "points" / f"{point_key(point)}.json").is_file():
@@ -193,14 +197,15 @@ def run_sweep(model_dir: str | Path, out_dir: str | Path, settings: SweepSetting
         text, mmproj = text_gguf(point.type), mmproj_gguf(point.reduction)
         add(Task(text.name, "quantize", str(text), write_text,
                  {"model_dir": model, "recipe": recipes[point.type], "document": documents[point.type],
-                  "output": str(text)}, cpus=cpus, accelerated=True))
+                  "output": str(text)}, cpus=cpus, accelerated=True),
+            type_name=point.type, nsamples=settings.nsamples)
         add(Task(mmproj.name, "mmproj", str(mmproj), write_mmproj,
                  {"model_dir": model, "reduction": runnable(point.reduction), "document": documents["f16"],
                   "output": str(mmproj)}))
         if not (shared / "evals" / f"{evaluation_key(point)}.json").is_file():
             add(Task(reference_path.name, "reference", str(reference_path), reference_logits,
                      {"model_dir": model, "data": str(data), "limit": settings.limit, "output": str(reference_path)},
-                     cpus=cpus, accelerated=True))
+                     cpus=cpus, accelerated=True), items=len(items))
             for start, stop in shards:
                 path = shard_path(point, start, stop)
                 add(Task(path.name, "evaluate", str(path), evaluate_shard,
@@ -208,16 +213,21 @@ def run_sweep(model_dir: str | Path, out_dir: str | Path, settings: SweepSetting
                           "reduction": point.reduction, "label": point.label, "data": str(data),
                           "limit": settings.limit, "start": start, "stop": stop, "reference": str(reference_path),
                           "llama_threads": settings.threads, "gpu_layers": settings.gpu_layers, "output": str(path)},
-                         after=(text.name, mmproj.name, reference_path.name), cpus=cpus, accelerated=True))
+                         after=(text.name, mmproj.name, reference_path.name), cpus=cpus, accelerated=True),
+                    type_name=point.type, reduction=point.reduction, items=stop - start)
         if point.runtime == "llama.cpp":
             timing = shared / "times" / f"{point_key(point)}.json"
             add(Task(timing.name, "time", str(timing), time_point,
                      {"text": str(text), "mmproj": str(mmproj), "image": str(image), "runs": settings.runs,
                       "decode_tokens": settings.decode_tokens, "flash_attn": point.flash_attn,
                       "llama_threads": settings.threads, "gpu_layers": settings.gpu_layers, "output": str(timing)},
-                     after=(text.name, mmproj.name), cpus=cpus, timing=True))
+                     after=(text.name, mmproj.name), cpus=cpus, timing=True),
+                type_name=point.type, reduction=point.reduction, runs=settings.runs,
+                decode_tokens=settings.decode_tokens)
     if dry_run:
-        graph = [{"kind": t.kind, "key": t.key, "done": t.done} for t in tasks.values()]
+        graph = [{"kind": t.kind, "key": t.key, "done": t.done, "after": list(t.after),
+                  "seconds": None if machine is None else task_seconds(spec, t.kind, machine, **work[t.key])}
+                 for t in ordered(list(tasks.values())) + [t for t in tasks.values() if t.done]]
         measured = [{"kind": "point", "key": point_key(p), "done": True} for p in points
                     if (shared / "points" / f"{point_key(p)}.json").is_file()]
         return SweepResult([], None, {}, graph + measured)

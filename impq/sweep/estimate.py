@@ -1,0 +1,123 @@
+"""The sweep's cost before it runs (--dry-run): each task's seconds from the model's dimensions and this machine's
+measured memory bandwidth and FP32 matmul rate (measure/phone.measure_machine), through the roofline the phone
+estimate uses; then the graph's wall time in-process (the sum) and on N Ray workers like this machine (the graph
+list-scheduled, timings one at a time per worker).
+
+The efficiency factors (achieved / measured peak) were fitted on this project's own machines, 2-core cloud VMs:
+llama.cpp's on `impq bench` of the Imp-3B dimensions at Q4_0 (bench/results/speed.md), the quantizer's on
+`impq quantize --method gptq --type q4_k` at the same dimensions (bench/results/quantize_full_size.md, 2868 s).
+Measured runs of the same kind of machine ranged from 0.25x to 1x the speed they were fitted on (time to first
+token at 384 px: 13.5 s in speed.md, 52.9 s in reduction_full_size.md), so the estimate comes with that band.
+"""
+
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass
+
+import gguf
+
+from ..measure.phone import Efficiency, ModelCost, estimate
+from ..models.layouts import ModelSpec
+from ..models.reduction import VisionReduction
+
+LLAMA_CPP = Efficiency(decode=0.57, prefill=1.83, vision=0.93)    # speed.md's fit, imp-v1-3b Q4_0
+QUANTIZE = 0.17            # quantize_full_size.md: GPTQ Q4_K at the Imp-3B dimensions, against speed.md's 238 GFLOP/s
+TORCH_FORWARD = 0.5        # the full-precision reference's forward passes: fp32 matmuls, assumed at half the peak
+SLOWER_DAYS = 4.0          # the band's upper end: measured runs down to a quarter of the fitted speed
+LOAD_BYTES_PER_S = 1e9     # reading a model file, per task
+TASK_OVERHEAD_S = 3.0      # starting a task: imports, tokenizer, image reading
+CALIB_TEXT_TOKENS = 64     # the text beside each calibration image
+ANSWER_TOKENS = 4          # tokens generated per evaluation item (a short VQA answer)
+PROMPT_TEXT_TOKENS = 40    # the question and template beside the image
+
+
+@dataclass(frozen=True)
+class Machine:
+    bandwidth_gbs: float
+    peak_gflops: float
+
+
+def _bytes_per_weight(type_name: str) -> float:
+    block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[type_name.upper()]]
+    return size / block
+
+
+def model_cost(spec: ModelSpec, type_name: str, reduction: VisionReduction) -> ModelCost:
+    """ModelCost.from_gguf_pair's figures from the checkpoint's shapes, before any file is written."""
+    llm = {n: spec.shape(n) for n in spec.tensors if n.startswith("llm.") and len(spec.shape(n)) == 2}
+    embedding = next(n for n in llm if "embed_tokens" in n)
+    matrices = sum(rows * cols for n, (rows, cols) in llm.items() if n != embedding)
+    tied = not any("lm_head" in n for n in llm)
+    rows, cols = llm[embedding]
+    text_params = matrices + (rows * cols if tied else 0)
+    per_weight = _bytes_per_weight(type_name)
+    vision = {n: spec.shape(n) for n in spec.tensors
+              if (".encoder.layers." in n or n.startswith("projector.")) and len(spec.shape(n)) == 2}
+    config = spec.vision.config
+    return ModelCost(text_bytes_per_token=text_params * per_weight + cols * per_weight,
+                     text_matmul_params=text_params, text_layers=spec.text_config.num_hidden_layers,
+                     text_hidden=spec.text_config.hidden_size,
+                     vision_matmul_params=sum(r * c for r, c in vision.values()),
+                     vision_layers=config.num_hidden_layers, vision_hidden=config.hidden_size,
+                     vision_tokens=(reduction.image_size // reduction.patch_size) ** 2, pooled=reduction.pool)
+
+
+def quantize_seconds(spec: ModelSpec, nsamples: int, machine: Machine) -> float:
+    """The layer loop: the calibration's forward passes (inputs, X^T X, quantized outputs: three per layer) and
+    GPTQ's per-matrix work (the inverse Hessian, and each column's update of the rest: 2 * rows * cols^2)."""
+    cost = model_cost(spec, "f16", VisionReduction(spec.vision.image_size, spec.vision.patch_size))
+    tokens = nsamples * (cost.vision_tokens + CALIB_TEXT_TOKENS)
+    matrices = [spec.shape(n) for n in spec.tensors
+                if n.startswith("llm.model.layers.") and len(spec.shape(n)) == 2]
+    flops = 3 * 2 * cost.text_matmul_params * tokens + sum(2 * r * c * c + c ** 3 for r, c in matrices)
+    return flops / (machine.peak_gflops * 1e9 * QUANTIZE)
+
+
+def item_seconds(cost: ModelCost, machine: Machine, decode_tokens: int) -> float:
+    """One image + question through llama.cpp: encoding, prefill, then `decode_tokens` tokens."""
+    figures = estimate(cost, machine.bandwidth_gbs, machine.peak_gflops, LLAMA_CPP, PROMPT_TEXT_TOKENS)
+    return figures.ttft_s + decode_tokens / figures.decode_tokens_per_s
+
+
+def task_seconds(spec: ModelSpec, kind: str, machine: Machine, type_name: str = "f16",
+                 reduction: VisionReduction | None = None, items: int = 0, runs: int = 0, decode_tokens: int = 0,
+                 nsamples: int = 0) -> float:
+    """A sweep task's estimated seconds on `machine`: `kind` as sweep/graph.Task's, with what it works on."""
+    native = VisionReduction(spec.vision.image_size, spec.vision.patch_size)
+    load = _model_bytes(spec) / LOAD_BYTES_PER_S
+    if kind == "quantize":
+        return TASK_OVERHEAD_S + load + (quantize_seconds(spec, nsamples, machine) if type_name != "f16" else 0.0)
+    if kind == "mmproj":
+        return TASK_OVERHEAD_S + load
+    if kind == "reference":
+        cost = model_cost(spec, "f16", native)
+        per_item = (cost.vision_flops() + cost.prefill_flops(cost.llm_image_tokens + PROMPT_TEXT_TOKENS)) / (
+            machine.peak_gflops * 1e9 * TORCH_FORWARD)
+        return TASK_OVERHEAD_S + load + items * per_item
+    cost = model_cost(spec, type_name, reduction or native)
+    file_load = cost.text_bytes_per_token / LOAD_BYTES_PER_S
+    if kind == "evaluate":
+        return TASK_OVERHEAD_S + file_load + items * item_seconds(cost, machine, ANSWER_TOKENS)
+    if kind == "time":
+        return TASK_OVERHEAD_S + file_load + (runs + 1) * item_seconds(cost, machine, decode_tokens)
+    raise ValueError(f"no estimate for a {kind} task")
+
+
+def _model_bytes(spec: ModelSpec) -> float:
+    return 2.0 * sum(spec.numel(n) for n in spec.tensors)     # the checkpoint at 16 bits
+
+
+def wall_seconds(tasks: list[dict], workers: int) -> float:
+    """The graph's wall time on `workers` workers like this machine, each running one task at a time (so no two
+    timings share one): every task, in graph order, starts when the tasks it reads are done and a worker is free.
+    `tasks`: dicts with key, seconds and after, the tasks still to run."""
+    finish: dict[str, float] = {}
+    free = [(0.0, w) for w in range(workers)]
+    for task in tasks:
+        ready = max((finish.get(k, 0.0) for k in task["after"]), default=0.0)
+        at, worker = heapq.heappop(free)
+        start = max(at, ready)
+        finish[task["key"]] = start + task["seconds"]
+        heapq.heappush(free, (finish[task["key"]], worker))
+    return max(finish.values(), default=0.0)
