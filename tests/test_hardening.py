@@ -17,7 +17,6 @@ import gguf
 import llama_cpp
 import numpy as np
 import pytest
-import torch
 from safetensors.torch import load_file, save_file
 
 from impq import __version__

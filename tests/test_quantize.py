@@ -298,7 +298,6 @@ def _gptq_rival(layer, inputs, type_name: str = "q4_0"):
 def test_learned_rounding_never_ends_above_gptqs_block_error(models_dir, tmp_path, iterations, precision):
     """As the driver runs it: from the original weights' plain fit (AutoRound's start), with GPTQ's rounding as the
     rival; trained under bfloat16 autocast (the default) or in float32."""
-    from torch import nn
     from impq.quant.signround import score_rounding, signround_block
 
     layer, inputs = _first_block(models_dir, tmp_path)
