@@ -22,7 +22,9 @@ from ..models.layouts import ModelSpec
 from ..models.reduction import VisionReduction
 
 LLAMA_CPP = Efficiency(decode=0.57, prefill=1.83, vision=0.93)    # speed.md's fit, imp-v1-3b Q4_0
-QUANTIZE = 0.17            # quantize_full_size.md: GPTQ Q4_K at the Imp-3B dimensions, against speed.md's 238 GFLOP/s
+# quantize_full_size.md: GPTQ Q4_K at the Imp-3B dimensions, 8 calibration sequences, 2868 s, against speed.md's
+# 238 GFLOP/s
+QUANTIZE = 0.27
 TORCH_FORWARD = 0.5        # the full-precision reference's forward passes: fp32 matmuls, assumed at half the peak
 SLOWER_DAYS = 4.0          # the band's upper end: measured runs down to a quarter of the fitted speed
 LOAD_BYTES_PER_S = 1e9     # reading a model file, per task
@@ -64,13 +66,15 @@ def model_cost(spec: ModelSpec, type_name: str, reduction: VisionReduction) -> M
 
 
 def quantize_seconds(spec: ModelSpec, nsamples: int, machine: Machine) -> float:
-    """The layer loop: the calibration's forward passes (inputs, X^T X, quantized outputs: three per layer) and
-    GPTQ's per-matrix work (the inverse Hessian, and each column's update of the rest: 2 * rows * cols^2)."""
+    """The layer loop: two forward passes of the calibration per block (its inputs' statistics, then its quantized
+    outputs), each matrix's X^T X (2 * tokens * cols^2, shared inputs counted per matrix) and GPTQ's work on it
+    (the inverse Hessian, cols^3, and each column's update of the rest, 2 * rows * cols^2)."""
     cost = model_cost(spec, "f16", VisionReduction(spec.vision.image_size, spec.vision.patch_size))
     tokens = nsamples * (cost.vision_tokens + CALIB_TEXT_TOKENS)
     matrices = [spec.shape(n) for n in spec.tensors
                 if n.startswith("llm.model.layers.") and len(spec.shape(n)) == 2]
-    flops = 3 * 2 * cost.text_matmul_params * tokens + sum(2 * r * c * c + c ** 3 for r, c in matrices)
+    flops = 2 * 2 * cost.text_matmul_params * tokens + sum(2 * tokens * c * c + 2 * r * c * c + c ** 3
+                                                           for r, c in matrices)
     return flops / (machine.peak_gflops * 1e9 * QUANTIZE)
 
 
