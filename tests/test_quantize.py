@@ -133,6 +133,7 @@ def test_quantized_gguf_holds_exactly_the_fake_quantized_weights(models_dir, tmp
 
 @pytest.mark.parametrize("layout", ["imp-phi2", "imp-qwen2", "imp-phi3", "llava-siglip"])
 def test_awq_scaling_alone_leaves_the_model_unchanged(models_dir, layout):
+    from impq.families import TEXT_FAMILIES
     from impq.quant.awq import apply_scales, usable_groups
 
     lmm = LMM(read_spec(models_dir / layout))
@@ -143,7 +144,7 @@ def test_awq_scaling_alone_leaves_the_model_unchanged(models_dir, layout):
               "position_ids": position_ids}
     before = layer(x, **kwargs)
     weights_before = {n: p.clone() for n, p in layer.named_parameters()}
-    groups = usable_groups(lmm.spec.family, layer)
+    groups = usable_groups(TEXT_FAMILIES[lmm.spec.family].awq_groups, layer)
     assert groups
     gen = torch.Generator().manual_seed(0)
     for group in groups:

@@ -17,19 +17,19 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..families import TEXT_FAMILIES, ScaleGroup
+from ..families import ScaleGroup
 from .error import output_error
 from .grids import Grid
 
 
-def usable_groups(family: str, layer: nn.Module) -> list[ScaleGroup]:
-    """The text family's groups whose fold is exact for this layer: a value-to-output fold needs as many value
-    heads as heads."""
+def usable_groups(family_groups: tuple[ScaleGroup, ...], layer: nn.Module) -> list[ScaleGroup]:
+    """A family's groups (its record's awq_groups) whose fold is exact for this layer: a value-to-output fold needs
+    as many value heads as heads."""
     groups = []
     attn = layer.self_attn
     heads = attn.config.num_attention_heads
     kv_heads = getattr(attn.config, "num_key_value_heads", None) or heads
-    for group in TEXT_FAMILIES[family].awq_groups:
+    for group in family_groups:
         if ("v_proj" in group.prev or group.prev_rows == "last-third") and kv_heads != heads:
             continue
         groups.append(group)

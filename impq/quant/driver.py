@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
 
 from ..errors import ImpqError
 from ..memory import trim
+from ..families import TEXT_FAMILIES, ScaleGroup
 from ..models.lmm import LMM, decoder_name
 from .awq import apply_scales, sampled_rows, search_clip, search_scales, usable_groups
 from .error import output_error
@@ -80,22 +81,55 @@ def _gptq(tensor: str, weight: torch.Tensor, hessian: torch.Tensor, grid, option
         raise ImpqError(None, f"{tensor}: {err.problem} (stage: quantize)") from None
 
 
+@dataclass
+class BlockStack:
+    """Blocks that the layer loop quantizes in turn, each on the outputs of the quantized blocks before it: the
+    LLM's decoder layers, or the vision tower's encoder layers followed by the projector."""
+    blocks: Sequence[nn.Module]
+    inputs: list[tuple[torch.Tensor, dict]]                   # the first block's calibration inputs
+    tensor_name: Callable[[int, str], str]                    # the canonical name of block i's linear `name`
+    block_name: Callable[[int], str]                          # what errors call block i
+    awq_groups: Callable[[nn.Module], list[ScaleGroup]]       # where AWQ's 1/s folds exactly in a block
+    load_block: Callable[[int], None] | None = None           # a streamed block is read when its turn comes
+    # what enters block i instead of the previous block's outputs: (hidden, kwargs) -> (hidden, kwargs)
+    adapt: dict[int, Callable[[tuple], tuple]] = field(default_factory=dict)
+    report_key: Callable[[int], int | str] = lambda index: index     # learned rounding's report, by block
+
+
 @torch.no_grad()
 def quantize_llm(lmm: LMM, embeddings: list[torch.Tensor], plan: Plan, method: str, *,
-                 gptq_options: dict | None = None, signround_options: dict | None = None,
-                 device: str | torch.device = "cpu", release_weights: bool = False,
-                 compute_dtype: torch.dtype = torch.float32,
-                 on_layer: Callable[[int, int], None] | None = None) -> QuantizeResult:
-    """Quantize every linear layer of the LLM's decoder blocks in place onto its grid in `plan` (quant/plan.py;
-    weights become their grid values; a tensor planned at no grid is left as it is) and return the codes and block
-    parameters by canonical tensor name. `method`: rtn, gptq, awq (AWQ's scales,
+                 device: str | torch.device = "cpu", release_weights: bool = False, **options) -> QuantizeResult:
+    """Every linear layer of the LLM's decoder blocks quantized in place onto its grid in `plan` (quant/plan.py),
+    from the first decoder block's inputs on the calibration `embeddings`; see quantize_blocks. With an LMM that
+    streams its decoder (models/lmm.py), each block is read from the checkpoint when its turn comes, and its
+    quantized weights are released after it like `release_weights`'."""
+    lmm.llm.model.rotary_emb.to(device)
+    inputs = lmm.first_block_inputs([e.to(device) for e in embeddings])
+    stack = BlockStack(lmm.llm.model.layers, inputs, decoder_name, decoder_name,
+                       lambda layer: usable_groups(TEXT_FAMILIES[lmm.spec.family].awq_groups, layer),
+                       lmm.load_block if lmm.streams_decoder else None)
+    try:
+        return quantize_blocks(stack, plan, method, device=device,
+                               release_weights=release_weights or lmm.streams_decoder, **options)
+    finally:
+        lmm.llm.model.rotary_emb.to("cpu")
+
+
+@torch.no_grad()
+def quantize_blocks(stack: BlockStack, plan: Plan, method: str, *,
+                    gptq_options: dict | None = None, signround_options: dict | None = None,
+                    device: str | torch.device = "cpu", release_weights: bool = False,
+                    compute_dtype: torch.dtype = torch.float32,
+                    on_layer: Callable[[int, int], None] | None = None) -> QuantizeResult:
+    """Quantize every linear layer of the stack's blocks in place onto its grid in `plan` (quant/plan.py;
+    weights become their grid values; a tensor planned at no grid, or absent from the plan, is left as it is) and
+    return the codes and block parameters by canonical tensor name. `method`: rtn, gptq, awq (AWQ's scales,
     then rounding with the grid's importance-weighted scale search), or signround (rounding and block
     scales learned against the full-precision model's outputs of each block, from the plain fit of the original
     weights as AutoRound starts; GPTQ's rounding is kept for a block where it has the lower error).
-    On a GPU (`device`), one decoder block at a time moves there with the activations; the rest stays on the CPU.
+    On a GPU (`device`), one block at a time moves there with the activations; the rest stays on the CPU.
     `release_weights`: once a block has produced the next block's inputs, its quantized weights move to the meta
-    device (the codes are the record), so a 2.7B LLM's decoder weights are never all held twice. With an LMM
-    that streams its decoder (models/lmm.py), each block is read from the checkpoint when its turn comes.
+    device (the codes are the record), so a 2.7B LLM's decoder weights are never all held twice.
     `compute_dtype` bfloat16: the blocks' forward passes run under bfloat16 autocast, as AutoRound calibrates on
     a CPU: they are most of a block's time, and a CPU with AVX-512 BF16 (or a GPU) runs them 2-3x faster. The
     Hessians, the weights, GPTQ's updates and the grid fits stay float32: a bfloat16 X^T X rounds every entry
@@ -104,28 +138,31 @@ def quantize_llm(lmm: LMM, embeddings: list[torch.Tensor], plan: Plan, method: s
     under the same compute dtype as every other forward pass."""
     start = time.perf_counter()
     result = QuantizeResult()
-    lmm.llm.model.rotary_emb.to(device)
     device_type = torch.device(device).type
 
     def autocast():
         return torch.autocast(device_type, dtype=compute_dtype, enabled=compute_dtype != torch.float32)
 
-    inputs = lmm.first_block_inputs([e.to(device) for e in embeddings])
+    inputs = stack.inputs
     # learned rounding's targets: the full-precision model's own block outputs, carried in a second stream, so that
     # each block also learns to undo the error the quantized blocks before it left in its inputs (AutoRound's
     # setup: trained on the quantized stream's inputs against the full-precision stream's outputs)
     fp_inputs = inputs if method == "signround" else None
-    layers = lmm.llm.model.layers
+    layers = stack.blocks
     for index, layer in enumerate(layers):
-        if lmm.streams_decoder:
-            lmm.load_block(index)
+        if stack.load_block is not None:
+            stack.load_block(index)
+        if index in stack.adapt:
+            inputs = [stack.adapt[index](entry) for entry in inputs]
+            fp_inputs = None if fp_inputs is None else [stack.adapt[index](entry) for entry in fp_inputs]
         layer.to(device)
         if not all(torch.isfinite(hidden).all() for hidden, _ in inputs):
-            raise ImpqError(None, f"{decoder_name(index)}: its calibration inputs are not finite (stage: "
-                                  f"quantize, after {'the embeddings' if index == 0 else f'layer {index - 1}'})")
+            raise ImpqError(None, f"{stack.block_name(index)}: its calibration inputs are not finite (stage: "
+                                  f"quantize, after {'the embeddings' if index == 0 else stack.block_name(index - 1)})")
         linears = {name: m for name, m in layer.named_modules() if isinstance(m, nn.Linear)}
-        grids = {name: plan[decoder_name(index, name)].grid for name in linears}
-        groups = usable_groups(lmm.spec.family, layer) if method == "awq" else []
+        grids = {name: plan[stack.tensor_name(index, name)].grid if stack.tensor_name(index, name) in plan else None
+                 for name in linears}
+        groups = stack.awq_groups(layer) if method == "awq" else []
         # AWQ's scale search also needs each input channel's mean |x| (its errors come from the Hessians); every
         # input is in once the last linear has its own: the last product (Phi-2's fc2 is a third of its block's
         # weights) and what follows it would only make an output this pass throws away
@@ -157,7 +194,7 @@ def quantize_llm(lmm: LMM, embeddings: list[torch.Tensor], plan: Plan, method: s
         del hessians
         outputs = None      # the next block's inputs, where learned rounding's final scoring has computed them
         if method in ("gptq", "signround"):
-            fits = {name: _gptq(decoder_name(index, name), m.weight.float(), hessian[name],
+            fits = {name: _gptq(stack.tensor_name(index, name), m.weight.float(), hessian[name],
                                 grids[name], gptq_options or {}) for name, m in quantizable.items()}
             rounded = {name: (fit.codes, fit.params) for name, fit in fits.items()}
             if method == "signround":
@@ -172,7 +209,7 @@ def quantize_llm(lmm: LMM, embeddings: list[torch.Tensor], plan: Plan, method: s
                     learned = signround_block(layer, inputs, targets, start_from, grids, rivals={"gptq": rounded},
                                               **(signround_options or {}))
                 rounded, outputs = learned.rounding, learned.outputs
-                result.blocks[index] = {"kept": learned.kept, "held_out_sequences": learned.held_out,
+                result.blocks[stack.report_key(index)] = {"kept": learned.kept, "held_out_sequences": learned.held_out,
                                         "held_out_error": learned.held_out_errors}
                 del start_from, learned
             del fits
@@ -185,14 +222,14 @@ def quantize_llm(lmm: LMM, embeddings: list[torch.Tensor], plan: Plan, method: s
             module, H, grid = quantizable[name], hessian[name], grids[name]
             Q = grid.values(codes, params)
             if not torch.isfinite(Q).all():          # what the file would hold, dequantized: never written broken
-                raise ImpqError(None, f"{decoder_name(index, name)}: the {method} fit onto {grid.name} "
+                raise ImpqError(None, f"{stack.tensor_name(index, name)}: the {method} fit onto {grid.name} "
                                       f"gave non-finite weights (stage: quantize)")
             # on sampled rows: each row's error is its own sum, and on every row the two traces cost 2 x rows x
             # cols^2 (1 TFLOP per Phi-2 block, as much as its forward passes)
             W = sampled_rows(module.weight.float(), ERROR_ROWS)
             error = output_error(W - sampled_rows(Q, ERROR_ROWS), H) / max(output_error(W, H), 1e-30)
             module.weight.copy_(Q.to(module.weight.dtype))
-            result.tensors[decoder_name(index, name)] = QuantizedTensor.store(
+            result.tensors[stack.tensor_name(index, name)] = QuantizedTensor.store(
                 codes, params.to("cpu"), grid, error, alphas.get(name))
         if outputs is None:
             with autocast():
@@ -203,7 +240,7 @@ def quantize_llm(lmm: LMM, embeddings: list[torch.Tensor], plan: Plan, method: s
             fp_inputs = [(target, kwargs) for target, (_, kwargs) in zip(targets, fp_inputs)]
             del targets
         layer.to("cpu")
-        if release_weights or lmm.streams_decoder:
+        if release_weights:
             for name in rounded:
                 module = quantizable[name]
                 module.weight = nn.Parameter(module.weight.to("meta"), requires_grad=False)
@@ -211,6 +248,5 @@ def quantize_llm(lmm: LMM, embeddings: list[torch.Tensor], plan: Plan, method: s
         trim()
         if on_layer:
             on_layer(index, len(layers))
-    lmm.llm.model.rotary_emb.to("cpu")
     result.seconds = time.perf_counter() - start
     return result
