@@ -12,7 +12,7 @@ from .errors import ImpqError
 from .measure.sensitivity import measure_sensitivity, read_measurement, read_sensitivity
 from .quant.allocate import Option, allocate
 from .quant.grids import GRIDS
-from .quant.plan import plan_llm
+from .quant.plan import decoder_part, plan_llm, plan_model
 
 
 @dataclasses.dataclass
@@ -29,8 +29,9 @@ def prepare_budget(lmm, recipe, plan, target, model_dir, digest: str, longest_re
     --target-size counts in the header."""
     spec, wanted = lmm.spec, recipe.budget
     candidates = {t: plan_llm(lmm.llm, GRIDS[t]) for t in wanted.candidate_types}
-    weights = sum(spec.numel(n) for n in plan)
-    smallest = sum(min(target.tensor_bytes(c[n]) for c in candidates.values()) for n in plan)
+    decoder = decoder_part(plan)
+    weights = sum(spec.numel(n) for n in decoder)
+    smallest = sum(min(target.tensor_bytes(c[n]) for c in candidates.values()) for n in decoder)
     if wanted.target_size is not None:
         beside = target.bytes_beside_decoder(spec, recipe, plan, digest, longest_recorded)
         budget = wanted.target_size - beside
@@ -82,10 +83,13 @@ def budgeted_plan(lmm, embeddings, budget: Budget, recipe, aliases: dict, tensor
     choice = allocate(options, budget.decoder_bytes)
     overrides = [(f"^{re.escape(name)}$", candidates[options[i][c].type][name].requested)
                  for i, g in enumerate(groups) for name in g.tensors for c in [choice[i]]]
-    # the allocation as exact-name overrides, then the user's own --tensor-type overrides, which win
-    plan = plan_llm(lmm.llm, recipe.grid(), overrides + recipe.tensor_overrides(), aliases)
-    achieved = sum(tensor_bytes(entry) for entry in plan.values())
-    weights = sum(lmm.spec.numel(n) for n in plan)
+    # the allocation as exact-name overrides, then the user's own --tensor-type overrides, which win; the vision
+    # side as the recipe plans it
+    plan = plan_model(lmm.llm, lmm.vision_linears(), recipe.grid(), recipe.vision_grid(),
+                      overrides + recipe.tensor_overrides(), aliases)
+    decoder = decoder_part(plan)
+    achieved = sum(tensor_bytes(entry) for entry in decoder.values())
+    weights = sum(lmm.spec.numel(n) for n in decoder)
     allocation = {"target_bpw": wanted.target_bpw, "budget_bytes": budget.decoder_bytes, "achieved_bytes": achieved,
                   "achieved_bpw": 8 * achieved / weights,
                   "predicted_kld": sum(options[i][c].kld for i, c in enumerate(choice)),

@@ -62,15 +62,25 @@ def calibration_digest(path: str | Path, samples: list[CalibSample] | None = Non
 
 
 @torch.no_grad()
+def _drawn(samples: list[CalibSample], nsamples: int, seed: int) -> list[CalibSample]:
+    """The first `nsamples` of a seeded shuffle: the calibration the LLM and the vision side both use."""
+    order = list(range(len(samples)))
+    random.Random(seed).shuffle(order)
+    return [samples[index] for index in order[:nsamples]]
+
+
+def calibration_pixels(lmm: LMM, samples: list[CalibSample], nsamples: int, seed: int = 0) -> list[torch.Tensor]:
+    """The drawn calibration samples' images as the vision tower takes them ([1, 3, S, S] each): what a calibrated
+    vision side is quantized on."""
+    return [lmm.pixels(load_image(s.image)) for s in _drawn(samples, nsamples, seed) if s.image is not None]
+
+
 def calibration_embeddings(lmm: LMM, samples: list[CalibSample], nsamples: int, seqlen: int,
                            seed: int = 0) -> list[torch.Tensor]:
     """Up to `nsamples` sequences of [1, <= seqlen, hidden] input embeddings, drawn with a seeded shuffle."""
-    order = list(range(len(samples)))
-    random.Random(seed).shuffle(order)
     embed = lmm.llm.get_input_embeddings()
     out = []
-    for index in order[:nsamples]:
-        sample = samples[index]
+    for sample in _drawn(samples, nsamples, seed):
         if sample.image is None:
             ids = lmm.tokenizer.encode(sample.text)
             embeds = embed(torch.tensor(ids, device=embed.weight.device)).unsqueeze(0)

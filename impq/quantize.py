@@ -14,15 +14,15 @@ from pathlib import Path
 import torch
 
 from .budget import budgeted_plan, prepare_budget
-from .calib import calibration_digest, calibration_embeddings, read_calibration
+from .calib import calibration_digest, calibration_embeddings, calibration_pixels, read_calibration
 from .device import resolve_device
 from .errors import ImpqError
 from .fileio import artifact_set, ensure_writable_dir
 from .memory import StageSampler, map_large_allocations, trim
 from .models.layouts import read_spec
 from .models.lmm import LMM
-from .quant.driver import quantize_llm
-from .quant.plan import plan_llm
+from .quant.driver import quantize_llm, quantize_vision
+from .quant.plan import decoder_part, plan_model
 from .recipe import (NO_METHOD, Recipe, calibration_path, output_files, override_names, sha256_file,
                      write_resolved_recipe)
 from .targets import target_of
@@ -85,16 +85,33 @@ def quantize_model(model_dir: str | Path, out_dir: str | Path, recipe: Recipe, *
     # runs the whole model many times and keeps it loaded
     lmm = LMM(spec, stream_decoder=not budgeted)
     aliases = override_names(spec)
-    # every tensor's grid, fixed before the layer loop
-    plan = plan_llm(lmm.llm, grid, recipe.tensor_overrides(), aliases)
-    if all(entry.grid is None for entry in plan.values()):
+    # every tensor's grid, fixed before the layer loops: the decoder's, and the vision side's where it is calibrated
+    plan = plan_model(lmm.llm, lmm.vision_linears(), grid, recipe.vision_grid(), recipe.tensor_overrides(), aliases)
+    if all(entry.grid is None for entry in decoder_part(plan).values()):
         raise ImpqError(spec.folder, f"no linear layer's input width is a multiple of {grid.block}, the "
                                      f"{grid.name} block: choose a smaller block or group")
+    calibrates_vision = any(entry.grid is not None for name, entry in plan.items() if name not in decoder_part(plan))
+    if calibrates_vision and not any(sample.image is not None for sample in samples):
+        raise ImpqError(calib, "a calibrated vision side (--vision on a GGUF grid, or a --tensor-type on v.blk.* or "
+                               "mm.*) is quantized on the calibration's images, and this calibration has none")
     if budgeted:
         # the recipe in the header counted at its longest: every tensor's type spelt "float"
         longest = _recorded(carried, digest, calib_digest, dict.fromkeys(plan, "float"))
         budget = prepare_budget(lmm, recipe, plan, target, model_dir, digest, longest)
     out_dir = ensure_writable_dir(Path(out_dir))
+    method = recipe.method
+    options = {"gptq_options": {"damp": method.damp, "block_size": method.block_size, "act_order": method.act_order,
+                                "static_groups": method.static_groups},
+               "signround_options": {"iterations": method.iterations}, "device": device,
+               "compute_dtype": getattr(torch, method.compute_dtype)}
+    vision_result = None
+    if calibrates_vision:
+        # first, so that the LLM is calibrated on the image features the quantized tower gives
+        on_status("quantizing the vision side")
+        stages.begin("quantize vision")
+        vision_plan = {name: entry for name, entry in plan.items() if name not in decoder_part(plan)}
+        vision_result = quantize_vision(lmm, calibration_pixels(lmm, samples, recipe.calibration.nsamples,
+                                                                recipe.seed), vision_plan, method.name, **options)
     calibration_side = (lmm.vision, lmm.projector, lmm.llm.get_input_embeddings())
     stages.begin("calibrate")
     for module in calibration_side:
@@ -104,21 +121,22 @@ def quantize_model(model_dir: str | Path, out_dir: str | Path, recipe: Recipe, *
     for module in calibration_side:
         module.to("cpu")
     if lmm.streams_decoder and target.releases_model:
-        lmm.release_all_but_decoder()
+        # a calibrated vision side is written from the model (AWQ changed its norms): it stays
+        lmm.release_all_but_decoder(keep_vision=calibrates_vision)
         trim()
     allocation = {}
     if budgeted:
         on_status("measuring sensitivity for the budget")
         stages.begin("sensitivity")
         plan, allocation = budgeted_plan(lmm, embeddings, budget, recipe, aliases, target.tensor_bytes)
-    method = recipe.method
-    options = {"damp": method.damp, "block_size": method.block_size, "act_order": method.act_order,
-               "static_groups": method.static_groups}
     # the artifacts are written from the codes: the quantized weights are released block by block
     stages.begin("quantize")
-    result = quantize_llm(lmm, embeddings, plan, method.name, gptq_options=options,
-                          signround_options={"iterations": method.iterations}, device=device, release_weights=True,
-                          compute_dtype=getattr(torch, method.compute_dtype), on_layer=on_layer)
+    result = quantize_llm(lmm, embeddings, decoder_part(plan), method.name, release_weights=True, on_layer=on_layer,
+                          **options)
+    if vision_result is not None:
+        result.tensors.update(vision_result.tensors)
+        result.blocks.update(vision_result.blocks)
+        result.seconds += vision_result.seconds
     embeddings = [e.cpu() for e in embeddings]
     stages.begin("export")
 

@@ -57,6 +57,7 @@ import yaml
 from .defaults import default_calib_data, default_model_dir, is_embedded_model
 from .errors import ImpqError
 from .export.gguf_file import EXPORT_TYPES, QType, canonical_type_name
+from .export.gguf_mmproj import mmproj_tensors
 from .export.gguf_text import text_tensors
 from .export.pair import export_pair
 from .export.safetensors_layouts import LAYOUTS
@@ -203,15 +204,21 @@ class GGUFPair(_Checked):
 
     def check(self):
         for key, choices in (("type", {**GRIDS, **EXPORT_TYPES}), ("embeddings", UNQUANTIZED_TYPES),
-                             ("vision", EXPORT_TYPES)):
+                             ("vision", {**GRIDS, **EXPORT_TYPES})):
             object.__setattr__(self, key, canonical_type_name(getattr(self, key), choices, f"--{key}"))
 
     def check_method(self, exporting: bool) -> None:
-        """A calibrated method writes the decoder on a GGUF grid and the vision side at 8 bits or more; an export
-        takes any type the writer has."""
-        if not exporting:
+        """A calibrated method writes the decoder on a GGUF grid, and the vision side on one (calibrated like the
+        decoder) or at 16 or 32 bits; an export takes any type the writer has."""
+        if exporting:
+            canonical_type_name(self.vision, EXPORT_TYPES, "--vision")
+        else:
             canonical_type_name(self.type, GRIDS, "--type")
-            canonical_type_name(self.vision, UNQUANTIZED_TYPES, "--vision")
+            canonical_type_name(self.vision, {**GRIDS, "f16": None, "f32": None}, "--vision")
+
+    def vision_grid(self) -> Grid | None:
+        """The grid a calibrated method puts the vision tower's blocks and the projector on (None: float)."""
+        return GRIDS.get(self.vision)
 
     def holds_overrides(self) -> bool:
         return True
@@ -269,6 +276,9 @@ class Safetensors(_Checked):
     def check(self):
         self.grid()                          # layout, bits and group size, before any work
 
+    def vision_grid(self) -> Grid | None:
+        return None                          # the vision side stays at f16 in a transformers folder
+
     def check_method(self, exporting: bool) -> None:
         if exporting:
             raise ImpqError(None, "impq export writes GGUF pairs; a safetensors folder comes from impq quantize")
@@ -323,9 +333,11 @@ def tensor_override(value: str, grids: dict) -> tuple[str, Grid]:
 
 
 def override_names(spec) -> dict[str, str]:
-    """Each LLM tensor's canonical name -> its GGUF name (blk.N.attn_v.weight), which an override's pattern may
-    match as well as the canonical one: llama-quantize's --tensor-type vocabulary, whatever the target."""
-    return {t.canonical: t.name for t in text_tensors(spec, QType.F16)}
+    """Each tensor's canonical name -> its GGUF name (blk.N.attn_v.weight in the text GGUF, v.blk.N.attn_q.weight
+    and mm.0.weight in the mmproj), which an override's pattern may match as well as the canonical one:
+    llama-quantize's --tensor-type vocabulary, whatever the target."""
+    return {t.canonical: t.name for t in [*text_tensors(spec, QType.F16), *mmproj_tensors(spec, QType.F16)]
+            if t.canonical}
 
 
 @dataclass(frozen=True)
@@ -360,6 +372,10 @@ class Recipe(_Checked):
 
     def grid(self) -> Grid:
         return self.target.grid()
+
+    def vision_grid(self) -> Grid | None:
+        """The vision side's grid where the method calibrates it (an export writes it by the type's own rule)."""
+        return None if self.method.name == NO_METHOD else self.target.vision_grid()
 
     @property
     def label(self) -> str:

@@ -5,10 +5,13 @@ round-to-nearest: impq must store the codes and scales its algorithms chose. The
 
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 import torch
 
 from ..quant.grids import BlockParams, QType
+from .gguf_file import PlannedTensor
 
 
 def _pack_legacy(grid, codes: torch.Tensor, params: BlockParams) -> np.ndarray:
@@ -92,3 +95,15 @@ PACKERS = {QType.Q8_0: _pack_legacy, QType.Q5_0: _pack_legacy, QType.Q5_1: _pack
 def pack_blocks(grid, codes: torch.Tensor, params: BlockParams) -> np.ndarray:
     """The GGUF bytes of a GGUF grid's codes and parameters, [rows, blocks * bytes per block]."""
     return PACKERS[grid.qtype](grid, codes, params)
+
+
+def chosen_blocks(name: str, shape: tuple[int, ...], quantized, canonical: str,
+                  rows: Callable[[np.ndarray], np.ndarray] | None = None) -> PlannedTensor:
+    """A tensor written as the codes and block parameters an impq algorithm chose (`quantized`: a
+    driver.QuantizedTensor); `rows` reorders the packed rows (blocks run along rows, so a row permutation applies
+    to them as they are)."""
+    def packed() -> np.ndarray:
+        data = pack_blocks(quantized.grid, quantized.codes, quantized.params)
+        return data if rows is None else rows(data)
+
+    return PlannedTensor(name, tuple(shape), quantized.grid.qtype, lambda: None, packed, canonical)

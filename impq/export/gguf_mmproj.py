@@ -13,7 +13,9 @@ weight and bias zero, which is exactly Imp's mlp2x_gelu followed by 2x2 pooling.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
+from typing import Callable
 
 import gguf
 import torch
@@ -21,6 +23,7 @@ import torch
 from ..errors import ImpqError
 from ..models.layouts import ModelSpec
 from ..models.reduction import LLAMA_CPP_POOL_GRID, VisionReduction, interpolate_positions, vision_reduction
+from .gguf_blocks import chosen_blocks
 from .gguf_file import FILE_TYPES, PlannedTensor, QType, add_provenance, gguf_bytes, matrix_type, write_gguf
 
 MMPROJ_ARCH = gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.MMPROJ]      # llama.cpp names every mmproj's architecture "clip"
@@ -42,7 +45,15 @@ def projector_type(reduction: VisionReduction) -> str:
     return "ldpv2"
 
 
-def mmproj_tensors(spec: ModelSpec, qtype: QType, reduction: VisionReduction | None = None) -> list[PlannedTensor]:
+def mmproj_tensors(spec: ModelSpec, qtype: QType, reduction: VisionReduction | None = None,
+                   quantized: dict | None = None, source: Callable[[str], torch.Tensor] | None = None
+                   ) -> list[PlannedTensor]:
+    """The vision tower's and projector's tensors; those in `quantized` (canonical name -> driver.QuantizedTensor)
+    are written as the codes an impq algorithm chose, the rest by the type policy (`qtype` where a matrix's width
+    fits its blocks, else F16) from `source` (default: the checkpoint; the quantized model's own values where an
+    algorithm changed norms, as AWQ does)."""
+    quantized = quantized or {}
+    load = source or spec.load
     vision = spec.vision
     reduction = reduction or vision_reduction(vision)
     projector = projector_type(reduction)
@@ -61,17 +72,20 @@ def mmproj_tensors(spec: ModelSpec, qtype: QType, reduction: VisionReduction | N
         else:
             continue
         shape = spec.shape(canonical)
-        produce = lambda c=canonical: spec.load(c)
+        if canonical in quantized:
+            planned.append(chosen_blocks(name, shape, quantized[canonical], canonical))
+            continue
+        produce = lambda c=canonical: load(c)
         if name.startswith("v.position_embd") and reduction.image_size != vision.image_size:
             shape = (reduction.grid ** 2 + int(vision.has_class_token), shape[1])
-            produce = lambda c=canonical: interpolate_positions(spec.load(c), reduction.grid, vision.has_class_token)
+            produce = lambda c=canonical: interpolate_positions(load(c), reduction.grid, vision.has_class_token)
         if name.startswith("v.position_embd") or len(shape) == 1:
             tensor_type = QType.F32
         elif name.startswith("v.patch_embd"):
             tensor_type = QType.F32 if qtype == QType.F32 else QType.F16   # convolution kernel: F16/F32 only
         else:
             tensor_type = matrix_type(shape, qtype)
-        planned.append(PlannedTensor(name, tuple(shape), tensor_type, produce))
+        planned.append(PlannedTensor(name, tuple(shape), tensor_type, produce, canonical=canonical))
     if projector == "ldpv2":
         # the positional convolution, zero: its output added back is nothing, leaving the plain 2x2 average
         hidden = spec.text_config.hidden_size
@@ -117,15 +131,20 @@ def _mmproj_metadata(spec: ModelSpec, qtype: QType, reduction: VisionReduction, 
 
 
 def write_mmproj_gguf(spec: ModelSpec, path: Path, qtype: QType, source_digest: str, settings: dict,
-                      on_tensor=None, reduction: VisionReduction | None = None) -> Path:
+                      on_tensor=None, reduction: VisionReduction | None = None, quantized: dict | None = None,
+                      source: Callable[[str], torch.Tensor] | None = None) -> Path:
     reduction = reduction or vision_reduction(spec.vision)
     metadata = _mmproj_metadata(spec, qtype, reduction, source_digest, settings)
-    return write_gguf(path, MMPROJ_ARCH, metadata, mmproj_tensors(spec, qtype, reduction), on_tensor)
+    return write_gguf(path, MMPROJ_ARCH, metadata, mmproj_tensors(spec, qtype, reduction, quantized, source),
+                      on_tensor)
 
 
 def mmproj_gguf_bytes(spec: ModelSpec, qtype: QType, source_digest: str, settings: dict,
-                      reduction: VisionReduction | None = None) -> int:
-    """The exact size write_mmproj_gguf would write: what a size budget that includes the vision side counts."""
+                      reduction: VisionReduction | None = None, types: dict[str, QType] | None = None) -> int:
+    """The exact size write_mmproj_gguf would write, with `types` (canonical name -> type) for the tensors an
+    algorithm quantizes: what a size budget that includes the vision side counts."""
     reduction = reduction or vision_reduction(spec.vision)
-    return gguf_bytes(MMPROJ_ARCH, _mmproj_metadata(spec, qtype, reduction, source_digest, settings),
-                      mmproj_tensors(spec, qtype, reduction))
+    types = types or {}
+    tensors = [dataclasses.replace(t, qtype=types[t.canonical]) if t.canonical in types else t
+               for t in mmproj_tensors(spec, qtype, reduction)]
+    return gguf_bytes(MMPROJ_ARCH, _mmproj_metadata(spec, qtype, reduction, source_digest, settings), tensors)

@@ -16,7 +16,7 @@ import torch
 from ..errors import ImpqError
 from ..models.layouts import ModelSpec
 from ..models.tokenizer import TextTokenizer
-from .gguf_blocks import pack_blocks
+from .gguf_blocks import chosen_blocks
 from .gguf_file import FILE_TYPES, PlannedTensor, QType, add_provenance, gguf_bytes, matrix_type, write_gguf
 
 def _rotary_permute(weights: torch.Tensor, n_head: int) -> torch.Tensor:
@@ -202,14 +202,10 @@ def text_tensors(spec: ModelSpec, qtype: QType, quantized: dict | None = None,
         if spec.text_family.permute_qk and re.search(r"self_attn\.[qk]_proj\.", hf_name):
             permute_heads = heads if ".q_proj." in hf_name else kv_heads
         if canonical in quantized:
-            q = quantized[canonical]
-
-            def packed(q=q, n=permute_heads):
-                data = pack_blocks(q.grid, q.codes, q.params)
-                # blocks run along rows, so llama.cpp's q/k row permutation applies to packed rows as they are
-                return data if n is None else _rotary_permute(torch.from_numpy(data), n).numpy()
-
-            planned.append(PlannedTensor(name, tuple(shape), q.grid.qtype, lambda: None, packed, canonical))
+            # llama.cpp's q/k row permutation applies to the packed rows
+            rows = None if permute_heads is None else \
+                lambda data, n=permute_heads: _rotary_permute(torch.from_numpy(data), n).numpy()
+            planned.append(chosen_blocks(name, shape, quantized[canonical], canonical, rows))
             continue
         if len(shape) == 1:
             tensor_type = QType.F32

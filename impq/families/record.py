@@ -24,6 +24,13 @@ class ScaleGroup:
     linears: tuple[str, ...]
 
 
+# a ViT encoder layer (SigLIP's and CLIP's share the names): layer_norm1 feeds q, k and v, v feeds out_proj,
+# layer_norm2 feeds fc1; fc2 follows the activation and takes no folded scale
+VIT_AWQ_GROUPS = (ScaleGroup("layer_norm1", "all", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+                  ScaleGroup("self_attn.v_proj", "all", ("self_attn.out_proj",)),
+                  ScaleGroup("layer_norm2", "all", ("mlp.fc1",)))
+
+
 @dataclass(frozen=True)
 class TestTokens:
     """The test-model builder's tokenizer: its special tokens, BOS and EOS, and whether BOS is added."""
@@ -91,6 +98,7 @@ class VisionFamily:
     hidden_act: str
     hub_towers: dict[str, dict] = field(default_factory=dict)   # hub name -> what Imp's config.json leaves out
     model_overrides: dict = field(default_factory=dict)         # config values the tower module is built with
+    awq_groups: tuple[ScaleGroup, ...] = ()   # quant/awq.py: where 1/s folds in an encoder layer
     # the test-model builder's extra config values, from the tower's hidden size
     test_config: Callable[[int], dict] = lambda hidden: {}
 

@@ -4,6 +4,7 @@ Image features are spliced in at `<image>`; this forward is the ground truth tha
 from __future__ import annotations
 
 import contextlib
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -46,6 +47,38 @@ DECODER = "llm.model.layers."
 def decoder_name(index: int, module: str | None = None) -> str:
     """The canonical name of decoder layer `index`, or of its linear layer `module`'s weight."""
     return f"{DECODER}{index}" if module is None else f"{DECODER}{index}.{module}.weight"
+
+
+VISION_ENCODER = "vision.vision_model.encoder.layers."
+
+
+def vision_block_name(index: int, module: str | None = None) -> str:
+    """The canonical name of vision encoder layer `index`, or of its linear layer `module`'s weight."""
+    return f"{VISION_ENCODER}{index}" if module is None else f"{VISION_ENCODER}{index}.{module}.weight"
+
+
+def _first_block_inputs(layers: nn.ModuleList, runs: list) -> list[tuple[torch.Tensor, dict]]:
+    """What `layers[0]` receives in each of `runs` (each a forward pass through the model that holds `layers`),
+    positional arguments by their names in its forward: the pass stops there."""
+    first = layers[0]
+    names = list(inspect.signature(first.forward).parameters)[1:]
+    captured = []
+
+    class Catcher(nn.Module):
+        def forward(self, hidden_states, *args, **kwargs):
+            captured.append((hidden_states, {**dict(zip(names, args)), **kwargs}))
+            raise _StopForward
+
+    layers[0] = Catcher()
+    try:
+        for run in runs:
+            try:
+                run()
+            except _StopForward:
+                pass
+    finally:
+        layers[0] = first
+    return captured
 
 
 @dataclass
@@ -115,11 +148,11 @@ class LMM(nn.Module):
         for name, param in list(layer.named_parameters()):
             self._assign(layer, name, param.to("meta"))
 
-    def release_all_but_decoder(self) -> None:
-        """The vision tower, projector, token embedding and head to the meta device: once the calibration
-        embeddings exist, quantizing and exporting a GGUF need only the decoder, and the export reads these
-        tensors from the checkpoint again."""
-        for root in (self.vision, self.projector):
+    def release_all_but_decoder(self, keep_vision: bool = False) -> None:
+        """The vision tower, projector (unless `keep_vision`), token embedding and head to the meta device: once
+        the calibration embeddings exist, quantizing and exporting a GGUF need only the decoder, and the export
+        reads these tensors from the checkpoint again."""
+        for root in () if keep_vision else (self.vision, self.projector):
             for name, param in list(root.named_parameters(remove_duplicate=False)):
                 self._assign(root, name, param.to("meta"))
         for name, param in self._outside_decoder():
@@ -133,25 +166,21 @@ class LMM(nn.Module):
 
     def first_block_inputs(self, embeddings: list[torch.Tensor]) -> list[tuple[torch.Tensor, dict]]:
         """(hidden states, keyword arguments) that the first decoder block receives for each input embedding."""
-        layers = self.llm.model.layers
-        first = layers[0]
-        captured = []
+        return _first_block_inputs(self.llm.model.layers,
+                                   [lambda e=e: self.llm(inputs_embeds=e, use_cache=False) for e in embeddings])
 
-        class Catcher(nn.Module):
-            def forward(self, hidden_states, **kwargs):
-                captured.append((hidden_states, kwargs))
-                raise _StopForward
+    def first_vision_block_inputs(self, pixels: list[torch.Tensor]) -> list[tuple[torch.Tensor, dict]]:
+        """(hidden states, keyword arguments) that the vision tower's first encoder layer receives per image."""
+        return _first_block_inputs(self.vision.encoder.layers, [lambda p=p: self.vision_states(p) for p in pixels])
 
-        layers[0] = Catcher()
-        try:
-            for emb in embeddings:
-                try:
-                    self.llm(inputs_embeds=emb, use_cache=False)
-                except _StopForward:
-                    pass
-        finally:
-            layers[0] = first
-        return captured
+    def vision_linears(self) -> dict[str, nn.Linear]:
+        """The vision tower's encoder-layer linears and the projector's, by canonical name: what a calibrated
+        mmproj quantizes."""
+        tower = {f"{VISION_ENCODER}{index}.{name}.weight": module
+                 for index, layer in enumerate(self.vision.encoder.layers)
+                 for name, module in layer.named_modules() if isinstance(module, nn.Linear)}
+        return {**tower, **{f"projector.{name}.weight": module for name, module in self.projector.named_modules()
+                            if isinstance(module, nn.Linear)}}
 
     @torch.no_grad()
     def next_token_logits(self, embeddings: list[torch.Tensor]) -> list[torch.Tensor]:

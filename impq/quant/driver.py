@@ -15,8 +15,8 @@ from torch import nn
 
 from ..errors import ImpqError
 from ..memory import trim
-from ..families import TEXT_FAMILIES, ScaleGroup
-from ..models.lmm import LMM, decoder_name
+from ..families import TEXT_FAMILIES, VISION_FAMILIES, ScaleGroup
+from ..models.lmm import LMM, decoder_name, vision_block_name
 from .awq import apply_scales, sampled_rows, search_clip, search_scales, usable_groups
 from .error import output_error
 from .grids import BlockParams, Grid
@@ -113,6 +113,32 @@ def quantize_llm(lmm: LMM, embeddings: list[torch.Tensor], plan: Plan, method: s
                                release_weights=release_weights or lmm.streams_decoder, **options)
     finally:
         lmm.llm.model.rotary_emb.to("cpu")
+
+
+@torch.no_grad()
+def quantize_vision(lmm: LMM, pixels: list[torch.Tensor], plan: Plan, method: str, *,
+                    device: str | torch.device = "cpu", **options) -> QuantizeResult:
+    """The vision tower's encoder layers, then the projector (one block), quantized in place onto their grids in
+    `plan`, each on the calibration images' activations as the quantized blocks before it compute them (the
+    projector: on the tower's output, a class token dropped); see quantize_blocks. Learned rounding reports by
+    block name. A tensor absent from the plan stays at the mmproj's float type."""
+    layers = list(lmm.vision.encoder.layers)
+    inputs = [(hidden.to(device), {k: v.to(device) if torch.is_tensor(v) else v for k, v in kwargs.items()})
+              for hidden, kwargs in lmm.first_vision_block_inputs(pixels)]
+    groups = VISION_FAMILIES[lmm.spec.vision.kind].awq_groups
+    drop_class_token = lmm.spec.vision.has_class_token
+
+    def tensor_name(index: int, name: str) -> str:
+        return vision_block_name(index, name) if index < len(layers) else f"projector.{name}.weight"
+
+    def block_name(index: int) -> str:
+        return vision_block_name(index) if index < len(layers) else "projector"
+
+    stack = BlockStack([*layers, lmm.projector], inputs, tensor_name, block_name,
+                       lambda block: usable_groups(groups, block) if hasattr(block, "self_attn") else [],
+                       adapt={len(layers): lambda entry: (entry[0][:, 1:] if drop_class_token else entry[0], {})},
+                       report_key=block_name)
+    return quantize_blocks(stack, plan, method, device=device, **options)
 
 
 @torch.no_grad()

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from ..errors import ImpqError
-from ..models.lmm import decoder_name
+from ..models.lmm import DECODER, decoder_name
 from .grids import Grid
 
 @dataclass(frozen=True)
@@ -45,27 +45,59 @@ def fitting_grid(grid: Grid, width: int) -> Grid | None:
     return grid
 
 
+def _plan(linears: dict[str, nn.Linear], grid: Grid | None, overrides, aliases: dict[str, str], matched: set,
+          match=re.search) -> Plan:
+    """`grid` (None: only the tensors an override names), or the grid of the last override whose regular expression
+    matches (`match`) the tensor's canonical name or its alias, then the width fallback; `matched` collects the
+    patterns that matched."""
+    plan = {}
+    for canonical, module in linears.items():
+        requested = grid
+        for pattern, override in overrides:
+            if match(pattern, canonical) or match(pattern, aliases.get(canonical, "")):
+                requested = override
+                matched.add(pattern)
+        if requested is not None:
+            plan[canonical] = TensorPlan(fitting_grid(requested, module.in_features), requested,
+                                         module.in_features, module.out_features)
+    return plan
+
+
+def _check_matched(overrides, matched: set) -> None:
+    unmatched = [pattern for pattern, _ in overrides if pattern not in matched]
+    if unmatched:
+        raise ImpqError(None, f"--tensor-type {unmatched[0]!r} matches no quantized tensor (decoder linear layers, "
+                              "by GGUF name such as blk.3.attn_v.weight or canonical name; vision blocks and "
+                              "projector: v.blk.3.attn_q.weight, mm.0.weight)")
+
+
+def decoder_part(plan: Plan) -> Plan:
+    """The plan's decoder tensors (what a budget allocates and counts), without the vision side's."""
+    return {name: entry for name, entry in plan.items() if name.startswith(DECODER)}
+
+
+def decoder_linears(llm: nn.Module) -> dict[str, nn.Linear]:
+    return {decoder_name(index, name): module for index, layer in enumerate(llm.model.layers)
+            for name, module in layer.named_modules() if isinstance(module, nn.Linear)}
+
+
 def plan_llm(llm: nn.Module, grid: Grid, overrides: list[tuple[str, Grid]] = (),
              aliases: dict[str, str] | None = None) -> Plan:
     """The plan for every linear layer of the decoder blocks: `grid`, or the grid of the last override whose regular
     expression matches the tensor (searched in its canonical name and in its alias, the GGUF name, as
     `llama-quantize --tensor-type` does), then the width fallback. An override that matches nothing is an error."""
-    aliases = aliases or {}
-    plan, matched = {}, set()
-    for index, layer in enumerate(llm.model.layers):
-        for name, module in layer.named_modules():
-            if not isinstance(module, nn.Linear):
-                continue
-            canonical = decoder_name(index, name)
-            requested = grid
-            for pattern, override in overrides:
-                if re.search(pattern, canonical) or re.search(pattern, aliases.get(canonical, "")):
-                    requested = override
-                    matched.add(pattern)
-            plan[canonical] = TensorPlan(fitting_grid(requested, module.in_features), requested, module.in_features,
-                                         module.out_features)
-    unmatched = [pattern for pattern, _ in overrides if pattern not in matched]
-    if unmatched:
-        raise ImpqError(None, f"--tensor-type {unmatched[0]!r} matches no quantized tensor (decoder linear layers, "
-                              "by GGUF name such as blk.3.attn_v.weight or canonical name)")
+    return plan_model(llm, {}, grid, None, overrides, aliases)
+
+
+def plan_model(llm: nn.Module, vision_linears: dict[str, nn.Linear], grid: Grid, vision_grid: Grid | None,
+               overrides: list[tuple[str, Grid]] = (), aliases: dict[str, str] | None = None) -> Plan:
+    """plan_llm's plan for the decoder, and for the vision tower's blocks and the projector (`vision_linears`, by
+    canonical name; aliases: their mmproj names): `vision_grid`, or None to plan only the vision tensors an
+    override names. An override names a vision tensor from the start of its name (v.blk.*, mm.*, vision.*,
+    projector.*), so that a decoder pattern such as `attn_v` never reaches the tower. An override must match a
+    tensor on one side or the other."""
+    matched: set = set()
+    plan = _plan(decoder_linears(llm), grid, overrides, aliases or {}, matched)
+    plan.update(_plan(vision_linears, vision_grid, overrides, aliases or {}, matched, match=re.match))
+    _check_matched(overrides, matched)
     return plan

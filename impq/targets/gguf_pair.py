@@ -8,7 +8,9 @@ from pathlib import Path
 from ..export.gguf_file import QType, aligned, nbytes
 from ..export.gguf_mmproj import mmproj_gguf_bytes, write_mmproj_gguf
 from ..export.gguf_text import gguf_vocab, text_gguf_bytes, text_tensors, write_text_gguf
+from ..models.lmm import DECODER
 from ..quant.grids import Grid
+from ..quant.plan import decoder_part
 from .base import Written
 
 class GGUFPairTarget:
@@ -30,11 +32,12 @@ class GGUFPairTarget:
         metadata, embedding, output head, norms and biases; and the whole mmproj where the budget includes the
         vision side."""
         pair = recipe.target
-        total = text_gguf_bytes(spec, pair.grid().qtype, digest, recorded, dict.fromkeys(plan, QType.F16),
+        decoder = decoder_part(plan)
+        total = text_gguf_bytes(spec, pair.grid().qtype, digest, recorded, dict.fromkeys(decoder, QType.F16),
                                 head_type=QType[pair.embeddings.upper()])
         if recipe.budget.includes_vision:
-            total += mmproj_gguf_bytes(spec, QType[pair.vision.upper()], digest, recorded)
-        return total - sum(aligned(nbytes((e.out_features, e.in_features), QType.F16)) for e in plan.values())
+            total += mmproj_gguf_bytes(spec, QType[pair.vision.upper()], digest, recorded, types=_vision_types(plan))
+        return total - sum(aligned(nbytes((e.out_features, e.in_features), QType.F16)) for e in decoder.values())
 
     def write(self, lmm, stage: Path, stem: str, recipe, result, digest: str, recorded: dict) -> Written:
         spec, pair = lmm.spec, recipe.target
@@ -49,9 +52,17 @@ class GGUFPairTarget:
 
         write_text_gguf(spec, text_path, pair.grid().qtype, digest, recorded, quantized=result.tensors,
                         source=source, head_type=QType[pair.embeddings.upper()])
-        write_mmproj_gguf(spec, mmproj_path, QType[pair.vision.upper()], digest, recorded)
-        bits = 8 * sum(nbytes(spec.shape(name), q.grid.qtype) for name, q in result.tensors.items()) / \
-            sum(spec.numel(name) for name in result.tensors)
+        vision_state = {**{f"vision.vision_model.{k}": v for k, v in lmm.vision.state_dict().items()},
+                        **{f"projector.{k}": v for k, v in lmm.projector.state_dict().items()}}
+        vision = {name: q for name, q in result.tensors.items() if name in vision_state}
+        # a calibrated vision side is written from the model as quantization left it (AWQ folds its scales into
+        # the norms); an uncalibrated one from the checkpoint
+        write_mmproj_gguf(spec, mmproj_path, QType[pair.vision.upper()], digest, recorded, quantized=vision,
+                          source=(lambda name: vision_state[name] if name in vision_state else spec.load(name)) if vision
+                          else None)
+        decoder = [name for name in result.tensors if name.startswith(DECODER)]
+        bits = 8 * sum(nbytes(spec.shape(name), result.tensors[name].grid.qtype) for name in decoder) / \
+            sum(spec.numel(name) for name in decoder)
         return Written({"text_gguf": text_path, "mmproj_gguf": mmproj_path}, text_path.stat().st_size,
                        mmproj_path.stat().st_size, bits)
 
@@ -66,6 +77,11 @@ class GGUFPairTarget:
         return {"runtime": "llama.cpp", **check_against_reference(
             lambda: GGUFAnswerer(artifacts["text_gguf"], artifacts["mmproj_gguf"], gpu_layers=gpu_layers),
             model_dir, n_items)}
+
+
+def _vision_types(plan) -> dict:
+    return {name: entry.grid.qtype for name, entry in plan.items()
+            if not name.startswith(DECODER) and entry.grid is not None}
 
 
 GGUF_PAIR = GGUFPairTarget()
