@@ -90,45 +90,55 @@ def quantize_model(model_dir: str | Path, out_dir: str | Path, recipe: Recipe, *
     if all(entry.grid is None for entry in decoder_part(plan).values()):
         raise ImpqError(spec.folder, f"no linear layer's input width is a multiple of {grid.block}, the "
                                      f"{grid.name} block: choose a smaller block or group")
-    calibrates_vision = any(entry.grid is not None for name, entry in plan.items() if name not in decoder_part(plan))
-    if calibrates_vision and not any(sample.image is not None for sample in samples):
+    if _vision_part(plan) and not any(sample.image is not None for sample in samples):
         raise ImpqError(calib, "a calibrated vision side (--vision on a GGUF grid, or a --tensor-type on v.blk.* or "
                                "mm.*) is quantized on the calibration's images, and this calibration has none")
     if budgeted:
-        # the recipe in the header counted at its longest: every tensor's type spelt "float"
-        longest = _recorded(carried, digest, calib_digest, dict.fromkeys(plan, "float"))
-        budget = prepare_budget(lmm, recipe, plan, target, model_dir, digest, longest)
+        # the recipe in the header counted at its longest: every tensor's type spelt "float", the vision side's
+        # every linear where the budget may choose it
+        named = {**plan, **(lmm.vision_linears() if recipe.budget.includes_vision else {})}
+        longest = _recorded(carried, digest, calib_digest, dict.fromkeys(named, "float"))
+        budget = prepare_budget(lmm, recipe, plan, target, model_dir, digest, longest, samples)
     out_dir = ensure_writable_dir(Path(out_dir))
     method = recipe.method
     options = {"gptq_options": {"damp": method.damp, "block_size": method.block_size, "act_order": method.act_order,
                                 "static_groups": method.static_groups},
                "signround_options": {"iterations": method.iterations}, "device": device,
                "compute_dtype": getattr(torch, method.compute_dtype)}
-    vision_result = None
-    if calibrates_vision:
-        # first, so that the LLM is calibrated on the image features the quantized tower gives
-        on_status("quantizing the vision side")
-        stages.begin("quantize vision")
-        vision_plan = {name: entry for name, entry in plan.items() if name not in decoder_part(plan)}
-        vision_result = quantize_vision(lmm, calibration_pixels(lmm, samples, recipe.calibration.nsamples,
-                                                                recipe.seed), vision_plan, method.name, **options)
-    calibration_side = (lmm.vision, lmm.projector, lmm.llm.get_input_embeddings())
-    stages.begin("calibrate")
-    for module in calibration_side:
-        module.to(device)
-    embeddings = calibration_embeddings(lmm, samples, recipe.calibration.nsamples, recipe.calibration.seqlen,
-                                        recipe.seed)
-    for module in calibration_side:
-        module.to("cpu")
-    if lmm.streams_decoder and target.releases_model:
-        # a calibrated vision side is written from the model (AWQ changed its norms): it stays
-        lmm.release_all_but_decoder(keep_vision=calibrates_vision)
-        trim()
-    allocation = {}
+
+    def embed() -> list[torch.Tensor]:
+        calibration_side = (lmm.vision, lmm.projector, lmm.llm.get_input_embeddings())
+        for module in calibration_side:
+            module.to(device)
+        embeddings = calibration_embeddings(lmm, samples, recipe.calibration.nsamples, recipe.calibration.seqlen,
+                                            recipe.seed)
+        for module in calibration_side:
+            module.to("cpu")
+        return embeddings
+
+    allocation, embeddings = {}, None
     if budgeted:
+        stages.begin("calibrate")
+        embeddings = embed()
         on_status("measuring sensitivity for the budget")
         stages.begin("sensitivity")
         plan, allocation = budgeted_plan(lmm, embeddings, budget, recipe, aliases, target.tensor_bytes)
+    vision_result = None
+    if _vision_part(plan):
+        # before the decoder, so that the LLM is calibrated on the image features the quantized tower gives
+        on_status("quantizing the vision side")
+        stages.begin("quantize vision")
+        vision_result = quantize_vision(lmm, calibration_pixels(lmm, samples, recipe.calibration.nsamples,
+                                                                recipe.seed), _vision_part(plan), method.name,
+                                        **options)
+        embeddings = None
+    if embeddings is None:
+        stages.begin("calibrate")
+        embeddings = embed()
+    if lmm.streams_decoder and target.releases_model:
+        # a calibrated vision side is written from the model (AWQ changed its norms): it stays
+        lmm.release_all_but_decoder(keep_vision=vision_result is not None)
+        trim()
     # the artifacts are written from the codes: the quantized weights are released block by block
     stages.begin("quantize")
     result = quantize_llm(lmm, embeddings, decoder_part(plan), method.name, release_weights=True, on_layer=on_layer,
@@ -186,6 +196,12 @@ def quantize_model(model_dir: str | Path, out_dir: str | Path, recipe: Recipe, *
                    "recipe": Path(report.recipe).name}
         (stage / f"{stem}.report.json").write_text(json.dumps(on_disk, indent=2) + "\n")
     return report
+
+
+def _vision_part(plan) -> dict:
+    """The vision side's planned tensors on a grid: what a calibrated mmproj quantizes."""
+    decoder = decoder_part(plan)
+    return {name: entry for name, entry in plan.items() if name not in decoder and entry.grid is not None}
 
 
 def _recorded(document: dict, digest: str, calib_digest: str, tensor_types: dict) -> dict:

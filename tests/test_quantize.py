@@ -382,8 +382,8 @@ def test_embedding_head_and_vision_types_can_be_overridden(run_cli, models_dir, 
     assert text["token_embd.weight"] == QType.F16 and text["blk.0.ffn_up.weight"] == QType.Q4_0
     vision = [t for t in gguf.GGUFReader(out / "mmproj-imp-phi2-Q4_0-rtn.gguf").tensors if len(t.shape) == 2]
     assert any(t.tensor_type == QType.Q8_0 for t in vision)
-    status, _, err = run_cli("quantize", models_dir / "imp-phi2", "--vision", "q2_k", "--out", out)
-    assert status == 2 and "--vision q2_k" in err
+    status, _, err = run_cli("quantize", models_dir / "imp-phi2", "--vision", "q9_9", "--out", out)
+    assert status == 2 and "--vision q9_9" in err
 
 
 def test_device_choice(run_cli, models_dir, tmp_path):

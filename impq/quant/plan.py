@@ -30,8 +30,10 @@ class TensorPlan:
         """How the tensor differs from the request, or None."""
         if self.grid is self.requested:
             return None
-        target = self.grid.name if self.grid is not None else "float"
-        return (f"{self.requested.name} -> {target}: input width {self.in_features} is not a multiple of "
+        if self.grid is None:
+            return (f"{self.requested.name} -> float (16 bits): input width {self.in_features} is not a multiple of "
+                    f"{self.requested.block}, nor of any fallback's block")
+        return (f"{self.requested.name} -> {self.grid.name}: input width {self.in_features} is not a multiple of "
                 f"{self.requested.block}")
 
 

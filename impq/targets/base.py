@@ -34,5 +34,7 @@ class BudgetedTarget(Target, Protocol):
     def tensor_bytes(self, entry) -> int:
         """A decoder tensor's bytes at its planned grid."""
 
-    def bytes_beside_decoder(self, spec, recipe, plan, digest: str, recorded: dict) -> int:
-        """The artifact's bytes other than the decoder tensors' data, with `recorded` in it (a --target-size)."""
+    def bytes_beside_decoder(self, spec, recipe, plan, digest: str, recorded: dict,
+                             vision_types: dict[str, str] | None = None) -> int:
+        """The artifact's bytes other than the decoder tensors' data, with `recorded` in it (a --target-size);
+        `vision_types`: the vision side's tensors at these types instead of the plan's."""

@@ -27,7 +27,8 @@ class GGUFPairTarget:
         return aligned(nbytes((entry.out_features, entry.in_features),
                               entry.grid.qtype if entry.grid is not None else QType.F16))
 
-    def bytes_beside_decoder(self, spec, recipe, plan, digest: str, recorded: dict) -> int:
+    def bytes_beside_decoder(self, spec, recipe, plan, digest: str, recorded: dict,
+                             vision_types: dict[str, str] | None = None) -> int:
         """The text GGUF's bytes other than the decoder tensors' data, with `recorded` in its header: header and
         metadata, embedding, output head, norms and biases; and the whole mmproj where the budget includes the
         vision side."""
@@ -36,7 +37,9 @@ class GGUFPairTarget:
         total = text_gguf_bytes(spec, pair.grid().qtype, digest, recorded, dict.fromkeys(decoder, QType.F16),
                                 head_type=QType[pair.embeddings.upper()])
         if recipe.budget.includes_vision:
-            total += mmproj_gguf_bytes(spec, QType[pair.vision.upper()], digest, recorded, types=_vision_types(plan))
+            types = _vision_types(plan) if vision_types is None else {n: QType[t.upper()] for n, t in
+                                                                        vision_types.items()}
+            total += mmproj_gguf_bytes(spec, QType[pair.vision.upper()], digest, recorded, types=types)
         return total - sum(aligned(nbytes((e.out_features, e.in_features), QType.F16)) for e in decoder.values())
 
     def write(self, lmm, stage: Path, stem: str, recipe, result, digest: str, recorded: dict) -> Written:
