@@ -594,6 +594,32 @@ def sensitivity_cmd(
     _emit(as_json, record, table)
 
 
+@app.command("package")
+def package_cmd(
+    source: Path = typer.Argument(..., help="An artifact folder (impq quantize or impq export output) or a sweep's "
+                                            "folder (impq sweep-resolution output)."),
+    out: Path = typer.Option(..., "--out", help="The bundle's folder (written whole or not at all)."),
+    max_accuracy_drop: Optional[float] = typer.Option(None, "--max-accuracy-drop", help="From a sweep: the point "
+                                                      "with the shortest phone time to first token within this many "
+                                                      "accuracy points of the original F16 pair."),
+    device_profile: str = typer.Option("snapdragon-8-gen-3", "--device-profile", help="The phone PHONE.md's "
+                                       "threads and estimate are for."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+):
+    """A phone bundle: the pair, its recipe, and PHONE.md (llama.cpp in Termux, llama.rn app settings, the phone
+    estimate with its band)."""
+    from .package import package
+
+    bundle = package(source, out, device_profile, max_accuracy_drop)
+    estimate = bundle["phone_estimate"]
+    table = Table("file", "bytes", title=f"bundle in {out}: {bundle['chosen']}")
+    for name, size in bundle["bytes"].items():
+        table.add_row(name, str(size))
+    table.caption = (f"{bundle['device_profile']}: time to first token {estimate['ttft_s']['value']:.1f} s, "
+                     f"decode {estimate['decode_tokens_per_s']['value']:.1f} tokens/s (PHONE.md)")
+    _emit(as_json, bundle, table)
+
+
 @app.command("reproduce")
 def reproduce_cmd(
     recipe: Path = typer.Argument(..., help="A <stem>.recipe.yaml written by impq quantize, or the folder that holds "

@@ -257,6 +257,8 @@ def run_sweep(model_dir: str | Path, out_dir: str | Path, settings: SweepSetting
                "token_reduction": "pool2" if point.reduction.pool else "none", "image_tokens": point.reduction.n_tokens,
                "runtime": point.runtime, "method": "export" if point.type == "f16" else settings.method,
                "text_gguf_mb": text.stat().st_size / 1e6, "mmproj_gguf_mb": mmproj.stat().st_size / 1e6,
+               # the files, where impq package finds them: relative to the shared folder
+               "text_gguf": str(text.relative_to(shared)), "mmproj_gguf": str(mmproj.relative_to(shared)),
                "flash_attn": point.flash_attn, "key": key, **json.loads(merged.read_text())}
         row["total_mb"] = row["text_gguf_mb"] + row["mmproj_gguf_mb"]
         if point.runtime == "llama.cpp":
