@@ -108,6 +108,7 @@ def write_results(record: dict) -> None:
              f"full-precision PyTorch model. Calibration: {record['nsamples']} images of the shapes calibration "
              f"split. Image encode: impq bench, 2 threads, median of {record['runs']} runs. Machine: "
              f"{record['machine']}. Versions: {json.dumps(record['versions'])}.", "",
+             *([record["note"], ""] if record.get("note") else []),
              "| mmproj | type | by | accuracy | answer KLD | top-1 agreement | MB | image encode ms | quantize s | "
              "tensors |", "|---|---|---|---|---|---|---|---|---|---|"]
     for label, r in rows.items():
@@ -141,6 +142,7 @@ def main() -> None:
     parser.add_argument("--nsamples", type=int, default=64)
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--llama-cpp-bin", type=Path, default=os.environ.get("IMPQ_LLAMA_CPP_BIN"))
+    parser.add_argument("--note", help="a line for the results file (what else ran beside the measurement)")
     args = parser.parse_args()
     if args.llama_cpp_bin is None or not (args.llama_cpp_bin / "llama-quantize").is_file():
         sys.exit("bench: give --llama-cpp-bin (or IMPQ_LLAMA_CPP_BIN): llama.cpp's built tools")
@@ -155,6 +157,8 @@ def main() -> None:
     reference = StoredReference(model_dir)
     cache = args.work / "vision_quant.json"
     record = json.loads(cache.read_text()) if cache.is_file() else {"rows": {}}
+    if args.note is not None:
+        record["note"] = args.note
     record.update(limit=args.limit, nsamples=args.nsamples, runs=args.runs,
                   machine=f"{os.cpu_count()} CPUs, {platform.platform()}",
                   versions={p: importlib.metadata.version(p) for p in ("impq", "torch", "gguf", "llama-cpp-python")})
