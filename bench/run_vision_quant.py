@@ -24,18 +24,18 @@ from pathlib import Path
 
 import gguf
 
-from impq.calib import calibration_pixels, read_calibration
+from impq.calib import read_calibration
 from impq.defaults import default_calib_data, default_eval_data, default_model_dir
 from impq.export.gguf_file import QType
-from impq.export.gguf_mmproj import write_mmproj_gguf
+from impq.export.gguf_mmproj import write_model_mmproj
 from impq.measure.bench import bench_pair
 from impq.measure.vqa import GGUFAnswerer, TorchAnswerer, evaluate, read_vqa_jsonl
 from impq.models.layouts import read_spec
 from impq.models.lmm import LMM
-from impq.quant.driver import quantize_vision
 from impq.quant.grids import GRIDS
-from impq.quant.plan import decoder_part, plan_model
-from impq.recipe import export_with_recipe
+from impq.quant.plan import plan_vision
+from impq.quantize import quantize_vision_side
+from impq.recipe import Method, export_with_recipe
 from impq.verify import default_images
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -65,17 +65,14 @@ def _types(path: Path) -> dict:
 def impq_mmproj(model_dir: Path, out: Path, type_name: str, method: str, nsamples: int) -> dict:
     spec = read_spec(model_dir)
     lmm = LMM(spec)
-    plan = plan_model(lmm.llm, lmm.vision_linears(), GRIDS["q8_0"], GRIDS[type_name])
-    vision = {n: e for n, e in plan.items() if n not in decoder_part(plan)}
     start = time.perf_counter()
-    pixels = calibration_pixels(lmm, read_calibration(default_calib_data(model_dir)), nsamples)
-    result = quantize_vision(lmm, pixels, {n: e for n, e in vision.items() if e.grid is not None}, method)
+    result = quantize_vision_side(lmm, read_calibration(default_calib_data(model_dir)), type_name,
+                                  Method(name=method), nsamples)
     seconds = time.perf_counter() - start
-    state = {**{f"vision.vision_model.{k}": v for k, v in lmm.vision.state_dict().items()},
-             **{f"projector.{k}": v for k, v in lmm.projector.state_dict().items()}}
-    write_mmproj_gguf(spec, out, QType[type_name.upper()], spec.digest(), {"vision": type_name, "method": method},
-                      quantized=result.tensors, source=state.__getitem__)
-    return {"quantize_s": seconds, "fallbacks": sorted({e.fallback for e in vision.values() if e.fallback})}
+    write_model_mmproj(lmm, out, QType[type_name.upper()], spec.digest(), {"vision": type_name, "method": method},
+                       result.tensors)
+    plan = plan_vision(lmm.vision_linears(), GRIDS[type_name])
+    return {"quantize_s": seconds, "fallbacks": sorted({e.fallback for e in plan.values() if e.fallback})}
 
 
 def llamacpp_mmproj(bin_dir: Path, f16: Path, out: Path, type_name: str) -> dict:

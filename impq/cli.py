@@ -681,6 +681,10 @@ def sweep_resolution_cmd(
                                                                           "24x24)."),
     types: str = typer.Option("f16,q4_k", help="Weight types of the LLM, comma-separated: f16 and the GGUF grids "
                                                "(q8_0 q6_k q5_k q5_0 q5_1 q4_k q4_0 q4_1 q3_k q2_k)."),
+    vision_types: str = typer.Option("f16", "--vision-types", help="The mmproj's types, comma-separated: f16, or GGUF "
+                                     "grids (the tower and projector calibrated with --method on --calib's images, "
+                                     "llama.cpp's width fallbacks applied); each mmproj is written once per type and "
+                                     "resolution."),
     method: str = typer.Option(_DEFAULT.method.name, help="Quantization method for the quantized types."),
     budget_ttft: Optional[float] = typer.Option(None, "--budget-ttft", min=0, help="Largest time to first token on "
                                                                                  "the phone estimate, in ms."),
@@ -725,6 +729,7 @@ def sweep_resolution_cmd(
     settings = SweepSettings(
         resolutions=None if resolutions is None else _comma_list(resolutions, "--resolutions", int),
         token_reductions=_comma_list(token_reduction, "--token-reduction"), types=_comma_list(types, "--types"),
+        vision_types=_comma_list(vision_types, "--vision-types"),
         method=method, calib=None if calib is None else str(calib), nsamples=nsamples, limit=limit, runs=runs,
         threads=threads, gpu_layers=_gpu_layers(device, gpu_layers), flash_attn=_comma_list(flash_attn, "--flash-attn"),
         device_profile=device_profile, budget_ttft_ms=budget_ttft,
@@ -742,15 +747,18 @@ def sweep_resolution_cmd(
     table = Table("point", "runtime", "accuracy", "KLD", "TTFT s", "phone TTFT s", "MB",
                   title=f"{len(result.rows)} points in {out}")
     for row in result.rows:
-        table.add_row(f"{row['type']} {row['image_size']}px {row['token_reduction']} fa-{row['flash_attn'] or '-'}",
+        tower = "" if row["vision_type"] == "F16" else f" tower-{row['vision_type']}"
+        table.add_row(f"{row['type']}{tower} {row['image_size']}px {row['token_reduction']} "
+                      f"fa-{row['flash_attn'] or '-'}",
                       row["runtime"],
                       f"{row['accuracy']:.1%}", f"{row['mean_kld']:.3g}",
                       "-" if row["ttft_s"] is None else f"{row['ttft_s']:.3f}", f"{row['phone_ttft_s']:.3f}",
                       f"{row['total_mb']:.1f}")
     best = result.recommended
     table.caption = ("no llama.cpp point meets the budgets" if best is None else
-                     f"recommended: {best['type']} at {best['image_size']} px, token reduction {best['token_reduction']}"
-                     f", flash attention {best['flash_attn']} -> {result.files['recommended']}")
+                     f"recommended: {best['type']} (tower {best['vision_type']}) at {best['image_size']} px, token "
+                     f"reduction {best['token_reduction']}, flash attention {best['flash_attn']} -> "
+                     f"{result.files['recommended']}")
     _emit(as_json, {"points": result.rows, "recommended": best, "files": result.files}, table)
 
 

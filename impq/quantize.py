@@ -22,7 +22,8 @@ from .memory import StageSampler, map_large_allocations, trim
 from .models.layouts import read_spec
 from .models.lmm import LMM
 from .quant.driver import quantize_llm, quantize_vision
-from .quant.plan import decoder_part, plan_model
+from .quant.grids import GRIDS
+from .quant.plan import decoder_part, plan_model, plan_vision
 from .recipe import (NO_METHOD, Recipe, calibration_path, output_files, override_names, sha256_file,
                      write_resolved_recipe)
 from .targets import target_of
@@ -101,10 +102,7 @@ def quantize_model(model_dir: str | Path, out_dir: str | Path, recipe: Recipe, *
         budget = prepare_budget(lmm, recipe, plan, target, model_dir, digest, longest, samples)
     out_dir = ensure_writable_dir(Path(out_dir))
     method = recipe.method
-    options = {"gptq_options": {"damp": method.damp, "block_size": method.block_size, "act_order": method.act_order,
-                                "static_groups": method.static_groups},
-               "signround_options": {"iterations": method.iterations}, "device": device,
-               "compute_dtype": getattr(torch, method.compute_dtype)}
+    options = method_options(method, device)
 
     def embed() -> list[torch.Tensor]:
         calibration_side = (lmm.vision, lmm.projector, lmm.llm.get_input_embeddings())
@@ -196,6 +194,24 @@ def quantize_model(model_dir: str | Path, out_dir: str | Path, recipe: Recipe, *
                    "recipe": Path(report.recipe).name}
         (stage / f"{stem}.report.json").write_text(json.dumps(on_disk, indent=2) + "\n")
     return report
+
+
+def method_options(method, device) -> dict:
+    """What the layer loop takes from a recipe's method section (quant/driver.quantize_blocks' keywords)."""
+    return {"gptq_options": {"damp": method.damp, "block_size": method.block_size, "act_order": method.act_order,
+                             "static_groups": method.static_groups},
+            "signround_options": {"iterations": method.iterations}, "device": device,
+            "compute_dtype": getattr(torch, method.compute_dtype)}
+
+
+def quantize_vision_side(lmm: LMM, samples: list, vision_type: str, method, nsamples: int, seed: int = 0,
+                         device="cpu"):
+    """The vision side alone quantized in place onto `vision_type`'s grids (width fallbacks applied) by a recipe's
+    method section, on the drawn calibration samples' images: what a sweep's mmproj of that vision type holds."""
+    plan = {name: entry for name, entry in plan_vision(lmm.vision_linears(), GRIDS[vision_type]).items()
+            if entry.grid is not None}
+    return quantize_vision(lmm, calibration_pixels(lmm, samples, nsamples, seed), plan, method.name,
+                           **method_options(method, device))
 
 
 def _vision_part(plan) -> dict:

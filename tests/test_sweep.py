@@ -132,6 +132,7 @@ def test_budget_picks_the_cheaper_point():
     (["--types", "q4_k_m"], "Q4_K_M"),
     (["--token-reduction", "pool4"], "pool4"),
     (["--flash-attn", "on,sometimes"], "sometimes"),
+    (["--vision-types", "f16,q9_9"], "--vision-types q9_9"),
 ])
 def test_bad_grids_are_one_line_errors(run_cli, tmp_path, args, needle):
     status, _, err = run_cli("sweep-resolution", "--out", tmp_path / "out", *args)
@@ -156,3 +157,26 @@ def test_flash_attention_is_a_timed_dimension(run_cli, tmp_path):
     assert [r["flash_attn"] for r in rows] == ["on", "off"]
     assert rows[0]["accuracy"] == rows[1]["accuracy"] and rows[0]["key"] != rows[1]["key"]
     assert result["recommended"]["flash_attn"] in ("on", "off")
+
+
+def test_the_towers_precision_is_a_dimension(run_cli, tmp_path):
+    """--vision-types f16,q4_k: each mmproj written once per tower type and resolution (the Q4_K one calibrated, on
+    its grids), every LLM type paired with each; the rows, the recommendation and the CSV say which tower."""
+    out = tmp_path / "sweep"
+    status, stdout, err = run_cli("sweep-resolution", "--resolutions", "168,84", "--types", "q4_0", "--vision-types",
+                                  "f16,q4_k", "--nsamples", "8", "--limit", "6", "--runs", "1", "--out", out, "--json")
+    assert status == 0, err
+    rows = json.loads(stdout)["points"]
+    assert sorted((r["vision_type"], r["image_size"]) for r in rows) == [("F16", 84), ("F16", 168), ("Q4_K", 84),
+                                                                          ("Q4_K", 168)]
+    mmprojs = sorted((out / "mmproj").glob("*.gguf"))
+    assert len(mmprojs) == 4 and len({r["mmproj_gguf"] for r in rows}) == 4 and len({r["text_gguf"] for r in rows}) == 1
+    for row in rows:
+        types = {t.tensor_type for t in gguf.GGUFReader(out / row["mmproj_gguf"]).tensors if len(t.shape) == 2
+                 and t.name != "v.patch_embd.weight"}
+        quantized = types - {gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.F32}
+        assert bool(quantized) == (row["vision_type"] == "Q4_K"), (row["vision_type"], types)
+    with open(out / "sweep.csv") as handle:
+        assert {r["vision_type"] for r in csv.DictReader(handle)} == {"F16", "Q4_K"}
+    recommended = json.loads((out / "sweep.json").read_text())["recommended"]
+    assert recommended["vision_type"] in ("F16", "Q4_K") and (out / "recommended").is_dir()

@@ -139,6 +139,20 @@ def write_mmproj_gguf(spec: ModelSpec, path: Path, qtype: QType, source_digest: 
                       on_tensor)
 
 
+def write_model_mmproj(lmm, path: Path, qtype: QType, source_digest: str, settings: dict, quantized: dict,
+                       reduction: VisionReduction | None = None) -> Path:
+    """The mmproj of `lmm` whose vision side an algorithm quantized (`quantized`: canonical name ->
+    driver.QuantizedTensor; none: the checkpoint's tensors by the type policy): the codes as chosen, the rest from
+    the model as quantization left it (AWQ folds its scales into the norms)."""
+    spec = lmm.spec
+    state = {**{f"vision.vision_model.{k}": v for k, v in lmm.vision.state_dict().items()},
+             **{f"projector.{k}": v for k, v in lmm.projector.state_dict().items()}}
+    vision = {name: q for name, q in quantized.items() if name in state}
+    source = (lambda name: state[name] if name in state else spec.load(name)) if vision else None
+    return write_mmproj_gguf(spec, path, qtype, source_digest, settings, reduction=reduction, quantized=vision,
+                             source=source)
+
+
 def mmproj_gguf_bytes(spec: ModelSpec, qtype: QType, source_digest: str, settings: dict,
                       reduction: VisionReduction | None = None, types: dict[str, QType] | None = None) -> int:
     """The exact size write_mmproj_gguf would write, with `types` (canonical name -> type) for the tensors an

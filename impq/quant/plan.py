@@ -91,6 +91,12 @@ def plan_llm(llm: nn.Module, grid: Grid, overrides: list[tuple[str, Grid]] = (),
     return plan_model(llm, {}, grid, None, overrides, aliases)
 
 
+def plan_vision(vision_linears: dict[str, nn.Linear], grid: Grid) -> Plan:
+    """The vision side alone on `grid`, with the width fallbacks: what an mmproj of one vision type is quantized
+    onto."""
+    return _plan(vision_linears, grid, (), {}, set())
+
+
 def plan_model(llm: nn.Module, vision_linears: dict[str, nn.Linear], grid: Grid, vision_grid: Grid | None,
                overrides: list[tuple[str, Grid]] = (), aliases: dict[str, str] | None = None) -> Plan:
     """plan_llm's plan for the decoder, and for the vision tower's blocks and the projector (`vision_linears`, by

@@ -31,9 +31,15 @@ def pareto_front(rows: list[dict], cost: str) -> list[dict]:
     return front
 
 
+def _series(row: dict) -> str:
+    """A point's colour: its weight type, and its tower's where the mmproj is quantized."""
+    tower = row.get("vision_type", "F16")
+    return row["type"] if tower == "F16" else f"{row['type']} + {tower} tower"
+
+
 def write_plots(out: Path, rows: list[dict], device: str) -> dict:
     files = {}
-    types = sorted({r["type"] for r in rows})
+    types = sorted({_series(r) for r in rows})
     colours = dict(zip(types, plt.get_cmap("tab10").colors))
     for name, (cost, label) in PLOTS.items():
         figure, axes = plt.subplots(figsize=(7, 4.5))
@@ -42,7 +48,7 @@ def write_plots(out: Path, rows: list[dict], device: str) -> dict:
                 continue
             hollow = row["runtime"] != "llama.cpp"
             axes.scatter(row[cost], row["accuracy"], s=40, marker="^" if row["token_reduction"] == "pool2" else "o",
-                         facecolors="none" if hollow else colours[row["type"]], edgecolors=colours[row["type"]])
+                         facecolors="none" if hollow else colours[_series(row)], edgecolors=colours[_series(row)])
             axes.annotate(f"{row['image_size']}", (row[cost], row["accuracy"]), fontsize=7, xytext=(3, 3),
                           textcoords="offset points")
         # the frontier of what a phone can load: PyTorch-only points show what a pooling runtime would gain

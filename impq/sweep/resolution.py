@@ -46,6 +46,7 @@ class SweepSettings:
     resolutions: list[int] | None = None         # None: native, three quarters and half (multiples of the patch)
     token_reductions: list[str] = field(default_factory=lambda: ["none"])
     types: list[str] = field(default_factory=lambda: ["f16", "q4_k"])
+    vision_types: list[str] = field(default_factory=lambda: ["f16"])   # the mmproj's: f16, or a calibrated grid
     method: str = Method().name                  # the quantized types' recipe (impq/recipe.py), as impq quantize's
     calib: str | None = None
     nsamples: int = Calibration().nsamples
@@ -66,6 +67,7 @@ class Point:
     type: str
     reduction: VisionReduction
     flash_attn: str | None = "off"               # None for a PyTorch-only point (nothing is timed)
+    vision_type: str = "f16"                     # the mmproj's (a grid: the tower calibrated with the sweep's method)
 
     @property
     def runtime(self) -> str:
@@ -73,7 +75,14 @@ class Point:
 
     @property
     def label(self) -> str:
-        return f"{self.type.upper()} {self.reduction.label}" + (f" fa-{self.flash_attn}" if self.flash_attn else "")
+        tower = "" if self.vision_type == "f16" else f" tower-{self.vision_type.upper()}"
+        return (f"{self.type.upper()}{tower} {self.reduction.label}" +
+                (f" fa-{self.flash_attn}" if self.flash_attn else ""))
+
+    @property
+    def tower_key(self) -> list:
+        """What a point's keys add for its tower: nothing at F16, so that F16 points keep their cached keys."""
+        return [] if self.vision_type == "f16" else [self.vision_type]
 
 
 def default_resolutions(spec: ModelSpec) -> list[int]:
@@ -88,17 +97,22 @@ def plan_points(spec: ModelSpec, settings: SweepSettings) -> list[Point]:
         raise ImpqError(None, f"--device-profile {settings.device_profile}: choose one of {', '.join(DEVICES)}")
     flash = list(dict.fromkeys(resolve_flash_attn(f) for f in settings.flash_attn))
     types = [canonical_type_name(t, SWEEP_TYPES, "--types") for t in settings.types]
+    vision_types = [canonical_type_name(t, SWEEP_TYPES, "--vision-types") for t in settings.vision_types]
+    if not vision_types:
+        raise ImpqError(None, "--vision-types: give at least one (f16, or a GGUF grid such as q8_0 or q4_k)")
     resolutions = default_resolutions(spec) if settings.resolutions is None else settings.resolutions
     for value in settings.token_reductions:
         if value not in TOKEN_REDUCTIONS:
             raise ImpqError(None, f"--token-reduction {value}: choose from {', '.join(TOKEN_REDUCTIONS)}")
     points = []
     for type_name in dict.fromkeys(types):
-        for size in dict.fromkeys(resolutions):
-            for token_reduction in dict.fromkeys(settings.token_reductions):
-                reduction = vision_reduction(spec.vision, size, token_reduction)
-                points += ([Point(type_name, reduction, f) for f in flash] if reduction.runs_in_llama_cpp
-                           else [Point(type_name, reduction, None)] if flash else [])
+        for vision_type in dict.fromkeys(vision_types):
+            for size in dict.fromkeys(resolutions):
+                for token_reduction in dict.fromkeys(settings.token_reductions):
+                    reduction = vision_reduction(spec.vision, size, token_reduction)
+                    points += ([Point(type_name, reduction, f, vision_type) for f in flash]
+                               if reduction.runs_in_llama_cpp
+                               else [Point(type_name, reduction, None, vision_type)] if flash else [])
     if not points:
         raise ImpqError(None, "empty grid of points: give at least one --resolutions, --token-reduction and --types value")
     return points
@@ -134,7 +148,8 @@ def run_sweep(model_dir: str | Path, out_dir: str | Path, settings: SweepSetting
     from ..verify import default_images
     from .estimate import task_seconds
     from .graph import InProcess, Task, ordered
-    from .tasks import evaluate_shard, merge_shards, reference_logits, time_point, write_mmproj, write_text
+    from .tasks import (evaluate_shard, merge_shards, reference_logits, time_point, write_calibrated_mmproj,
+                        write_mmproj, write_text)
 
     spec = read_spec(model_dir)
     points = plan_points(spec, settings)
@@ -148,7 +163,7 @@ def run_sweep(model_dir: str | Path, out_dir: str | Path, settings: SweepSetting
     model_digest = spec.digest()
     data_digest = _dataset_digest(Path(data), items)
     calib_digest = calibration_digest(calib)
-    recipes = type_recipes([p.type for p in points], settings, calib)
+    recipes = type_recipes([p.type for p in points] + [p.vision_type for p in points], settings, calib)
     documents = {t: recipe.document(Path(model_dir)) for t, recipe in recipes.items()}
     image = default_images()[0]
     device = DEVICES[settings.device_profile]
@@ -163,19 +178,25 @@ def run_sweep(model_dir: str | Path, out_dir: str | Path, settings: SweepSetting
         return VisionReduction(reduction.image_size, reduction.patch_size, reduction.pool and
                                reduction.runs_in_llama_cpp)
 
-    def mmproj_gguf(reduction: VisionReduction) -> Path:
-        label = runnable(reduction).label
-        return shared / "mmproj" / f"mmproj-{spec.name}-F16-{label}-{_digest(model_digest, label, __version__)}.gguf"
+    def mmproj_gguf(point: Point) -> Path:
+        """The point's mmproj, written once per vision type and reduction and reused by every weight type."""
+        label = runnable(point.reduction).label
+        if point.vision_type == "f16":
+            return shared / "mmproj" / f"mmproj-{spec.name}-F16-{label}-{_digest(model_digest, label, __version__)}.gguf"
+        key = _digest(model_digest, label, point.vision_type, settings.method, calib_digest, settings.nsamples,
+                      __version__)
+        return shared / "mmproj" / f"mmproj-{spec.name}-{point.vision_type.upper()}-{label}-{key}.gguf"
 
     def evaluation_key(point: Point) -> str:
         return _digest(model_digest, data_digest, calib_digest, point.type, point.reduction.label, settings.method,
-                       settings.nsamples, len(items), __version__)
+                       settings.nsamples, len(items), __version__, *point.tower_key)
 
     def point_key(point: Point) -> str:
         return _digest(model_digest, data_digest, calib_digest, point.type, point.reduction.label, settings.method,
                        settings.nsamples, settings.runs, settings.decode_tokens, settings.threads, settings.gpu_layers,
                        point.flash_attn,
-                       settings.device_profile, asdict(PHONE_FIT.efficiency), PHONE_FIT.band, len(items), __version__)
+                       settings.device_profile, asdict(PHONE_FIT.efficiency), PHONE_FIT.band, len(items), __version__,
+                       *point.tower_key)
 
     size = settings.shard_items or max(1, len(items))
     shards = [(start, min(start + size, len(items))) for start in range(0, len(items), size)]
@@ -194,14 +215,20 @@ def run_sweep(model_dir: str | Path, out_dir: str | Path, settings: SweepSetting
     for point in points:
         if (shared / "points" / f"{point_key(point)}.json").is_file():
             continue
-        text, mmproj = text_gguf(point.type), mmproj_gguf(point.reduction)
+        text, mmproj = text_gguf(point.type), mmproj_gguf(point)
         add(Task(text.name, "quantize", str(text), write_text,
                  {"model_dir": model, "recipe": recipes[point.type], "document": documents[point.type],
                   "output": str(text)}, cpus=cpus, accelerated=True),
             type_name=point.type, nsamples=settings.nsamples)
-        add(Task(mmproj.name, "mmproj", str(mmproj), write_mmproj,
-                 {"model_dir": model, "reduction": runnable(point.reduction), "document": documents["f16"],
-                  "output": str(mmproj)}))
+        if point.vision_type == "f16":
+            add(Task(mmproj.name, "mmproj", str(mmproj), write_mmproj,
+                     {"model_dir": model, "reduction": runnable(point.reduction), "document": documents["f16"],
+                      "output": str(mmproj)}))
+        else:
+            add(Task(mmproj.name, "mmproj", str(mmproj), write_calibrated_mmproj,
+                     {"model_dir": model, "reduction": runnable(point.reduction), "vision_type": point.vision_type,
+                      "recipe": recipes[point.vision_type], "document": documents[point.vision_type],
+                      "output": str(mmproj)}, cpus=cpus, accelerated=True))
         if not (shared / "evals" / f"{evaluation_key(point)}.json").is_file():
             add(Task(reference_path.name, "reference", str(reference_path), reference_logits,
                      {"model_dir": model, "data": str(data), "limit": settings.limit, "output": str(reference_path)},
@@ -246,14 +273,15 @@ def run_sweep(model_dir: str | Path, out_dir: str | Path, settings: SweepSetting
         key = point_key(point)
         cached = shared / "points" / f"{key}.json"
         if cached.is_file():
-            rows.append(json.loads(cached.read_text()))
+            rows.append({"vision_type": "F16", **json.loads(cached.read_text())})   # rows from before the tower type
             continue
-        text, mmproj = text_gguf(point.type), mmproj_gguf(point.reduction)
+        text, mmproj = text_gguf(point.type), mmproj_gguf(point)
         merged = shared / "evals" / f"{evaluation_key(point)}.json"
         if not merged.is_file():
             with atomic_output(merged) as tmp:
                 tmp.write_text(json.dumps(merge_shards([str(shard_path(point, *s)) for s in shards]), indent=2) + "\n")
-        row = {"type": point.type.upper(), "image_size": point.reduction.image_size,
+        row = {"type": point.type.upper(), "vision_type": point.vision_type.upper(),
+               "image_size": point.reduction.image_size,
                "token_reduction": "pool2" if point.reduction.pool else "none", "image_tokens": point.reduction.n_tokens,
                "runtime": point.runtime, "method": "export" if point.type == "f16" else settings.method,
                "text_gguf_mb": text.stat().st_size / 1e6, "mmproj_gguf_mb": mmproj.stat().st_size / 1e6,
@@ -289,8 +317,8 @@ def run_sweep(model_dir: str | Path, out_dir: str | Path, settings: SweepSetting
 
     native = vision_reduction(spec.vision)
     for row in rows:
-        row["original"] = (row["type"] == "F16" and row["image_size"] == native.image_size
-                           and row["token_reduction"] == "none")
+        row["original"] = (row["type"] == "F16" and row.get("vision_type", "F16") == "F16"
+                           and row["image_size"] == native.image_size and row["token_reduction"] == "none")
     recommended = recommend(rows, settings)
     files = _write_outputs(out, spec, rows, recommended, settings, documents, text_gguf, mmproj_gguf, points)
     return SweepResult(rows, recommended, files, records)
@@ -315,7 +343,7 @@ def recommend(rows: list[dict], settings: SweepSettings) -> dict | None:
     return min(fits, key=lambda r: (-r["accuracy"], r["mean_kld"], r["phone_ttft_s"], r["ttft_s"]), default=None)
 
 
-COLUMNS = ("type", "image_size", "token_reduction", "image_tokens", "runtime", "method", "accuracy", "mean_kld",
+COLUMNS = ("type", "vision_type", "image_size", "token_reduction", "image_tokens", "runtime", "method", "accuracy", "mean_kld",
            "top1_agreement", "eval_items", "image_encode_s", "ttft_s", "prompt_tokens_per_s", "decode_tokens_per_s",
            "peak_rss_mb", "text_gguf_mb", "mmproj_gguf_mb", "total_mb", "phone_image_encode_s", "phone_ttft_s",
            "phone_ttft_s_low", "phone_ttft_s_high", "phone_prompt_tokens_per_s", "phone_decode_tokens_per_s",
@@ -345,13 +373,15 @@ def _write_outputs(out: Path, spec: ModelSpec, rows: list[dict], recommended: di
              **write_plots(out, rows, DEVICES[settings.device_profile].name)}
     if recommended is not None:
         point = next(p for p in points if p.type.upper() == recommended["type"] and p.flash_attn ==
-                     recommended["flash_attn"] and p.reduction == VisionReduction(
-                         recommended["image_size"], spec.vision.patch_size, recommended["token_reduction"] == "pool2"))
-        stem = f"{spec.name}-{point.type.upper()}-{point.reduction.label}"
+                     recommended["flash_attn"] and p.vision_type.upper() == recommended["vision_type"] and
+                     p.reduction == VisionReduction(recommended["image_size"], spec.vision.patch_size,
+                                                    recommended["token_reduction"] == "pool2"))
+        tower = "" if point.vision_type == "f16" else f"-tower-{point.vision_type.upper()}"
+        stem = f"{spec.name}-{point.type.upper()}{tower}-{point.reduction.label}"
         with atomic_output(out / "recommended") as tmp:
             tmp.mkdir()
             shutil.copy(text_gguf(point.type), tmp / f"{stem}.gguf")
-            shutil.copy(mmproj_gguf(point.reduction), tmp / f"mmproj-{stem}.gguf")
+            shutil.copy(mmproj_gguf(point), tmp / f"mmproj-{stem}.gguf")
             (tmp / "point.json").write_text(json.dumps({k: recommended[k] for k in COLUMNS}, indent=2) + "\n")
         files["recommended"] = str(out / "recommended")
     return files

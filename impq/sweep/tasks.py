@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from ..export.gguf_file import QType
-from ..export.gguf_mmproj import write_mmproj_gguf
+from ..export.gguf_mmproj import write_model_mmproj, write_mmproj_gguf
 from ..export.gguf_text import read_text_gguf_weights, write_text_gguf
 from ..fileio import atomic_output
 from ..measure.vqa import evaluate, read_vqa_jsonl
@@ -43,6 +43,25 @@ def write_mmproj(model_dir: str, reduction: VisionReduction, document: dict, out
     Path(output).parent.mkdir(parents=True, exist_ok=True)
     write_mmproj_gguf(spec, Path(output), QType.F16, spec.digest(), {**document, "vision_reduction": reduction.label},
                       reduction=reduction)
+
+
+def write_calibrated_mmproj(model_dir: str, reduction: VisionReduction, vision_type: str, recipe, document: dict,
+                            output: str, threads: int | None) -> None:
+    """A vision type's mmproj at one reduction: the tower and projector quantized with the recipe's method and
+    calibration on its images (quantize.quantize_vision_side), written with the reduction's geometry."""
+    from ..calib import read_calibration
+    from ..models.lmm import LMM
+    from ..quantize import quantize_vision_side
+    from ..recipe import calibration_path
+
+    spec = read_spec(model_dir)
+    lmm = LMM(spec)
+    samples = read_calibration(calibration_path(recipe, Path(model_dir)))
+    result = quantize_vision_side(lmm, samples, vision_type, recipe.method, recipe.calibration.nsamples, recipe.seed)
+    Path(output).parent.mkdir(parents=True, exist_ok=True)
+    write_model_mmproj(lmm, Path(output), QType[vision_type.upper()], spec.digest(),
+                       {**document, "vision_reduction": reduction.label, "vision_type": vision_type}, result.tensors,
+                       reduction=reduction)
 
 
 def _items(data: str, limit: int | None, start: int = 0, stop: int | None = None):

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..export.gguf_file import QType, aligned, nbytes
-from ..export.gguf_mmproj import mmproj_gguf_bytes, write_mmproj_gguf
+from ..export.gguf_mmproj import mmproj_gguf_bytes, write_model_mmproj
 from ..export.gguf_text import gguf_vocab, text_gguf_bytes, text_tensors, write_text_gguf
 from ..models.lmm import DECODER
 from ..quant.grids import Grid
@@ -55,14 +55,7 @@ class GGUFPairTarget:
 
         write_text_gguf(spec, text_path, pair.grid().qtype, digest, recorded, quantized=result.tensors,
                         source=source, head_type=QType[pair.embeddings.upper()])
-        vision_state = {**{f"vision.vision_model.{k}": v for k, v in lmm.vision.state_dict().items()},
-                        **{f"projector.{k}": v for k, v in lmm.projector.state_dict().items()}}
-        vision = {name: q for name, q in result.tensors.items() if name in vision_state}
-        # a calibrated vision side is written from the model as quantization left it (AWQ folds its scales into
-        # the norms); an uncalibrated one from the checkpoint
-        write_mmproj_gguf(spec, mmproj_path, QType[pair.vision.upper()], digest, recorded, quantized=vision,
-                          source=(lambda name: vision_state[name] if name in vision_state else spec.load(name)) if vision
-                          else None)
+        write_model_mmproj(lmm, mmproj_path, QType[pair.vision.upper()], digest, recorded, result.tensors)
         decoder = [name for name in result.tensors if name.startswith(DECODER)]
         bits = 8 * sum(nbytes(spec.shape(name), result.tensors[name].grid.qtype) for name in decoder) / \
             sum(spec.numel(name) for name in decoder)
