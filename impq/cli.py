@@ -69,6 +69,11 @@ def _llama_device_option():
                                                  "gpu.")
 
 
+def _ray_address_option():
+    return typer.Option(None, "--ray-address", help="--executor ray: the cluster (host:port, ray://host:port, auto); "
+                                                    "default: a local cluster of this machine.")
+
+
 def _gpu_layers_option():
     return typer.Option(None, "--gpu-layers", help="Text-model layers llama.cpp offloads to the GPU (-1: all); "
                                                    "overrides --device.")
@@ -497,8 +502,7 @@ def sensitivity_cmd(
                                           "the CPUs it holds (default: all cores in-process, 1 on Ray)."),
     executor: str = typer.Option("in-process", "--executor", help="in-process | ray (one task per tensor group and "
                                  "candidate on a Ray cluster: pip install 'impq[ray]'; --vision's groups run here)."),
-    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="--executor ray: the cluster (host:port, "
-                                              "ray://host:port, auto); default: a local cluster of this machine."),
+    ray_address: Optional[str] = _ray_address_option(),
     shared_dir: Optional[Path] = typer.Option(None, "--shared-dir", help="--executor ray: where tasks write their "
                                               "files (every node must read it); default: OUT/tasks."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
@@ -708,8 +712,7 @@ def sweep_resolution_cmd(
     out: Path = typer.Option(Path("sweep"), help="Output folder (cache, CSV, JSON, plots, recommended pair)."),
     executor: str = typer.Option("in-process", "--executor", help="in-process (one task after another here) | ray "
                                  "(the same tasks on a Ray cluster: pip install 'impq[ray]')."),
-    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="--executor ray: the cluster (host:port, "
-                                              "ray://host:port, auto); default: a local cluster of this machine."),
+    ray_address: Optional[str] = _ray_address_option(),
     shared_dir: Optional[Path] = typer.Option(None, "--shared-dir", help="Where tasks write their files (every node "
                                               "must read it); default: --out. Runs that share it resume each other."),
     shard_items: Optional[int] = typer.Option(None, "--shard-items", min=1, help="Items per evaluation task "

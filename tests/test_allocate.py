@@ -133,23 +133,41 @@ def test_target_size_counts_the_whole_file(run_cli, models_dir, tmp_path):
 
 
 def test_a_size_budget_can_include_the_mmproj(run_cli, models_dir, tmp_path):
+    """--budget-includes-vision: the vision side's groups are chosen with the decoder's (from the candidates or 16
+    bits, by their sensitivity through images); the pair never exceeds the budget, with room above the uniform
+    Q4_0 pair and with too little for its F16 tower."""
     calib = _calib(tmp_path)
     common = ("--method", "rtn", "--calib", calib, "--nsamples", "4", "--verify-items", "0", "--json")
     status, stdout, err = run_cli("quantize", models_dir / "imp-phi2", "--type", "q4_0", "--out", tmp_path / "u",
                                   *common)
     assert status == 0, err
     files = {p.name.startswith("mmproj-"): p.stat().st_size for p in (tmp_path / "u").glob("*.gguf")}
-    target = files[False] + files[True] + 3000                  # room for a few tensors above Q4_0
-    status, stdout, err = run_cli("quantize", models_dir / "imp-phi2", "--type", "q4_0", "--target-size", str(target),
-                                  "--budget-includes-vision", "--candidate-types", "q4_0,q8_0", "--sensitivity-data",
-                                  default_eval_data(), "--out", tmp_path / "mix", *common)
-    assert status == 0, err
-    allocation = json.loads(stdout)["allocation"]
-    written = sum(p.stat().st_size for p in (tmp_path / "mix").glob("*.gguf"))
-    assert allocation["achieved_file_bytes"] == written and files[False] + files[True] < written <= target
+    for target in (files[False] + files[True] + 3000, files[False] + int(0.7 * files[True])):
+        out = tmp_path / f"mix-{target}"
+        status, stdout, err = run_cli("quantize", models_dir / "imp-phi2", "--type", "q4_0", "--target-size",
+                                      str(target), "--budget-includes-vision", "--candidate-types", "q4_0,q8_0",
+                                      "--sensitivity-data", default_eval_data(), "--out", out, *common)
+        assert status == 0, err
+        allocation = json.loads(stdout)["allocation"]
+        written = sum(p.stat().st_size for p in out.glob("*.gguf"))
+        assert allocation["achieved_file_bytes"] == written <= target and allocation["vision_sensitivity_groups"]
+        mmproj = next(out.glob("mmproj-*.gguf"))
+        quantized = [t for t in gguf.GGUFReader(mmproj).tensors
+                     if t.tensor_type not in (gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.F32)]
+        assert all(t.tensor_type in (gguf.GGMLQuantizationType.Q4_0, gguf.GGMLQuantizationType.Q8_0)
+                   for t in quantized)
+        if target < files[False] + files[True]:
+            assert quantized                                # the F16 tower does not fit: part of it shrank
     status, _, err = run_cli("quantize", models_dir / "imp-phi2", "--budget-includes-vision", "--out",
                              tmp_path / "never")
     assert status == 2 and "--budget-includes-vision goes with --target-size" in err
+    assert not (tmp_path / "never").exists()
+    text = tmp_path / "text.txt"
+    text.write_text("Plain text cannot measure the tower.\n")
+    status, _, err = run_cli("quantize", models_dir / "imp-phi2", "--target-size", str(target),
+                             "--budget-includes-vision", "--sensitivity-data", text, "--calib", calib,
+                             "--out", tmp_path / "never")
+    assert status == 2 and "VQA JSONL" in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "never").exists()
 
 

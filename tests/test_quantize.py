@@ -13,12 +13,12 @@ import torch
 import yaml
 from PIL import Image
 
+from agreement import divergences
 from impq.calib import calibration_embeddings, read_calibration
 from impq.errors import ImpqError
 from impq.export.gguf_file import QType
 from impq.export.gguf_mmproj import write_mmproj_gguf
 from impq.export.gguf_text import _rotary_permute, text_tensors, write_text_gguf
-from impq.measure.divergence import Divergence
 from impq.models.layouts import read_spec
 from impq.models.lmm import LMM
 from impq.quant.driver import quantize_llm
@@ -115,17 +115,7 @@ def test_quantized_gguf_holds_exactly_the_fake_quantized_weights(models_dir, tmp
             expected = _rotary_permute(expected, heads)
         assert torch.equal(read_back, expected), canonical
 
-    vs_fake, vs_original = Divergence(), Divergence()
-    original = LMM(spec)
-    with PairRunner(text, mmproj) as runner:
-        for image_path in default_images()[:2]:
-            image = Image.open(image_path)
-            ref = lmm.generate(image, DEFAULT_PROMPTS[0], 8)
-            run = runner.run(image, DEFAULT_PROMPTS[0], follow=ref.tokens)
-            orig = original.generate(image, DEFAULT_PROMPTS[0], 8)
-            for r, t in zip(ref.logits, run.step_logits):
-                vs_fake.add(r.numpy(), t)
-            vs_original.add(orig.logits[0].numpy(), run.step_logits[0])
+    vs_fake, vs_original = divergences(lmm, LMM(spec), text, mmproj, 8)
     # llama.cpp rounds activations to 8 bits for quantized matmuls: about the error of a Q8_0 export
     assert vs_fake.max_abs_diff < 0.5 and vs_fake.mean_kld < 5e-3
     assert vs_fake.klds[0] < vs_original.klds[0]

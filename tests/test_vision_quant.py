@@ -9,19 +9,17 @@ import json
 import gguf
 import pytest
 import torch
-from PIL import Image
 
+from agreement import divergences
 from impq.calib import calibration_pixels, read_calibration
 from impq.export.gguf_file import QType
 from impq.export.gguf_mmproj import mmproj_tensors, write_mmproj_gguf
 from impq.export.gguf_text import write_text_gguf
-from impq.measure.divergence import Divergence
 from impq.models.layouts import read_spec
 from impq.models.lmm import LMM
 from impq.quant.driver import quantize_vision
 from impq.quant.grids import GRIDS
 from impq.quant.plan import decoder_part, plan_model
-from impq.runtime.llamacpp import PairRunner
 from impq.verify import DEFAULT_PROMPTS, default_images
 
 
@@ -76,17 +74,7 @@ def test_quantized_mmproj_holds_exactly_the_fake_quantized_weights(models_dir, t
 
     if spec.vision.resize != "squash":
         return      # a CLIP tower's crop is not llama.cpp's letterbox: its F16 pair already differs (KLD ~0.1 here)
-    vs_fake, vs_original = Divergence(), Divergence()
-    original = LMM(spec)
-    with PairRunner(text, mmproj) as runner:
-        for image_path in default_images()[:2]:
-            image = Image.open(image_path)
-            ref = lmm.generate(image, DEFAULT_PROMPTS[0], 4)
-            run = runner.run(image, DEFAULT_PROMPTS[0], follow=ref.tokens)
-            orig = original.generate(image, DEFAULT_PROMPTS[0], 4)
-            for r, t in zip(ref.logits, run.step_logits):
-                vs_fake.add(r.numpy(), t)
-            vs_original.add(orig.logits[0].numpy(), run.step_logits[0])
+    vs_fake, vs_original = divergences(lmm, LMM(spec), text, mmproj, 4)
     assert vs_fake.mean_kld < 5e-3
     assert vs_fake.klds[0] < vs_original.klds[0]
 
@@ -154,34 +142,3 @@ def test_a_decoder_pattern_never_reaches_the_tower(models_dir):
     plan = plan_model(lmm.llm, lmm.vision_linears(), GRIDS["q4_0"], None, [(r"v\.blk\.0\.attn_v", GRIDS["q8_0"])],
                       aliases)
     assert [n for n in plan if n not in decoder_part(plan)] == ["vision.vision_model.encoder.layers.0.self_attn.v_proj.weight"]
-
-
-def test_a_budget_that_includes_vision_chooses_its_types_within_its_bytes(run_cli, models_dir, tmp_path):
-    """--budget-includes-vision: the vision side's groups are chosen with the decoder's (from the candidates or 16
-    bits, by their sensitivity through images); the pair never exceeds the budget."""
-    from impq.defaults import default_eval_data
-
-    calib = _calib_file(tmp_path)
-    common = ("--method", "rtn", "--calib", calib, "--nsamples", "4", "--verify-items", "0", "--json")
-    status, _, err = run_cli("quantize", models_dir / "imp-phi2", "--type", "q4_0", "--out", tmp_path / "u", *common)
-    assert status == 0, err
-    files = {p.name.startswith("mmproj-"): p.stat().st_size for p in (tmp_path / "u").glob("*.gguf")}
-    target = files[False] + int(0.7 * files[True])          # the F16 tower does not fit: part of it must shrink
-    status, stdout, err = run_cli("quantize", models_dir / "imp-phi2", "--type", "q4_0", "--target-size", str(target),
-                                  "--budget-includes-vision", "--candidate-types", "q4_0,q8_0", "--sensitivity-data",
-                                  default_eval_data(), "--out", tmp_path / "mix", *common)
-    assert status == 0, err
-    allocation = json.loads(stdout)["allocation"]
-    written = sum(p.stat().st_size for p in (tmp_path / "mix").glob("*.gguf"))
-    assert allocation["achieved_file_bytes"] == written <= target
-    assert allocation["vision_sensitivity_groups"]
-    mmproj = next((tmp_path / "mix").glob("mmproj-*.gguf"))
-    quantized = [t for t in gguf.GGUFReader(mmproj).tensors if t.tensor_type not in (QType.F16, QType.F32)]
-    assert quantized and all(t.tensor_type in (QType.Q4_0, QType.Q8_0) for t in quantized)
-    text = tmp_path / "text.txt"
-    text.write_text("Plain text cannot measure the tower.\n")
-    status, _, err = run_cli("quantize", models_dir / "imp-phi2", "--target-size", str(target),
-                             "--budget-includes-vision", "--sensitivity-data", text, "--calib", calib,
-                             "--out", tmp_path / "never")
-    assert status == 2 and "VQA JSONL" in err and len(err.strip().splitlines()) == 1, err
-    assert not (tmp_path / "never").exists()
