@@ -683,8 +683,10 @@ def sweep_resolution_cmd(
     token_reduction: str = typer.Option("none", "--token-reduction", help="Comma-separated: none, pool2 (2x2 "
                                                                           "pooling; PyTorch-only unless the grid is "
                                                                           "24x24)."),
-    types: str = typer.Option("f16,q4_k", help="Weight types of the LLM, comma-separated: f16 and the GGUF grids "
-                                               "(q8_0 q6_k q5_k q5_0 q5_1 q4_k q4_0 q4_1 q3_k q2_k)."),
+    types: str = typer.Option("f16,q4_k", help="Weight types of the LLM, comma-separated: f16, the GGUF grids "
+                                               "(q8_0 q6_k q5_k q5_0 q5_1 q4_k q4_0 q4_1 q3_k q2_k), and bpwB: a "
+                                               "budgeted mix at B bits per decoder weight (impq quantize "
+                                               "--target-bpw B; its sensitivity measured on --data's last items)."),
     vision_types: str = typer.Option("f16", "--vision-types", help="The mmproj's types, comma-separated: f16, or GGUF "
                                      "grids (the tower and projector calibrated with --method on --calib's images, "
                                      "llama.cpp's width fallbacks applied); each mmproj is written once per type and "

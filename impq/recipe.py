@@ -192,6 +192,12 @@ class Budget(_Checked):
         return f"MIX{self.target_bpw:g}BPW" if self.target_bpw is not None else f"MIX{self.target_size / 1e6:.4g}MB"
 
 
+def mix_bpw(type_name: str) -> float | None:
+    """A type name `bpwB`, a budgeted mix at B bits per decoder weight (a sweep type): B; None for any other."""
+    match = re.fullmatch(r"bpw(\d+(?:\.\d+)?)", type_name.lower())
+    return float(match.group(1)) if match else None
+
+
 @dataclass(frozen=True)
 class GGUFPair(_Checked):
     """A text GGUF (the decoder on `type`, embeddings and output head at `embeddings`) and an mmproj (vision tower

@@ -133,6 +133,7 @@ def test_budget_picks_the_cheaper_point():
     (["--token-reduction", "pool4"], "pool4"),
     (["--flash-attn", "on,sometimes"], "sometimes"),
     (["--vision-types", "f16,q9_9"], "--vision-types q9_9"),
+    (["--types", "q4_0,bpw99"], "target-bpw 99"),
 ])
 def test_bad_grids_are_one_line_errors(run_cli, tmp_path, args, needle):
     status, _, err = run_cli("sweep-resolution", "--out", tmp_path / "out", *args)
@@ -180,3 +181,18 @@ def test_the_towers_precision_is_a_dimension(run_cli, tmp_path):
         assert {r["vision_type"] for r in csv.DictReader(handle)} == {"F16", "Q4_K"}
     recommended = json.loads((out / "sweep.json").read_text())["recommended"]
     assert recommended["vision_type"] in ("F16", "Q4_K") and (out / "recommended").is_dir()
+
+
+def test_a_budgeted_mix_is_a_sweep_type(run_cli, tmp_path):
+    """--types q4_0,bpw5: the mix is quantized once (impq quantize --target-bpw 5, its sensitivity on the data's last
+    items) and measured like any type."""
+    out = tmp_path / "sweep"
+    status, stdout, err = run_cli("sweep-resolution", "--resolutions", "168", "--types", "q4_0,bpw5", "--nsamples",
+                                  "8", "--limit", "6", "--runs", "1", "--out", out, "--json")
+    assert status == 0, err
+    rows = {r["type"]: r for r in json.loads(stdout)["points"]}
+    assert set(rows) == {"Q4_0", "BPW5"}
+    mix = gguf.GGUFReader(out / rows["BPW5"]["text_gguf"])
+    decoder = [t for t in mix.tensors if t.name.startswith("blk.") and len(t.shape) == 2]
+    assert len({t.tensor_type for t in decoder}) > 1                     # a mix, not one type
+    assert rows["BPW5"]["text_gguf_mb"] > rows["Q4_0"]["text_gguf_mb"]    # 5 bits per weight against Q4_0's 4.5

@@ -20,6 +20,7 @@ import gguf
 from ..measure.phone import Efficiency, ModelCost, estimate
 from ..models.layouts import ModelSpec
 from ..models.reduction import VisionReduction
+from ..recipe import mix_bpw
 
 LLAMA_CPP = Efficiency(decode=0.57, prefill=1.83, vision=0.93)    # speed.md's fit, imp-v1-3b Q4_0
 # quantize_full_size.md: GPTQ Q4_K at the Imp-3B dimensions, 8 calibration sequences, 2868 s, against speed.md's
@@ -41,6 +42,8 @@ class Machine:
 
 
 def _bytes_per_weight(type_name: str) -> float:
+    if mix_bpw(type_name) is not None:
+        return mix_bpw(type_name) / 8
     block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[type_name.upper()]]
     return size / block
 

@@ -34,7 +34,7 @@ from ..measure.vqa import VQAItem, read_vqa_jsonl
 from ..models.layouts import ModelSpec, read_spec
 from ..models.reduction import TOKEN_REDUCTIONS, VisionReduction, vision_reduction
 from ..quant.grids import GRIDS
-from ..recipe import Calibration, Method, Recipe, export_recipe
+from ..recipe import Budget, Calibration, Method, Recipe, export_recipe, mix_bpw
 from ..runtime.llamacpp import resolve_flash_attn
 
 SWEEP_TYPES = ("f16", *GRIDS)
@@ -96,7 +96,11 @@ def plan_points(spec: ModelSpec, settings: SweepSettings) -> list[Point]:
     if settings.device_profile not in DEVICES:
         raise ImpqError(None, f"--device-profile {settings.device_profile}: choose one of {', '.join(DEVICES)}")
     flash = list(dict.fromkeys(resolve_flash_attn(f) for f in settings.flash_attn))
-    types = [canonical_type_name(t, SWEEP_TYPES, "--types") for t in settings.types]
+    types = [t.lower() if mix_bpw(t) is not None else canonical_type_name(t, SWEEP_TYPES, "--types")
+             for t in settings.types]
+    for type_name in types:
+        if mix_bpw(type_name) is not None:
+            Budget(target_bpw=mix_bpw(type_name))          # its range, checked before any work
     vision_types = [canonical_type_name(t, SWEEP_TYPES, "--vision-types") for t in settings.vision_types]
     if not vision_types:
         raise ImpqError(None, "--vision-types: give at least one (f16, or a GGUF grid such as q8_0 or q4_k)")
@@ -163,7 +167,7 @@ def run_sweep(model_dir: str | Path, out_dir: str | Path, settings: SweepSetting
     model_digest = spec.digest()
     data_digest = _dataset_digest(Path(data), items)
     calib_digest = calibration_digest(calib)
-    recipes = type_recipes([p.type for p in points] + [p.vision_type for p in points], settings, calib)
+    recipes = type_recipes([p.type for p in points] + [p.vision_type for p in points], settings, calib, Path(data))
     documents = {t: recipe.document(Path(model_dir)) for t, recipe in recipes.items()}
     image = default_images()[0]
     device = DEVICES[settings.device_profile]
@@ -324,13 +328,20 @@ def run_sweep(model_dir: str | Path, out_dir: str | Path, settings: SweepSetting
     return SweepResult(rows, recommended, files, records)
 
 
-def type_recipes(types, settings: SweepSettings, calib: Path) -> dict[str, Recipe]:
-    """Each weight type's recipe: F16 is an export (method none), the others impq quantize's with the sweep's
-    method, calibration and sample count. Every point of a type runs its type's recipe."""
-    return {t: export_recipe("f16", "f16") if t == "f16" else
-            Recipe.from_flags(type=t, bits=GRIDS[t].bits, method=settings.method, calib=str(calib),
-                              nsamples=settings.nsamples)
-            for t in dict.fromkeys(["f16", *types])}
+def type_recipes(types, settings: SweepSettings, calib: Path, data: Path) -> dict[str, Recipe]:
+    """Each weight type's recipe: F16 is an export (method none), a grid impq quantize's with the sweep's method,
+    calibration and sample count, and `bpwB` its budgeted mix at B bits per decoder weight (its sensitivity
+    measured on the last items of the sweep's data, which the points' first items never reach). Every point of a
+    type runs its type's recipe."""
+    def recipe(t: str) -> Recipe:
+        if t == "f16":
+            return export_recipe("f16", "f16")
+        common = {"method": settings.method, "calib": str(calib), "nsamples": settings.nsamples}
+        if mix_bpw(t) is not None:
+            return Recipe.from_flags(target_bpw=mix_bpw(t), sensitivity_data=str(data), **common)
+        return Recipe.from_flags(type=t, bits=GRIDS[t].bits, **common)
+
+    return {t: recipe(t) for t in dict.fromkeys(["f16", *types])}
 
 
 def recommend(rows: list[dict], settings: SweepSettings) -> dict | None:
