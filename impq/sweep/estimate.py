@@ -81,6 +81,18 @@ def quantize_seconds(spec: ModelSpec, nsamples: int, machine: Machine) -> float:
     return flops / (machine.peak_gflops * 1e9 * QUANTIZE)
 
 
+def vision_quantize_seconds(spec: ModelSpec, nsamples: int, machine: Machine) -> float:
+    """The tower's and projector's layer loop on the calibration images, counted as quantize_seconds counts the
+    decoder's (two forward passes, X^T X and GPTQ per matrix)."""
+    cost = model_cost(spec, "f16", VisionReduction(spec.vision.image_size, spec.vision.patch_size))
+    tokens = nsamples * cost.vision_tokens
+    matrices = [spec.shape(n) for n in spec.tensors
+                if (".encoder.layers." in n or n.startswith("projector.")) and len(spec.shape(n)) == 2]
+    flops = 2 * cost.vision_flops() * nsamples + sum(2 * tokens * c * c + 2 * r * c * c + c ** 3
+                                                     for r, c in matrices)
+    return flops / (machine.peak_gflops * 1e9 * QUANTIZE)
+
+
 def item_seconds(cost: ModelCost, machine: Machine, decode_tokens: int) -> float:
     """One image + question through llama.cpp: encoding, prefill, then `decode_tokens` tokens."""
     figures = estimate(cost, machine.bandwidth_gbs, machine.peak_gflops, LLAMA_CPP, PROMPT_TEXT_TOKENS)
@@ -94,9 +106,12 @@ def task_seconds(spec: ModelSpec, kind: str, machine: Machine, type_name: str = 
     native = VisionReduction(spec.vision.image_size, spec.vision.patch_size)
     load = _model_bytes(spec) / LOAD_BYTES_PER_S
     if kind == "quantize":
+        # a budgeted mix adds its sensitivity measurement, not counted
         return TASK_OVERHEAD_S + load + (quantize_seconds(spec, nsamples, machine) if type_name != "f16" else 0.0)
     if kind == "mmproj":
-        return TASK_OVERHEAD_S + load
+        # an F16 mmproj is a copy; a calibrated one quantizes the tower first
+        return TASK_OVERHEAD_S + load + (vision_quantize_seconds(spec, nsamples, machine) if type_name != "f16"
+                                         else 0.0)
     if kind == "reference":
         cost = model_cost(spec, "f16", native)
         per_item = (cost.vision_flops() + cost.prefill_flops(cost.llm_image_tokens + PROMPT_TEXT_TOKENS)) / (

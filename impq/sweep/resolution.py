@@ -232,7 +232,8 @@ def run_sweep(model_dir: str | Path, out_dir: str | Path, settings: SweepSetting
             add(Task(mmproj.name, "mmproj", str(mmproj), write_calibrated_mmproj,
                      {"model_dir": model, "reduction": runnable(point.reduction), "vision_type": point.vision_type,
                       "recipe": recipes[point.vision_type], "document": documents[point.vision_type],
-                      "output": str(mmproj)}, cpus=cpus, accelerated=True))
+                      "output": str(mmproj)}, cpus=cpus, accelerated=True),
+                type_name=point.vision_type, nsamples=settings.nsamples)
         if not (shared / "evals" / f"{evaluation_key(point)}.json").is_file():
             add(Task(reference_path.name, "reference", str(reference_path), reference_logits,
                      {"model_dir": model, "data": str(data), "limit": settings.limit, "output": str(reference_path)},
