@@ -177,6 +177,13 @@ def test_the_towers_precision_is_a_dimension(run_cli, tmp_path):
                  and t.name != "v.patch_embd.weight"}
         quantized = types - {gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.F32}
         assert bool(quantized) == (row["vision_type"] == "Q4_K"), (row["vision_type"], types)
+    # the tower quantized once: the 84 px mmproj holds the 168 px one's bytes but for its position table
+    native, reduced = (gguf.GGUFReader(out / next(r["mmproj_gguf"] for r in rows if r["vision_type"] == "Q4_K" and
+                                                  r["image_size"] == size)) for size in (168, 84))
+    reduced_tensors = {t.name: t for t in reduced.tensors}
+    for tensor in native.tensors:
+        same = reduced_tensors[tensor.name].data.tobytes() == tensor.data.tobytes()
+        assert same != tensor.name.startswith("v.position_embd"), tensor.name
     with open(out / "sweep.csv") as handle:
         assert {r["vision_type"] for r in csv.DictReader(handle)} == {"F16", "Q4_K"}
     recommended = json.loads((out / "sweep.json").read_text())["recommended"]

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Callable
 
 import gguf
+import numpy as np
 import torch
 
 from ..errors import ImpqError
@@ -151,6 +152,24 @@ def write_model_mmproj(lmm, path: Path, qtype: QType, source_digest: str, settin
     source = (lambda name: state[name] if name in state else spec.load(name)) if vision else None
     return write_mmproj_gguf(spec, path, qtype, source_digest, settings, reduction=reduction, quantized=vision,
                              source=source)
+
+
+def write_mmproj_at(spec: ModelSpec, source: Path, path: Path, qtype: QType, reduction: VisionReduction,
+                    source_digest: str, settings: dict) -> Path:
+    """`source` (an mmproj of this model at its native geometry, file type `qtype`, its tower perhaps quantized) at
+    another reduction: every tensor's stored bytes as they are, the position table interpolated from the
+    checkpoint's, the projector under the reduction's names. A tower quantized once serves every resolution."""
+    stored = {t.name: t for t in gguf.GGUFReader(source).tensors}
+    native = {t.canonical: t.name for t in mmproj_tensors(spec, QType.F16)}
+    planned = []
+    for t in mmproj_tensors(spec, qtype, reduction):
+        kept = stored.get(native.get(t.canonical, ""))
+        if kept is None or t.name.startswith("v.position_embd"):
+            planned.append(t)
+            continue
+        planned.append(PlannedTensor(t.name, t.shape, QType(int(kept.tensor_type)), lambda: None,
+                                     lambda k=kept: np.asarray(k.data), t.canonical))
+    return write_gguf(path, MMPROJ_ARCH, _mmproj_metadata(spec, qtype, reduction, source_digest, settings), planned)
 
 
 def mmproj_gguf_bytes(spec: ModelSpec, qtype: QType, source_digest: str, settings: dict,

@@ -153,7 +153,7 @@ def run_sweep(model_dir: str | Path, out_dir: str | Path, settings: SweepSetting
     from .estimate import task_seconds
     from .graph import InProcess, Task, ordered
     from .tasks import (evaluate_shard, merge_shards, reference_logits, time_point, write_calibrated_mmproj,
-                        write_mmproj, write_text)
+                        write_mmproj, write_mmproj_from, write_text)
 
     spec = read_spec(model_dir)
     points = plan_points(spec, settings)
@@ -211,6 +211,7 @@ def run_sweep(model_dir: str | Path, out_dir: str | Path, settings: SweepSetting
     reference_path = shared / "reference" / f"{_digest(model_digest, data_digest, len(items), __version__)}.npy"
     tasks: dict[str, Task] = {}
     work: dict[str, dict] = {}           # what each task works on, for its estimate
+    native = runnable(vision_reduction(spec.vision))
 
     def add(task: Task, **what) -> None:
         tasks.setdefault(task.key, task)
@@ -229,11 +230,18 @@ def run_sweep(model_dir: str | Path, out_dir: str | Path, settings: SweepSetting
                      {"model_dir": model, "reduction": runnable(point.reduction), "document": documents["f16"],
                       "output": str(mmproj)}))
         else:
-            add(Task(mmproj.name, "mmproj", str(mmproj), write_calibrated_mmproj,
-                     {"model_dir": model, "reduction": runnable(point.reduction), "vision_type": point.vision_type,
+            # the tower quantized once per type, at the native geometry; other reductions copy its bytes
+            source = mmproj_gguf(Point(point.type, native, "off", point.vision_type))
+            add(Task(source.name, "mmproj", str(source), write_calibrated_mmproj,
+                     {"model_dir": model, "reduction": native, "vision_type": point.vision_type,
                       "recipe": recipes[point.vision_type], "document": documents[point.vision_type],
-                      "output": str(mmproj)}, cpus=cpus, accelerated=True),
+                      "output": str(source)}, cpus=cpus, accelerated=True),
                 type_name=point.vision_type, nsamples=settings.nsamples)
+            if mmproj != source:
+                add(Task(mmproj.name, "mmproj", str(mmproj), write_mmproj_from,
+                         {"model_dir": model, "source": str(source), "vision_type": point.vision_type,
+                          "reduction": runnable(point.reduction), "document": documents[point.vision_type],
+                          "output": str(mmproj)}, after=(source.name,)))
         if not (shared / "evals" / f"{evaluation_key(point)}.json").is_file():
             add(Task(reference_path.name, "reference", str(reference_path), reference_logits,
                      {"model_dir": model, "data": str(data), "limit": settings.limit, "output": str(reference_path)},

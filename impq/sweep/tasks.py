@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from ..export.gguf_file import QType
-from ..export.gguf_mmproj import write_model_mmproj, write_mmproj_gguf
+from ..export.gguf_mmproj import write_mmproj_at, write_model_mmproj, write_mmproj_gguf
 from ..export.gguf_text import read_text_gguf_weights, write_text_gguf
 from ..fileio import atomic_output
 from ..measure.vqa import evaluate, read_vqa_jsonl
@@ -62,6 +62,15 @@ def write_calibrated_mmproj(model_dir: str, reduction: VisionReduction, vision_t
     write_model_mmproj(lmm, Path(output), QType[vision_type.upper()], spec.digest(),
                        {**document, "vision_reduction": reduction.label, "vision_type": vision_type}, result.tensors,
                        reduction=reduction)
+
+
+def write_mmproj_from(model_dir: str, source: str, vision_type: str, reduction: VisionReduction, document: dict,
+                      output: str, threads: int | None) -> None:
+    """A calibrated tower's mmproj at another reduction, its bytes copied from the native one (`source`)."""
+    spec = read_spec(model_dir)
+    Path(output).parent.mkdir(parents=True, exist_ok=True)
+    write_mmproj_at(spec, Path(source), Path(output), QType[vision_type.upper()], reduction, spec.digest(),
+                    {**document, "vision_reduction": reduction.label, "vision_type": vision_type})
 
 
 def _items(data: str, limit: int | None, start: int = 0, stop: int | None = None):
