@@ -379,11 +379,15 @@ def quantize_cmd(
     embeddings: Optional[str] = typer.Option(None, help="GGUF type of the token embedding and output head: q8_0 "
                                                         "(default), f16, f32."),
     vision: Optional[str] = typer.Option(None, help="GGUF type of the mmproj (vision tower, projector): f16 "
-                                                    "(default), q8_0, f32."),
+                                                    "(default), f32, or a GGUF grid (q8_0 .. q2_k), calibrated with "
+                                                    "--method on the calibration's images, llama.cpp's width "
+                                                    "fallbacks applied."),
     tensor_type: Optional[list[str]] = typer.Option(None, "--tensor-type", help="REGEX=TYPE: a GGUF type for the "
                                                     "decoder tensors whose GGUF name (blk.N.attn_v.weight) or "
-                                                    "canonical name matches, as llama-quantize's --tensor-type; "
-                                                    "repeatable, the last match wins."),
+                                                    "canonical name matches, as llama-quantize's --tensor-type, and "
+                                                    "for the vision tensors it matches from the name's start "
+                                                    "(v.blk.N.attn_q.weight, mm.0.weight); repeatable, the last "
+                                                    "match wins."),
     target_bpw: Optional[float] = typer.Option(None, "--target-bpw", help="GGUF: mix the candidate types per tensor "
                                                "group to minimise the measured KLD within this many bits per "
                                                "decoder weight (real block bytes, fallbacks counted)."),
@@ -391,7 +395,9 @@ def quantize_cmd(
                                               "text GGUF, header and embeddings included (1.6GB, 500MB, 750MiB or "
                                               "bytes)."),
     budget_includes_vision: bool = typer.Option(_BUDGET.includes_vision, "--budget-includes-vision",
-                                                help="--target-size counts the mmproj as well."),
+                                                help="--target-size counts the mmproj as well, and chooses the "
+                                                "vision groups' types with the decoder's (by their sensitivity "
+                                                "through images: --sensitivity-data must be a VQA JSONL)."),
     candidate_types: str = typer.Option(",".join(_BUDGET.candidate_types), "--candidate-types",
                                         help="Types --target-bpw chooses from."),
     sensitivity_data: Optional[Path] = typer.Option(None, "--sensitivity-data", help="A budget's measurement "
