@@ -13,7 +13,7 @@ from .errors import ImpqError
 from .measure.sensitivity import measure_sensitivity, measure_vision_sensitivity, read_measurement, read_sensitivity
 from .quant.allocate import Option, allocate
 from .quant.grids import GRIDS
-from .quant.plan import TensorPlan, decoder_part, plan_llm, plan_model
+from .quant.plan import TensorPlan, decoder_part, plan_llm, plan_model, plan_vision
 
 
 FLOAT = "f16"                         # a vision group's option to stay at 16 bits
@@ -92,8 +92,7 @@ def _vision_choice(lmm, recipe, target, samples) -> VisionChoice:
         raise ImpqError(data, "--budget-includes-vision measures the vision side through images: give "
                               "--sensitivity-data as a VQA JSONL")
     linears = lmm.vision_linears()
-    candidates = {t: {n: e for n, e in plan_model(lmm.llm, linears, GRIDS[t], GRIDS[t]).items()
-                      if n in linears} for t in wanted.candidate_types}
+    candidates = {t: plan_vision(linears, GRIDS[t]) for t in wanted.candidate_types}
     float_bytes = {n: target.tensor_bytes(TensorPlan(None, GRIDS["q8_0"], m.in_features, m.out_features))
                    for n, m in linears.items()}
     return VisionChoice(candidates, float_bytes, images, read_vqa_jsonl(data)[-wanted.sensitivity_prompts:])

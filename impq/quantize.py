@@ -121,14 +121,13 @@ def quantize_model(model_dir: str | Path, out_dir: str | Path, recipe: Recipe, *
         on_status("measuring sensitivity for the budget")
         stages.begin("sensitivity")
         plan, allocation = budgeted_plan(lmm, embeddings, budget, recipe, aliases, target.tensor_bytes)
-    vision_result = None
-    if _vision_part(plan):
+    vision_result, vision_plan = None, _vision_part(plan)
+    if vision_plan:
         # before the decoder, so that the LLM is calibrated on the image features the quantized tower gives
         on_status("quantizing the vision side")
         stages.begin("quantize vision")
         vision_result = quantize_vision(lmm, calibration_pixels(lmm, samples, recipe.calibration.nsamples,
-                                                                recipe.seed), _vision_part(plan), method.name,
-                                        **options)
+                                                                recipe.seed), vision_plan, method.name, **options)
         embeddings = None
     if embeddings is None:
         stages.begin("calibrate")

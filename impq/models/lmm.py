@@ -176,8 +176,7 @@ class LMM(nn.Module):
     def vision_linears(self) -> dict[str, nn.Linear]:
         """The vision tower's encoder-layer linears and the projector's, by canonical name: what a calibrated
         mmproj quantizes."""
-        tower = {f"{VISION_ENCODER}{index}.{name}.weight": module
-                 for index, layer in enumerate(self.vision.encoder.layers)
+        tower = {vision_block_name(index, name): module for index, layer in enumerate(self.vision.encoder.layers)
                  for name, module in layer.named_modules() if isinstance(module, nn.Linear)}
         return {**tower, **{f"projector.{name}.weight": module for name, module in self.projector.named_modules()
                             if isinstance(module, nn.Linear)}}

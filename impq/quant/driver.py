@@ -186,8 +186,8 @@ def quantize_blocks(stack: BlockStack, plan: Plan, method: str, *,
             raise ImpqError(None, f"{stack.block_name(index)}: its calibration inputs are not finite (stage: "
                                   f"quantize, after {'the embeddings' if index == 0 else stack.block_name(index - 1)})")
         linears = {name: m for name, m in layer.named_modules() if isinstance(m, nn.Linear)}
-        grids = {name: plan[stack.tensor_name(index, name)].grid if stack.tensor_name(index, name) in plan else None
-                 for name in linears}
+        planned = {name: plan.get(stack.tensor_name(index, name)) for name in linears}
+        grids = {name: entry.grid if entry is not None else None for name, entry in planned.items()}
         groups = stack.awq_groups(layer) if method == "awq" else []
         # AWQ's scale search also needs each input channel's mean |x| (its errors come from the Hessians); every
         # input is in once the last linear has its own: the last product (Phi-2's fc2 is a third of its block's

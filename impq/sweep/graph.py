@@ -15,6 +15,8 @@ executor wrote it. Executors:
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import os
 import socket
 import sys
@@ -26,6 +28,11 @@ from ..errors import ImpqError
 
 BENCH_RESOURCE = "impq_bench"
 RETRIES = 3
+
+
+def task_key(*parts) -> str:
+    """A short digest of a task's inputs (the digests and settings that key the cache): what names its file."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,6 @@ is each type's text GGUF and each mmproj; a re-run computes only what is missing
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import shutil
 from dataclasses import asdict, dataclass, field
@@ -122,10 +121,6 @@ def plan_points(spec: ModelSpec, settings: SweepSettings) -> list[Point]:
     return points
 
 
-def _digest(*parts) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
 def _dataset_digest(path: Path, items: list[VQAItem]) -> str:
     return sha256_files([path, *sorted({item.image for item in items})])
 
@@ -151,7 +146,7 @@ def run_sweep(model_dir: str | Path, out_dir: str | Path, settings: SweepSetting
     from ..defaults import default_calib_data
     from ..verify import default_images
     from .estimate import task_seconds
-    from .graph import InProcess, Task, ordered
+    from .graph import InProcess, Task, ordered, task_key
     from .tasks import (evaluate_shard, merge_shards, reference_logits, time_point, write_calibrated_mmproj,
                         write_mmproj, write_mmproj_from, write_text)
 
@@ -175,7 +170,7 @@ def run_sweep(model_dir: str | Path, out_dir: str | Path, settings: SweepSetting
 
     def text_gguf(type_name: str) -> Path:
         """The type's text GGUF, quantized once and reused at every resolution."""
-        key = _digest(model_digest, type_name, settings.method, calib_digest, settings.nsamples, __version__)
+        key = task_key(model_digest, type_name, settings.method, calib_digest, settings.nsamples, __version__)
         return shared / "llm" / f"{spec.name}-{type_name.upper()}-{key}.gguf"
 
     def runnable(reduction: VisionReduction) -> VisionReduction:
@@ -186,17 +181,17 @@ def run_sweep(model_dir: str | Path, out_dir: str | Path, settings: SweepSetting
         """The point's mmproj, written once per vision type and reduction and reused by every weight type."""
         label = runnable(point.reduction).label
         if point.vision_type == "f16":
-            return shared / "mmproj" / f"mmproj-{spec.name}-F16-{label}-{_digest(model_digest, label, __version__)}.gguf"
-        key = _digest(model_digest, label, point.vision_type, settings.method, calib_digest, settings.nsamples,
+            return shared / "mmproj" / f"mmproj-{spec.name}-F16-{label}-{task_key(model_digest, label, __version__)}.gguf"
+        key = task_key(model_digest, label, point.vision_type, settings.method, calib_digest, settings.nsamples,
                       __version__)
         return shared / "mmproj" / f"mmproj-{spec.name}-{point.vision_type.upper()}-{label}-{key}.gguf"
 
     def evaluation_key(point: Point) -> str:
-        return _digest(model_digest, data_digest, calib_digest, point.type, point.reduction.label, settings.method,
+        return task_key(model_digest, data_digest, calib_digest, point.type, point.reduction.label, settings.method,
                        settings.nsamples, len(items), __version__, *point.tower_key)
 
     def point_key(point: Point) -> str:
-        return _digest(model_digest, data_digest, calib_digest, point.type, point.reduction.label, settings.method,
+        return task_key(model_digest, data_digest, calib_digest, point.type, point.reduction.label, settings.method,
                        settings.nsamples, settings.runs, settings.decode_tokens, settings.threads, settings.gpu_layers,
                        point.flash_attn,
                        settings.device_profile, asdict(PHONE_FIT.efficiency), PHONE_FIT.band, len(items), __version__,
@@ -208,7 +203,7 @@ def run_sweep(model_dir: str | Path, out_dir: str | Path, settings: SweepSetting
     def shard_path(point: Point, start: int, stop: int) -> Path:
         return shared / "evals" / f"{evaluation_key(point)}.items-{start}-{stop}.json"
 
-    reference_path = shared / "reference" / f"{_digest(model_digest, data_digest, len(items), __version__)}.npy"
+    reference_path = shared / "reference" / f"{task_key(model_digest, data_digest, len(items), __version__)}.npy"
     tasks: dict[str, Task] = {}
     work: dict[str, dict] = {}           # what each task works on, for its estimate
     native = runnable(vision_reduction(spec.vision))

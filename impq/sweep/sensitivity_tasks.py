@@ -13,7 +13,6 @@ the same sensitivity.json (with one thread a task on both: GPTQ's sums depend on
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +29,7 @@ from ..models.layouts import read_spec
 from ..models.lmm import LMM, decoder_name
 from ..quant.grids import GRIDS
 from ..quant.plan import plan_llm
-from .graph import Task
+from .graph import Task, task_key
 
 
 @dataclass(frozen=True)
@@ -104,10 +103,6 @@ def write_figures(inputs: SensitivityInputs, statistics: str, reference: str, la
         tmp.write_text(json.dumps({"output_error": error, "kld": kld}) + "\n")
 
 
-def _digest(*parts) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
 def measure_sensitivity_tasks(executor, inputs: SensitivityInputs, types: list[str], method: str,
                               layers: list[int] | None, shared: Path, threads: int | None,
                               reference_type: str | None = None,
@@ -118,9 +113,9 @@ def measure_sensitivity_tasks(executor, inputs: SensitivityInputs, types: list[s
     chosen = list(range(len(lmm.llm.model.layers))) if layers is None else sorted(layers)
     cpus = threads or 1
     model_digest = spec.digest()
-    statistics_key = _digest(model_digest, calibration_digest(inputs.calib), inputs.nsamples, inputs.seqlen, chosen,
+    statistics_key = task_key(model_digest, calibration_digest(inputs.calib), inputs.nsamples, inputs.seqlen, chosen,
                              __version__)
-    reference_key = _digest(model_digest, sha256_files([Path(inputs.data)]), inputs.limit, inputs.seqlen, chosen,
+    reference_key = task_key(model_digest, sha256_files([Path(inputs.data)]), inputs.limit, inputs.seqlen, chosen,
                             __version__)
     statistics = shared / "sensitivity" / f"statistics-{statistics_key}.json"
     reference = shared / "sensitivity" / f"reference-{reference_key}.pt"
@@ -141,7 +136,7 @@ def measure_sensitivity_tasks(executor, inputs: SensitivityInputs, types: list[s
             for c in candidates:
                 if c.same_as != c.type_name:
                     continue
-                key = _digest(statistics_key, reference_key, index, group, c.type_name, c.measured, method)
+                key = task_key(statistics_key, reference_key, index, group, c.type_name, c.measured, method)
                 path = shared / "sensitivity" / "figures" / f"{key}.json"
                 outputs[c.type_name] = path
                 tasks.append(Task(path.name, "figures", str(path), write_figures,
