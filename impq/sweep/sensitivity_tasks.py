@@ -22,7 +22,7 @@ import torch
 
 from .. import __version__
 from ..calib import calibration_digest, calibration_embeddings, read_calibration
-from ..fileio import atomic_output, sha256_files
+from ..fileio import atomic_output
 from ..measure.sensitivity import (Candidate, GroupSensitivity, Reference, assemble_group, group_candidates,
                                    group_figures, layer_statistics, read_measurement)
 from ..models.layouts import read_spec
@@ -115,8 +115,9 @@ def measure_sensitivity_tasks(executor, inputs: SensitivityInputs, types: list[s
     model_digest = spec.digest()
     statistics_key = task_key(model_digest, calibration_digest(inputs.calib), inputs.nsamples, inputs.seqlen, chosen,
                              __version__)
-    reference_key = task_key(model_digest, sha256_files([Path(inputs.data)]), inputs.limit, inputs.seqlen, chosen,
-                            __version__)
+    # the measurement data as the calibration's is keyed: its file and every image it names
+    reference_key = task_key(model_digest, calibration_digest(inputs.data), inputs.limit, inputs.seqlen, chosen,
+                             __version__)
     statistics = shared / "sensitivity" / f"statistics-{statistics_key}.json"
     reference = shared / "sensitivity" / f"reference-{reference_key}.pt"
     arguments = {"inputs": inputs, "layers": chosen}
