@@ -5,8 +5,13 @@ it is the mean square of each linear layer's inputs over the calibration samples
 from __future__ import annotations
 
 import ctypes
+import os
+import subprocess
+import time
+from collections import Counter
 from pathlib import Path
 
+import gguf
 import llama_cpp
 import numpy as np
 import torch
@@ -82,3 +87,19 @@ def llamacpp_quantize(source: Path, target: Path, ftype: str, imatrix: dict[str,
         if status != 0:
             raise ImpqError(source, f"llama.cpp's quantizer failed (status {status})")
     return target
+
+
+def llamacpp_quantize_mmproj(bin_dir: Path, f16: Path, out: Path, type_name: str) -> dict:
+    """llama.cpp's `llama-quantize` tool on an F16 mmproj (its library call takes text models only)."""
+    start = time.perf_counter()
+    done = subprocess.run([str(bin_dir / "llama-quantize"), str(f16), str(out), type_name.upper()],
+                          capture_output=True, text=True, env={**os.environ, "LD_LIBRARY_PATH": str(bin_dir)})
+    if done.returncode != 0:
+        raise SystemExit(f"bench: llama-quantize {type_name}: {done.stderr[-2000:]}")
+    return {"quantize_s": time.perf_counter() - start}
+
+
+def mmproj_matrix_types(path: Path) -> dict:
+    """How many of an mmproj's matrices (the patch convolution aside) each tensor type holds."""
+    return dict(Counter(gguf.GGMLQuantizationType(t.tensor_type).name for t in gguf.GGUFReader(path).tensors
+                        if len(t.shape) == 2 and t.name != "v.patch_embd.weight"))

@@ -16,13 +16,12 @@ import argparse
 import hashlib
 import json
 import os
-import subprocess
 import sys
 import time
-from collections import Counter
 from pathlib import Path
 
-import gguf
+
+from llamacpp_baseline import llamacpp_quantize_mmproj, mmproj_matrix_types
 
 from impq.calib import read_calibration
 from impq.defaults import default_calib_data, default_eval_data, default_model_dir
@@ -57,11 +56,6 @@ class StoredReference:
         return self.seen[key]
 
 
-def _types(path: Path) -> dict:
-    return dict(Counter(gguf.GGMLQuantizationType(t.tensor_type).name for t in gguf.GGUFReader(path).tensors
-                        if len(t.shape) == 2 and t.name != "v.patch_embd.weight"))
-
-
 def impq_mmproj(model_dir: Path, out: Path, type_name: str, method: str, nsamples: int) -> dict:
     spec = read_spec(model_dir)
     lmm = LMM(spec)
@@ -75,22 +69,13 @@ def impq_mmproj(model_dir: Path, out: Path, type_name: str, method: str, nsample
     return {"quantize_s": seconds, "fallbacks": sorted({e.fallback for e in plan.values() if e.fallback})}
 
 
-def llamacpp_mmproj(bin_dir: Path, f16: Path, out: Path, type_name: str) -> dict:
-    start = time.perf_counter()
-    done = subprocess.run([str(bin_dir / "llama-quantize"), str(f16), str(out), type_name.upper()],
-                          capture_output=True, text=True, env={**os.environ, "LD_LIBRARY_PATH": str(bin_dir)})
-    if done.returncode != 0:
-        raise SystemExit(f"bench: llama-quantize {type_name}: {done.stderr[-2000:]}")
-    return {"quantize_s": time.perf_counter() - start}
-
-
 def measure(text: Path, mmproj: Path, items, reference, runs: int) -> dict:
     with GGUFAnswerer(text, mmproj, n_threads=2) as answerer:
         report = evaluate(answerer, items, model=mmproj.name, dataset="shapes eval", reference=reference)
     figures = bench_pair(text, mmproj, default_images()[0], runs=runs, warmup=1, decode_tokens=4, n_threads=2)
     return {"accuracy": report.accuracy, "answer_kld": report.mean_kld, "top1_agreement": report.top1_agreement,
             "mmproj_bytes": mmproj.stat().st_size, "image_encode_s": figures["image_encode_s"]["median"],
-            "tensor_types": _types(mmproj)}
+            "tensor_types": mmproj_matrix_types(mmproj)}
 
 
 def write_results(record: dict) -> None:
@@ -176,7 +161,7 @@ def main() -> None:
     for type_name in TYPES:
         out = args.work / f"mmproj-llamacpp-{type_name}.gguf"
         row(f"llama.cpp {type_name}", type_name, "llama.cpp", out,
-            lambda: llamacpp_mmproj(args.llama_cpp_bin, pair.mmproj_path, out, type_name))
+            lambda: llamacpp_quantize_mmproj(args.llama_cpp_bin, pair.mmproj_path, out, type_name))
         for method in METHODS:
             out = args.work / f"mmproj-impq-{method}-{type_name}.gguf"
             row(f"impq {method} {type_name}", type_name, f"impq {method}", out,

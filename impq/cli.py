@@ -335,7 +335,7 @@ def estimate_cmd(
     """Roofline estimate of decode and prompt speed, image encode time and time to first token on phone profiles,
     fitted on published llama.cpp phone measurements, each with its leave-one-out range."""
     from .measure.phone import DEVICES, IMP_V1_5_3B_196, ModelCost
-    from .measure.phone_fit import PHONE_FIT, PUBLISHED, format_range
+    from .measure.phone_fit import PHONE_FIT, PUBLISHED, format_range, vision_kernels
     from .runtime.gguf_pair import resolve_pair
 
     names = device or list(DEVICES)
@@ -353,8 +353,9 @@ def estimate_cmd(
     for name, row in rows.items():
         table.add_row(DEVICES[name].name, *(format_range(row[k], 1) for k in figures))
     table.caption = ("llama.cpp on the CPU; ranges: leave-one-out error of the fit on published phone measurements "
-                     "(bench/results/phone_fit.md)")
-    _emit(as_json, {"estimates": rows, "band": PHONE_FIT.band, "published": PUBLISHED}, table)
+                     f"(bench/results/phone_fit.md); image encode: {vision_kernels(cost)}")
+    _emit(as_json, {"estimates": rows, "band": PHONE_FIT.band, "vision_kernels": vision_kernels(cost),
+                    "published": PUBLISHED}, table)
 
 
 @app.command("quantize")

@@ -20,7 +20,7 @@ from .errors import ImpqError
 from .fileio import atomic_output
 from .recipe import sha256_file
 from .measure.phone import DEVICES, ModelCost
-from .measure.phone_fit import PHONE_FIT
+from .measure.phone_fit import PHONE_FIT, vision_kernels
 from .runtime.gguf_pair import read_gguf_header, resolve_pair
 
 PROMPT_TEXT_TOKENS = 40
@@ -112,7 +112,7 @@ def package(source: Path, out: Path, device_profile: str = "snapdragon-8-gen-3",
               "image_size": image_size, "image_tokens": cost.llm_image_tokens,
               "image_resize": header.fields.get("impq.image_resize", "squash"), "threads": threads,
               "context": context, "flash_attn": chosen.flash_attn, "device_profile": device.name,
-              "phone_estimate": estimate, "band": PHONE_FIT.band,
+              "phone_estimate": estimate, "band": PHONE_FIT.band, "vision_kernels": vision_kernels(cost),
               "sha256": {p.name: sha256_file(p) for p in (chosen.text, chosen.mmproj)},
               "bytes": {p.name: p.stat().st_size for p in (chosen.text, chosen.mmproj)},
               "accuracy": chosen.accuracy, "original_accuracy": chosen.original_accuracy}
@@ -184,6 +184,8 @@ range (impq's `bench/results/phone_fit.md`); not a measurement on a phone.
 | time to first token, s | {_range(estimate['ttft_s'])} |
 | prompt, tokens/s | {_range(estimate['prefill_tokens_per_s'])} |
 | decode, tokens/s | {_range(estimate['decode_tokens_per_s'])} |
+
+Image encoding follows the mmproj's tensor types: {bundle['vision_kernels']}.
 
 The recipe that made these files is in recipe.yaml (also in the text GGUF's `impq.settings`).
 """

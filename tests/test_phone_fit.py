@@ -10,8 +10,8 @@ import pytest
 
 from impq.defaults import default_model_dir
 from impq.recipe import export_with_recipe
-from impq.measure.phone import DEVICES, Efficiency, ModelCost, estimate
-from impq.measure.phone_fit import KINDS, PHONE_FIT, REFERENCES, Reference, decoder_cost, fit_phones
+from impq.measure.phone import DEVICES, Efficiency, KernelRates, ModelCost, estimate
+from impq.measure.phone_fit import KERNEL_RATES, KINDS, PHONE_FIT, REFERENCES, Reference, decoder_cost, fit_phones
 from impq.models.layouts import read_spec
 
 
@@ -76,7 +76,10 @@ def test_the_shipped_fit_covers_six_device_model_points_with_sources():
     points = {(r.device, r.model) for r in REFERENCES}
     assert len(points) >= 6
     assert sum(r.decode_tokens_per_s is not None for r in REFERENCES) >= 6
-    assert sum(r.prompt_tokens_per_s is not None for r in REFERENCES) >= 6
+    # PocketPal's Q4_0 and Q4_K_M prompt figures set the kernel rates, so only its Q8_0 one is a prompt reference
+    assert sum(r.prompt_tokens_per_s is not None for r in REFERENCES) >= 4
+    images = [r for r in REFERENCES if r.image_encode_s is not None]
+    assert len(images) >= 4 and any(r.cost.vision_hidden == 1152 for r in images)     # a SigLIP tower among them
     assert all("https://" in r.source for r in REFERENCES)
     assert all(r.device in DEVICES for r in REFERENCES)
     for kind in KINDS:
@@ -114,3 +117,42 @@ def test_default_estimate_is_the_committed_imp_v1_5_3b_196_figure(run_cli):
     got = json.loads(out)["estimates"]["snapdragon-8-gen-3"]
     for figure, expected in committed["imp_v1_5_3b_estimates"]["196"].items():
         assert got[figure] == pytest.approx(expected), figure
+
+
+def _tower(by_type: dict, weight_bytes: float = 0.0) -> ModelCost:
+    return ModelCost(1e9, 1e9, 24, 2048, sum(by_type.values()), 26, 1152, 729,
+                     vision_matmul_by_type=tuple(by_type.items()), vision_weight_bytes=weight_bytes)
+
+
+def test_the_encode_estimate_follows_the_towers_tensor_types():
+    eff, rates = Efficiency(0.3, 0.4, 0.1), KernelRates({"Q8_0": 1.0, "Q4_K": 0.5}, unmeasured=0.25, source="test")
+    f16, q8, q4k, q5 = (_tower({t: 4e8}) for t in ("F16", "Q8_0", "Q4_K", "Q5_0"))
+    attention = 2 * 2 * 26 * 1152 * 729 ** 2 / 0.1
+    seconds = {name: cost.vision_s(100.0, eff, rates) * 100e9 - attention
+               for name, cost in {"f16": f16, "q8": q8, "q4k": q4k, "q5": q5}.items()}
+    matmul = 2 * 4e8 * 729
+    assert seconds["f16"] == pytest.approx(matmul / 0.1)          # float matrices: the image efficiency
+    assert seconds["q8"] == pytest.approx(matmul / 0.4)           # Q8_0: the prompt efficiency itself
+    assert seconds["q4k"] == pytest.approx(matmul / (0.4 * 0.5))
+    assert seconds["q5"] == pytest.approx(matmul / (0.4 * 0.25))  # unmeasured: the stated fallback rate
+    mixed = _tower({"Q8_0": 3e8, "F16": 1e8})                     # fallbacks stay F16 and are costed as F16
+    assert mixed.vision_s(100.0, eff, rates) * 100e9 - attention == pytest.approx(2 * 729 * (3e8 / 0.4 + 1e8 / 0.1))
+    # the weights are read at least once per image: a tower whose bytes dominate is bandwidth-bound
+    heavy = _tower({"Q8_0": 4e8}, weight_bytes=1e12)
+    assert heavy.vision_s(100.0, eff, rates, bandwidth_gbs=50.0) == pytest.approx(1e12 / (50e9 * 0.3))
+
+
+def test_a_quantized_mmproj_is_estimated_from_its_files_types(tmp_path):
+    from impq.recipe import export_with_recipe as export
+
+    spec = read_spec(default_model_dir())
+    pairs = {t: export(spec, tmp_path / t, t, t) for t in ("f16", "q8_0")}
+    costs = {t: ModelCost.from_gguf_pair(p.text_path, p.mmproj_path) for t, p in pairs.items()}
+    assert dict(costs["f16"].vision_matmul_by_type).keys() == {"F16"}
+    assert "Q8_0" in dict(costs["q8_0"].vision_matmul_by_type)
+    assert costs["q8_0"].vision_weight_bytes < costs["f16"].vision_weight_bytes
+    device = DEVICES["snapdragon-8-gen-3"]
+    encode = {t: PHONE_FIT.estimate(c, device, 40)["image_encode_s"]["value"] for t, c in costs.items()}
+    # the fit's quantized kernels are faster than its float ones: a Q8_0 tower encodes sooner
+    assert PHONE_FIT.efficiency.prefill * KERNEL_RATES.rate("Q8_0") > PHONE_FIT.efficiency.vision
+    assert encode["q8_0"] < encode["f16"]

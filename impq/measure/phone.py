@@ -1,8 +1,13 @@
 """A roofline estimate of speed: decode is bound by the bytes of weights read per token over memory bandwidth;
-prefill and image encoding by matrix-multiply work over compute. Efficiency factors (achieved / peak) come from
-measurements: for this machine, `fit_efficiency` on an `impq bench` result and the machine's measured bandwidth
-and compute (bench/run_speed.py); for phones, `phone_fit.PHONE_FIT` on published llama.cpp measurements on
-phones, with a leave-one-out error band. x86 factors are never carried to a phone.
+prefill and image encoding by matrix-multiply work over compute (image encoding also by the tower's weight bytes
+over bandwidth, whichever is slower). Efficiency factors (achieved / peak) come from measurements: for this
+machine, `fit_efficiency` on an `impq bench` result and the machine's measured bandwidth and compute
+(bench/run_speed.py); for phones, `phone_fit.PHONE_FIT` on published llama.cpp measurements on phones, with a
+leave-one-out error band. x86 factors are never carried to a phone.
+
+On a phone the matrices of each weight type run llama.cpp's kernels for that type (`KernelRates`): float
+matrices at the efficiency measured on F16 image encoders, quantized ones at the prompt efficiency scaled by the
+type's measured rate. So the estimate of an mmproj follows its tensor types, fallbacks included.
 
 Device figures (DEVICES, each with its source): peak memory bandwidth = transfer rate x bus width; peak FP32
 compute = sum over the cores used of clock x FLOP per cycle (FMA lanes x 2), from the cores' public
@@ -13,6 +18,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -77,6 +83,9 @@ DEVICES = {
 }
 
 
+FLOAT_TYPES = frozenset({"F32", "F16", "BF16"})
+
+
 @dataclass(frozen=True)
 class ModelCost:
     """What a decode step reads and what prefill / image encoding multiply, per token or patch."""
@@ -89,6 +98,10 @@ class ModelCost:
     vision_hidden: int
     vision_tokens: int                 # patches the tower encodes
     pooled: bool = False               # the projector pools 2x2: the LLM prefills a quarter of the patches
+    # the same matrix parameters split by GGML type name (empty: not known, every matrix at its kind's efficiency)
+    text_matmul_by_type: tuple[tuple[str, float], ...] = ()
+    vision_matmul_by_type: tuple[tuple[str, float], ...] = ()
+    vision_weight_bytes: float = 0.0   # the tower's and projector's matrices, read at least once per image
 
     @property
     def llm_image_tokens(self) -> int:
@@ -97,13 +110,44 @@ class ModelCost:
     def decode_s(self, device_bandwidth_gbs: float, efficiency: float) -> float:
         return self.text_bytes_per_token / (device_bandwidth_gbs * 1e9 * efficiency)
 
+    def _text_attention_flops(self, n_tokens: int) -> float:
+        # attention scores and values over the causal prefix (2 matmuls, n/2 keys on average)
+        return 2 * 2 * self.text_layers * self.text_hidden * n_tokens ** 2 / 2
+
+    def _vision_attention_flops(self) -> float:
+        return 2 * 2 * self.vision_layers * self.vision_hidden * self.vision_tokens ** 2
+
     def prefill_flops(self, n_tokens: int) -> float:
-        # matrices, plus attention scores and values over the causal prefix (2 matmuls, n/2 keys on average)
-        return 2 * self.text_matmul_params * n_tokens + 2 * 2 * self.text_layers * self.text_hidden * n_tokens ** 2 / 2
+        return 2 * self.text_matmul_params * n_tokens + self._text_attention_flops(n_tokens)
 
     def vision_flops(self) -> float:
-        n = self.vision_tokens
-        return 2 * self.vision_matmul_params * n + 2 * 2 * self.vision_layers * self.vision_hidden * n * n
+        return 2 * self.vision_matmul_params * self.vision_tokens + self._vision_attention_flops()
+
+    def prefill_work(self, n_tokens: int, rates: "KernelRates") -> float:
+        """Prefill FLOPs with each quantized type's matrices weighted by 1 / its kernel rate: FLOPs at the rate
+        the prompt efficiency is stated in. The phone fit's prompt references are all quantized."""
+        by_type = self.text_matmul_by_type or (("Q8_0", self.text_matmul_params),)   # untyped: at the stated rate
+        return sum(2 * p * n_tokens / rates.rate(t) for t, p in by_type) + self._text_attention_flops(n_tokens)
+
+    def prefill_s(self, n_tokens: int, peak_gflops: float, eff: "Efficiency",
+                  rates: "KernelRates | None" = None) -> float:
+        if rates is None or not self.text_matmul_by_type:
+            return self.prefill_flops(n_tokens) / (peak_gflops * 1e9 * eff.prefill)
+        matmul = sum(2 * p * n_tokens / rates.efficiency(t, eff) for t, p in self.text_matmul_by_type)
+        return (matmul + self._text_attention_flops(n_tokens) / eff.prefill) / (peak_gflops * 1e9)
+
+    def vision_s(self, peak_gflops: float, eff: "Efficiency", rates: "KernelRates | None" = None,
+                 bandwidth_gbs: float | None = None) -> float:
+        """Image encoding: the tower's matrices at their types' kernels, its attention at the image efficiency;
+        with a bandwidth, no faster than reading the tower's weights once at the decode efficiency."""
+        if rates is None or not self.vision_matmul_by_type:
+            compute = self.vision_flops() / (peak_gflops * 1e9 * eff.vision)
+        else:
+            matmul = sum(2 * p * self.vision_tokens / rates.efficiency(t, eff) for t, p in self.vision_matmul_by_type)
+            compute = (matmul + self._vision_attention_flops() / eff.vision) / (peak_gflops * 1e9)
+        if bandwidth_gbs is None:
+            return compute
+        return max(compute, self.vision_weight_bytes / (bandwidth_gbs * 1e9 * eff.decode))
 
     @classmethod
     def from_gguf_pair(cls, text_path: Path, mmproj_path: Path) -> "ModelCost":
@@ -111,33 +155,62 @@ class ModelCost:
         text = gguf.GGUFReader(text_path)
         layers = int(text.fields[f"{arch}.block_count"].contents())
         hidden = int(text.fields[f"{arch}.embedding_length"].contents())
-        bytes_per_token, params = 0.0, 0.0
+        bytes_per_token, text_types = 0.0, {}
+        tied = not any(x.name == "output.weight" for x in text.tensors)
         for t in text.tensors:
             if t.name == "token_embd.weight":
                 bytes_per_token += t.n_bytes / int(t.shape[-1])
-                if not any(x.name == "output.weight" for x in text.tensors):
+                if tied:
                     bytes_per_token += t.n_bytes        # tied output head reads the whole matrix
-                    params += int(t.n_elements)
+                    _add(text_types, t)
                 continue
             bytes_per_token += t.n_bytes
             if len(t.shape) == 2:
-                params += int(t.n_elements)
+                _add(text_types, t)
         mmproj = gguf.GGUFReader(mmproj_path)
         v_layers = int(mmproj.fields["clip.vision.block_count"].contents())
         v_hidden = int(mmproj.fields["clip.vision.embedding_length"].contents())
         size = int(mmproj.fields["clip.vision.image_size"].contents())
         patch = int(mmproj.fields["clip.vision.patch_size"].contents())
-        v_params = sum(int(t.n_elements) for t in mmproj.tensors
-                       if len(t.shape) == 2 and (t.name.startswith("v.blk.") or t.name.startswith("mm.")))
+        vision_types, vision_bytes = {}, 0.0
+        for t in mmproj.tensors:
+            if len(t.shape) == 2 and (t.name.startswith("v.blk.") or t.name.startswith("mm.")):
+                _add(vision_types, t)
+                vision_bytes += t.n_bytes
         pooled = mmproj.fields["clip.projector_type"].contents() == "ldpv2"
-        return cls(bytes_per_token, params, layers, hidden, v_params, v_layers, v_hidden, (size // patch) ** 2, pooled)
+        return cls(bytes_per_token, sum(text_types.values()), layers, hidden, sum(vision_types.values()), v_layers,
+                   v_hidden, (size // patch) ** 2, pooled, _by_type(text_types), _by_type(vision_types), vision_bytes)
+
+
+def _add(by_type: dict, tensor) -> None:
+    by_type[tensor.tensor_type.name] = by_type.get(tensor.tensor_type.name, 0) + int(tensor.n_elements)
+
+
+def _by_type(by_type: dict) -> tuple[tuple[str, float], ...]:
+    return tuple(sorted((name, float(params)) for name, params in by_type.items()))
 
 
 @dataclass(frozen=True)
 class Efficiency:
     decode: float          # achieved / peak memory bandwidth while decoding
-    prefill: float         # achieved / peak compute in the LLM's prefill
-    vision: float          # achieved / peak compute in the image encoder
+    prefill: float         # achieved / peak compute in the LLM's prefill (with KernelRates: of a Q8_0 matrix)
+    vision: float          # achieved / peak compute in the image encoder (with KernelRates: of a float matrix)
+
+
+@dataclass(frozen=True)
+class KernelRates:
+    """How fast llama.cpp's matrix kernels run each weight type on one kind of CPU, relative to Q8_0's. A float
+    matrix (F16, BF16, F32) runs at the image efficiency, the only float-kernel measurement the phone references
+    hold; a quantized type at the prompt efficiency times its rate; a type without a measurement at `unmeasured`."""
+    quantized: Mapping[str, float]
+    unmeasured: float
+    source: str
+
+    def rate(self, type_name: str) -> float:
+        return self.quantized.get(type_name, self.unmeasured)
+
+    def efficiency(self, type_name: str, eff: Efficiency) -> float:
+        return eff.vision if type_name in FLOAT_TYPES else eff.prefill * self.rate(type_name)
 
 
 @dataclass(frozen=True)
@@ -159,10 +232,10 @@ IMP_V1_5_3B_196 = ModelCost(text_bytes_per_token=1558674080.0, text_matmul_param
 
 
 def estimate(cost: ModelCost, bandwidth_gbs: float, peak_gflops: float, eff: Efficiency,
-             prompt_text_tokens: int) -> Estimate:
+             prompt_text_tokens: int, rates: KernelRates | None = None) -> Estimate:
     n_prompt = prompt_text_tokens + cost.llm_image_tokens
-    prefill_s = cost.prefill_flops(n_prompt) / (peak_gflops * 1e9 * eff.prefill)
-    encode_s = cost.vision_flops() / (peak_gflops * 1e9 * eff.vision)
+    prefill_s = cost.prefill_s(n_prompt, peak_gflops, eff, rates)
+    encode_s = cost.vision_s(peak_gflops, eff, rates, bandwidth_gbs if rates is not None else None)
     return Estimate(1.0 / cost.decode_s(bandwidth_gbs, eff.decode), n_prompt / prefill_s, encode_s,
                     encode_s + prefill_s)
 

@@ -18,8 +18,7 @@ from dataclasses import asdict, dataclass
 
 import gguf
 
-from .phone import DEVICES, Device, Efficiency, Estimate, ModelCost, estimate
-
+from .phone import DEVICES, Device, Efficiency, Estimate, KernelRates, ModelCost, estimate
 
 
 def _bits(qtype: gguf.GGMLQuantizationType) -> float:
@@ -43,17 +42,19 @@ def decoder_cost(layers: int, hidden: int, ffn: int, kv_dim: int, vocab: int, ti
     attn_qko, attn_v = hidden * (2 * hidden + kv_dim), hidden * kv_dim
     ffn_gate_up, ffn_down = 2 * hidden * ffn, hidden * ffn
     head = vocab * hidden
-    bits = {"q4_0": Q4_0, "q4_k_m": Q4_K, "q8_0": Q8_0}[ftype]
-    head_bits = Q8_0 if ftype == "q8_0" else Q6_K
-    matrix_bits = 0.0
+    matrix_type = {"q4_0": "Q4_0", "q4_k_m": "Q4_K", "q8_0": "Q8_0"}[ftype]
+    params = {matrix_type: 0.0, "Q6_K": 0.0}
+    params["Q8_0" if ftype == "q8_0" else "Q6_K"] += head
     for i in range(layers):
         more = ftype == "q4_k_m" and _use_more_bits(i, layers)
-        matrix_bits += (attn_qko + ffn_gate_up) * bits + (attn_v + ffn_down) * (Q6_K if more else bits)
-    embedding_row = 0.0 if tied else hidden * bits      # untied: decoding reads one row of the embedding
-    matmul = layers * (attn_qko + attn_v + ffn_gate_up + ffn_down) + head
-    return ModelCost(text_bytes_per_token=(matrix_bits + head * head_bits + embedding_row) / 8,
-                     text_matmul_params=matmul, text_layers=layers, text_hidden=hidden,
-                     vision_matmul_params=0, vision_layers=0, vision_hidden=0, vision_tokens=0)
+        params[matrix_type] += attn_qko + ffn_gate_up
+        params["Q6_K" if more else matrix_type] += attn_v + ffn_down
+    bits = {"Q4_0": Q4_0, "Q4_K": Q4_K, "Q6_K": Q6_K, "Q8_0": Q8_0}
+    embedding_row = 0.0 if tied else hidden * bits[matrix_type]     # untied: decoding reads one row of the embedding
+    return ModelCost(text_bytes_per_token=(sum(p * bits[t] for t, p in params.items()) + embedding_row) / 8,
+                     text_matmul_params=sum(params.values()), text_layers=layers, text_hidden=hidden,
+                     vision_matmul_params=0, vision_layers=0, vision_hidden=0, vision_tokens=0,
+                     text_matmul_by_type=tuple(sorted((t, p) for t, p in params.items() if p)))
 
 
 def clip_vit_l14_336_cost(projector_params: float) -> dict:
@@ -62,6 +63,14 @@ def clip_vit_l14_336_cost(projector_params: float) -> dict:
     layers, hidden, mlp = 23, 1024, 4096
     return dict(vision_matmul_params=layers * (4 * hidden * hidden + 2 * hidden * mlp) + projector_params,
                 vision_layers=layers, vision_hidden=hidden, vision_tokens=577, pooled=True)
+
+
+def siglip_so400m_384_cost(layers: int, projector_params: float) -> dict:
+    """SigLIP so400m/14 at 384 px (hidden 1152, MLP 4304; the checkpoint's config.json): 729 patches, no class
+    token, `layers` of its 27 encoder layers, F16."""
+    hidden, mlp = 1152, 4304
+    return dict(vision_matmul_params=layers * (4 * hidden * hidden + 2 * hidden * mlp) + projector_params,
+                vision_layers=layers, vision_hidden=hidden, vision_tokens=729)
 
 
 @dataclass(frozen=True)
@@ -93,6 +102,22 @@ _POCKETPAL_702 = ("PocketPal AI pull request #702, comment 2026-04-28 (https://g
 _POCKETPAL_NOTE = ("thread count and prompt length not stated: all 8 cores and the 256-token prompt of the same "
                    "project's later runs (PRs #740, #743: pp=256 tg=64) assumed; llama.cpp's default quantize recipe "
                    "assumed for the GGUFs")
+_RATE_SOURCE = "its prompt figure sets KERNEL_RATES (the Q8_0 file's is this fit's prompt reference)"
+
+# The same table's CPU prompt figures for Qwen3-1.7B, one file per type, relative to the Q8_0 file's 100.0 tokens/s:
+# how fast llama.cpp's CPU kernels run each type's matrices on a phone. A file's rate is given to its main type
+# (Q4_K_M's to Q4_K, Q5_K_M's to Q5_K, Q3_K_M's to Q3_K; their few Q6_K tensors ignored). Types the table does not
+# measure (Q4_1, Q5_0, Q5_1: SigLIP's 1152-wide fallbacks among them) take its slowest rate, so an mmproj of them
+# is not estimated faster than any measured kernel.
+KERNEL_RATES = KernelRates(
+    {"Q8_0": 1.0, "Q4_0": 99.9 / 100.0, "Q4_K": 88.7 / 100.0, "Q6_K": 70.9 / 100.0, "Q3_K": 60.9 / 100.0,
+     "Q5_K": 59.8 / 100.0, "Q2_K": 55.4 / 100.0},
+    unmeasured=55.4 / 100.0, source=_POCKETPAL_702 + ", Qwen3 1.7B rows")
+
+# OmniVLM-968M: Qwen2.5-0.5B (hidden 896) and SigLIP-400M at 384 px (the model card: so400m/14, 729 patches), all 27
+# layers assumed; its projector concatenates 3x3 patches and maps 10368 -> 896 -> 896 for 81 tokens (per patch: a
+# ninth of those matrices)
+_OMNIVLM = ModelCost(0, 0, 0, 0, **siglip_so400m_384_cost(27, (10368 * 896 + 896 * 896) / 9))
 
 REFERENCES = (
     Reference("snapdragon-888", "MobileVLM-1.7B Q4_K_M + F16 mmproj", _MOBILEVLM,
@@ -112,10 +137,10 @@ REFERENCES = (
               image_encode_s=20.60961, image_threads=4, note="decode over 186 tokens; LDPv2 projector, same sizes"),
     Reference("snapdragon-8-elite-gen-5", "Qwen3-1.7B Q4_0",
               decoder_cost(28, 2048, 6144, 1024, 151936, True, "q4_0"), _POCKETPAL_702,
-              decode_tokens_per_s=30.4, prompt_tokens_per_s=99.9, prompt_tokens=256, note=_POCKETPAL_NOTE),
+              decode_tokens_per_s=30.4, note=f"{_POCKETPAL_NOTE}; {_RATE_SOURCE}"),
     Reference("snapdragon-8-elite-gen-5", "Qwen3-1.7B Q4_K_M",
               decoder_cost(28, 2048, 6144, 1024, 151936, True, "q4_k_m"), _POCKETPAL_702,
-              decode_tokens_per_s=31.6, prompt_tokens_per_s=88.7, prompt_tokens=256, note=_POCKETPAL_NOTE),
+              decode_tokens_per_s=31.6, note=f"{_POCKETPAL_NOTE}; {_RATE_SOURCE}"),
     Reference("snapdragon-8-elite-gen-5", "Qwen3-1.7B Q8_0",
               decoder_cost(28, 2048, 6144, 1024, 151936, True, "q8_0"), _POCKETPAL_702,
               decode_tokens_per_s=25.7, prompt_tokens_per_s=100.0, prompt_tokens=256, note=_POCKETPAL_NOTE),
@@ -126,6 +151,13 @@ REFERENCES = (
               decode_tokens_per_s=15.48,
               note="decode only: bytes per token taken as the file's size; its prompt figure (72.7 tokens/s over "
                    "~2k tokens) is left out because the model's linear-attention layers are not in the roofline"),
+    Reference("snapdragon-8-gen-2", "OmniVLM-968M: SigLIP-400M at 384 px, F16 mmproj",
+              _OMNIVLM,
+              "llama.cpp issue #11856 (https://github.com/ggml-org/llama.cpp/issues/11856): Samsung Galaxy S23, CPU, "
+              "Nexa SDK's llama.cpp build (February 2025), 'about 18 seconds' in clip_image_batch_encode",
+              image_encode_s=18.0,
+              note="image only; thread count not stated (all 8 cores assumed) nor the mmproj's type (F16, the "
+                   "model's published projector file, assumed); the figure is given to two digits"),
 )
 
 
@@ -134,11 +166,13 @@ def _decode_efficiency(r: Reference) -> float:
 
 
 def _prefill_efficiency(r: Reference) -> float:
-    flops_per_s = r.prompt_tokens_per_s * r.cost.prefill_flops(r.prompt_tokens) / r.prompt_tokens
-    return flops_per_s / (DEVICES[r.device].peak_gflops(r.prompt_threads) * 1e9)
+    """Of a Q8_0 matrix: each type's FLOPs weighted by 1 / its kernel rate."""
+    work_per_s = r.prompt_tokens_per_s * r.cost.prefill_work(r.prompt_tokens, KERNEL_RATES) / r.prompt_tokens
+    return work_per_s / (DEVICES[r.device].peak_gflops(r.prompt_threads) * 1e9)
 
 
 def _vision_efficiency(r: Reference) -> float:
+    """Of a float matrix: every image reference encodes with an F16 mmproj."""
     return r.cost.vision_flops() / (r.image_encode_s * DEVICES[r.device].peak_gflops(r.image_threads) * 1e9)
 
 
@@ -162,11 +196,12 @@ class PhoneFit:
 
     def estimate(self, cost: ModelCost, device: Device, prompt_text_tokens: int) -> dict:
         """The phone estimate on all of `device`'s cores, with its leave-one-out range."""
-        central = estimate(cost, device.bandwidth_gbs, device.peak_gflops(), self.efficiency, prompt_text_tokens)
+        central = estimate(cost, device.bandwidth_gbs, device.peak_gflops(), self.efficiency, prompt_text_tokens,
+                           KERNEL_RATES)
 
         def bound(sign: int) -> Estimate:
             eff = Efficiency(**{kind: getattr(self.efficiency, kind) * self.band[kind] ** sign for kind in KINDS})
-            return estimate(cost, device.bandwidth_gbs, device.peak_gflops(), eff, prompt_text_tokens)
+            return estimate(cost, device.bandwidth_gbs, device.peak_gflops(), eff, prompt_text_tokens, KERNEL_RATES)
 
         slow, fast = bound(-1), bound(1)
         return {name: {"value": getattr(central, name), "low": min(getattr(slow, name), getattr(fast, name)),
@@ -190,6 +225,14 @@ def fit_phones(references: tuple[Reference, ...] = REFERENCES) -> PhoneFit:
                                "efficiency": values[i]})
         band[kind] = math.exp(math.sqrt(sum(e * e for e in log_errors) / len(log_errors)))
     return PhoneFit(Efficiency(**efficiencies), band, rows)
+
+
+def vision_kernels(cost: ModelCost) -> str:
+    """Which kernels the image encode estimate runs the mmproj's matrices on, by share of their parameters."""
+    shares = ", ".join(f"{t} {p / cost.vision_matmul_params:.0%}" for t, p in
+                       sorted(cost.vision_matmul_by_type, key=lambda tp: -tp[1]))
+    return (f"mmproj matrices {shares or 'F16'}: float ones at the F16 image references' efficiency, quantized ones "
+            f"at the prompt efficiency times their type's kernel rate")
 
 
 def format_range(figure: dict, digits: int) -> str:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import ctypes
 import os
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -199,25 +200,33 @@ class PairRunner:
         ptr = llama_cpp.llama_get_logits_ith(self.llama._ctx.ctx, -1)
         return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()
 
-    def prefill(self, image: Image.Image | None, question: str, result: RunResult) -> None:
+    @contextmanager
+    def _chunks(self, image: Image.Image | None, question: str):
+        """The prompt's mtmd chunks (text and image), freed on exit."""
         prompt = self._prompt(question, image is not None)
         bitmaps = [self._bitmap(image)] if image is not None else []
         text = mtmd_cpp.mtmd_input_text()
         raw = prompt.encode("utf-8")
         text.text, text.text_len, text.add_special, text.parse_special = raw, len(raw), True, True
         chunks = mtmd_cpp.mtmd_input_chunks_init()
-        llama = self.llama
         try:
             array = (mtmd_cpp.mtmd_bitmap_p_ctypes * max(1, len(bitmaps)))(*bitmaps)
             if mtmd_cpp.mtmd_tokenize(self.mtmd, chunks, ctypes.byref(text), array, len(bitmaps)) != 0:
                 raise ImpqError(self.mmproj_path, "mtmd could not tokenize the prompt and image")
+            yield [mtmd_cpp.mtmd_input_chunks_get(chunks, i) for i in range(mtmd_cpp.mtmd_input_chunks_size(chunks))]
+        finally:
+            mtmd_cpp.mtmd_input_chunks_free(chunks)
+            for bitmap in bitmaps:
+                mtmd_cpp.mtmd_bitmap_free(bitmap)
+
+    def prefill(self, image: Image.Image | None, question: str, result: RunResult) -> None:
+        llama = self.llama
+        with self._chunks(image, question) as chunks:
             llama.reset()
             llama._ctx.kv_cache_clear()
             start = time.perf_counter()
-            n_chunks = mtmd_cpp.mtmd_input_chunks_size(chunks)
-            for i in range(n_chunks):
-                chunk = mtmd_cpp.mtmd_input_chunks_get(chunks, i)
-                last = i == n_chunks - 1
+            for i, chunk in enumerate(chunks):
+                last = i == len(chunks) - 1
                 if mtmd_cpp.mtmd_input_chunk_get_type(chunk) == mtmd_cpp.MTMD_INPUT_CHUNK_TYPE_TEXT:
                     count = ctypes.c_size_t()
                     ptr = mtmd_cpp.mtmd_input_chunk_get_tokens_text(chunk, ctypes.byref(count))
@@ -229,10 +238,16 @@ class PairRunner:
             result.prefill_s = time.perf_counter() - start
             result.n_prompt_tokens = llama.n_tokens
             result.prompt_logits = self._last_logits()
-        finally:
-            mtmd_cpp.mtmd_input_chunks_free(chunks)
-            for bitmap in bitmaps:
-                mtmd_cpp.mtmd_bitmap_free(bitmap)
+
+    def encode_image_s(self, image: Image.Image) -> float:
+        """Seconds llama.cpp takes to encode `image` (vision tower and projector), without the LLM's prefill."""
+        with self._chunks(image, "") as chunks:
+            text_type = mtmd_cpp.MTMD_INPUT_CHUNK_TYPE_TEXT
+            chunk = next(c for c in chunks if mtmd_cpp.mtmd_input_chunk_get_type(c) != text_type)
+            start = time.perf_counter()
+            if mtmd_cpp.mtmd_encode_chunk(self.mtmd, chunk) != 0:
+                raise ImpqError(self.mmproj_path, "llama.cpp failed to encode the image")
+            return time.perf_counter() - start
 
     def _eval_image_chunk(self, chunk, result: RunResult) -> None:
         """Vision encode (timed on its own), then the LLM's prefill of the image embeddings."""
