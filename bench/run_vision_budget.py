@@ -38,7 +38,7 @@ LLAMACPP_Q4_K_M_TEXT_BYTES = 105495904      # bench/results/mix.md: SmolLM2's ll
 
 def quantize(model: Path, out: Path, target_size: int, includes_vision: bool, args) -> dict:
     if not (out / "report.json").is_file():
-        command = [sys.executable, "-m", "impq", "quantize", str(model), "--method", "gptq",
+        command = [sys.executable, "-m", "impq.cli", "quantize", str(model), "--method", "gptq",
                    "--target-size", str(target_size), "--calib", str(default_calib_data(model)),
                    "--sensitivity-data", str(default_eval_data()), "--sensitivity-prompts",
                    str(args.sensitivity_prompts), "--verify-items", "0", "--out", str(out), "--json"]

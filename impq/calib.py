@@ -61,7 +61,6 @@ def calibration_digest(path: str | Path, samples: list[CalibSample] | None = Non
     return sha256_files([Path(path), *sorted({s.image for s in samples if s.image is not None})])
 
 
-@torch.no_grad()
 def _drawn(samples: list[CalibSample], nsamples: int, seed: int) -> list[CalibSample]:
     """The first `nsamples` of a seeded shuffle: the calibration the LLM and the vision side both use."""
     order = list(range(len(samples)))
@@ -69,12 +68,14 @@ def _drawn(samples: list[CalibSample], nsamples: int, seed: int) -> list[CalibSa
     return [samples[index] for index in order[:nsamples]]
 
 
+@torch.no_grad()
 def calibration_pixels(lmm: LMM, samples: list[CalibSample], nsamples: int, seed: int = 0) -> list[torch.Tensor]:
     """The drawn calibration samples' images as the vision tower takes them ([1, 3, S, S] each): what a calibrated
     vision side is quantized on."""
     return [lmm.pixels(load_image(s.image)) for s in _drawn(samples, nsamples, seed) if s.image is not None]
 
 
+@torch.no_grad()       # no autograd graph: learned rounding trains the first block on these, step after step
 def calibration_embeddings(lmm: LMM, samples: list[CalibSample], nsamples: int, seqlen: int,
                            seed: int = 0) -> list[torch.Tensor]:
     """Up to `nsamples` sequences of [1, <= seqlen, hidden] input embeddings, drawn with a seeded shuffle."""

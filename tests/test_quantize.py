@@ -623,3 +623,17 @@ def test_non_finite_block_inputs_stop_the_layer_loop_naming_the_layer(models_dir
     with pytest.raises(ImpqError, match=r"^llm\.model\.layers\.0: its calibration inputs are not finite \(stage: "
                                         r"quantize, after the embeddings\)$"):
         quantize_llm(lmm, [embedding], plan_llm(lmm.llm, GRIDS["q4_0"]), "rtn")
+
+
+def test_text_calibration_embeddings_carry_no_autograd_graph(models_dir, tmp_path):
+    """Learned rounding trains the first block on these, drawing each sequence again and again: with the embedding
+    lookup's graph attached, the second backward through it failed (issue 30: a SmolLM2 mix calibrated on text ended
+    in 'Trying to backward through the graph a second time'; the F16 test checkpoints' inputs are cast to float32, a
+    copy without the graph, so only a float32 checkpoint showed it end to end)."""
+    from impq.calib import calibration_embeddings, read_calibration
+
+    text = tmp_path / "calib.txt"
+    text.write_text("\n\n".join(f"Paragraph {i}: the quick brown fox jumps over the lazy dog." for i in range(8)))
+    lmm = LMM(read_spec(models_dir / "imp-phi2"))
+    embeddings = calibration_embeddings(lmm, read_calibration(text), 4, 64)
+    assert embeddings and all(e.grad_fn is None and not e.requires_grad for e in embeddings)

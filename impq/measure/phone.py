@@ -228,7 +228,9 @@ class Estimate:
 # pair. bench/run_phone_fit.py computes it from a generated pair with the real checkpoint's shapes and checks it.
 IMP_V1_5_3B_196 = ModelCost(text_bytes_per_token=1558674080.0, text_matmul_params=2647654400.0, text_layers=32,
                             text_hidden=2560, vision_matmul_params=405348352, vision_layers=26, vision_hidden=1152,
-                            vision_tokens=196)
+                            vision_tokens=196,
+                            text_matmul_by_type=(("Q4_0", 2516582400.0), ("Q8_0", 131072000.0)),
+                            vision_matmul_by_type=(("F16", 405348352.0),), vision_weight_bytes=810696704.0)
 
 
 def estimate(cost: ModelCost, bandwidth_gbs: float, peak_gflops: float, eff: Efficiency,
