@@ -7,6 +7,12 @@ machine) at 2 workers over 1.
     pip install 'impq[ray]'
     python bench/run_scale.py --work /tmp/impq-scale            # results: bench/results/scale.{json,md}
     python bench/run_scale.py --work /tmp/x --limit 4 --resolutions 84 --no-write   # a quick check of the script
+    python bench/run_scale.py --work /tmp/impq-bench --projection   # results: bench/results/scale_projection.md
+
+--projection: the default sweep of a checkpoint with Imp-3B's dimensions (generated weights, bench/full_size_pair.py)
+through `--dry-run`'s estimate (impq/sweep/estimate.py) on the machine bench/results/speed.md measured: each task
+kind's estimated seconds and the wall time in-process and on 4 and 16 Ray workers like it; nothing is run. The
+README's scale table comes from it.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from pathlib import Path
 RESULTS = Path(__file__).resolve().parent / "results"
 ACCURACY_TASKS = ("quantize", "mmproj", "reference", "evaluate")
 MODES = {"in-process": None, "ray, 1 worker": 1, "ray, 2 workers": 2}
+SHARD_ITEMS = 35
 
 
 def run_mode(work: str, workers: int | None, limit: int | None, resolutions: list[int] | None) -> dict:
@@ -54,6 +61,46 @@ def run_mode(work: str, workers: int | None, limit: int | None, resolutions: lis
             "accuracy": [r["accuracy"] for r in result.rows]}
 
 
+def projection(work: Path, write: bool) -> None:
+    """The default sweep's estimated cost at the Imp-3B dimensions on speed.md's machine (no task runs)."""
+    from full_size_pair import full_size_spec
+
+    from impq.defaults import default_eval_data
+    from impq.sweep.estimate import SLOWER_DAYS, Machine, wall_seconds
+    from impq.sweep.resolution import SweepSettings, run_sweep
+
+    measured = json.loads((RESULTS / "speed.json").read_text())["machine"]
+    machine = Machine(measured["bandwidth_gbs"], measured["peak_gflops"])
+    spec = full_size_spec(work)
+
+    def graph(shard_items: int | None) -> list[dict]:
+        return run_sweep(spec.folder, work / "projection-sweep", SweepSettings(shard_items=shard_items),
+                         default_eval_data(), dry_run=True, machine=machine).tasks
+
+    # on workers, each point's 140 items in 4 shards of 35 (--shard-items 35): evaluation fans out too
+    tasks, sharded = graph(None), graph(SHARD_ITEMS)
+    walls = {"in-process": wall_seconds(tasks, 1),
+             **{f"ray, {n} workers, --shard-items {SHARD_ITEMS}": wall_seconds(sharded, n) for n in (4, 16)}}
+    kinds = {}
+    for t in tasks:
+        entry = kinds.setdefault(t["kind"], {"tasks": 0, "seconds": 0.0})
+        entry["tasks"] += 1
+        entry["seconds"] += t["seconds"]
+    lines = ["# The default sweep at the Imp-3B dimensions: estimated cost", "",
+             f"`python bench/run_scale.py --work W --projection`: `impq sweep-resolution --dry-run`'s estimate for a "
+             f"checkpoint with Imp-3B's dimensions and the default settings, on the machine bench/results/speed.md "
+             f"measured ({machine.bandwidth_gbs:.1f} GB/s, {machine.peak_gflops:.0f} GFLOP/s FP32, 2 cores). Nothing "
+             f"runs; runs of the same kind of machine measured down to 1/{SLOWER_DAYS:.0f} of the fitted speed.", "",
+             "| task kind | tasks | estimated h |", "|---|---|---|"]
+    lines += [f"| {kind} | {e['tasks']} | {e['seconds'] / 3600:.2f} |" for kind, e in kinds.items()]
+    lines += ["", "| where | estimated wall time h | on a slow day h |", "|---|---|---|"]
+    lines += [f"| {name} | {s / 3600:.1f} | {s * SLOWER_DAYS / 3600:.1f} |" for name, s in walls.items()]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if write:
+        (RESULTS / "scale_projection.md").write_text(text)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, required=True)
@@ -61,7 +108,11 @@ def main() -> None:
     parser.add_argument("--resolutions", default=None, help="comma-separated (default: the sweep's)")
     parser.add_argument("--no-write", action="store_true", help="print, and leave bench/results alone")
     parser.add_argument("--mode", help=argparse.SUPPRESS)           # one mode, in a child process
+    parser.add_argument("--projection", action="store_true", help="the Imp-3B default sweep's estimate only")
     args = parser.parse_args()
+    if args.projection:
+        projection(args.work, not args.no_write)
+        return
     resolutions = [int(r) for r in args.resolutions.split(",")] if args.resolutions else None
     if args.mode:
         print(json.dumps(run_mode(str(args.work / args.mode.replace(", ", "-").replace(" ", "-")),
