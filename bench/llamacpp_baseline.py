@@ -99,7 +99,7 @@ def llamacpp_quantize_mmproj(bin_dir: Path, f16: Path, out: Path, type_name: str
     return {"quantize_s": time.perf_counter() - start}
 
 
-def mmproj_matrix_types(path: Path) -> dict:
-    """How many of an mmproj's matrices (the patch convolution aside) each tensor type holds."""
+def matrix_types(path: Path) -> dict:
+    """How many of a GGUF's matrices (an mmproj's patch convolution aside) each tensor type holds."""
     return dict(Counter(gguf.GGMLQuantizationType(t.tensor_type).name for t in gguf.GGUFReader(path).tensors
                         if len(t.shape) == 2 and t.name != "v.patch_embd.weight"))

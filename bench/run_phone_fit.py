@@ -22,7 +22,7 @@ import subprocess
 from pathlib import Path
 
 from full_size_pair import full_size_pair, full_size_spec
-from llamacpp_baseline import llamacpp_quantize_mmproj, mmproj_matrix_types
+from llamacpp_baseline import llamacpp_quantize_mmproj, matrix_types
 
 from impq.defaults import REPO
 from impq.measure.phone import DEVICES, IMP_V1_5_3B_196, ModelCost
@@ -61,7 +61,7 @@ def vision_types(args, spec) -> list[dict]:
                 llamacpp_quantize_mmproj(args.llama_cpp_bin, f16, mmproj, type_name)
             cost = ModelCost.from_gguf_pair(text, mmproj)
             rows.append({"input": label, "vision_type": type_name, "mmproj_bytes": mmproj.stat().st_size,
-                         "tensor_types": mmproj_matrix_types(mmproj),
+                         "tensor_types": matrix_types(mmproj),
                          "matmul_params_by_type": dict(cost.vision_matmul_by_type),
                          "encode_here_s": encode_seconds(text, mmproj, args.runs),
                          "estimate": PHONE_FIT.estimate(cost, DEVICES[PHONE], TEXT_TOKENS)})

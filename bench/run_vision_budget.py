@@ -8,9 +8,10 @@ bench/results/vision_budget.{json,md}.
 The budget: llama.cpp's Q4_K_M text file of this checkpoint (its bytes, measured by bench/run_mix.py) plus the F16
 mmproj's. Both runs: GPTQ, calibrated on impq's default data for a checkpoint (calib_data/photos: photographs and
 English text), sensitivity measured on the last --sensitivity-prompts items of the shapes eval split (through
-images), evaluated on its first --limit items, which the sensitivity never reaches. Per pair: the text and mmproj bytes and types; the answer-token KLD and top-1
-agreement against the full-precision PyTorch model (llama.cpp through llama-cpp-python); and the text KLD by
-llama-perplexity against the F16 GGUF on the docstrings evaluation half (the LLM alone, no image).
+images), evaluated on its first --limit items, which the sensitivity never reaches. Per pair: the text and mmproj
+bytes and types; the answer-token KLD and top-1 agreement against the full-precision PyTorch model (llama.cpp
+through llama-cpp-python); and the text KLD by llama-perplexity against the F16 GGUF on the docstrings evaluation
+half (the LLM alone, no image).
 """
 
 from __future__ import annotations
@@ -22,8 +23,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import gguf
-from llamacpp_baseline import mmproj_matrix_types
+from llamacpp_baseline import matrix_types
 from real_lm import build_smollm2_llava, stdlib_text
 from run_vision_quant import StoredReference
 
@@ -62,15 +62,6 @@ def text_kld(bin_dir: Path, text: Path, f16_kld: Path, eval_text: Path) -> dict:
     return {"text_kld": float(mean.split()[2])}
 
 
-def text_types(path: Path) -> dict:
-    counts: dict = {}
-    for t in gguf.GGUFReader(path).tensors:
-        if len(t.shape) == 2:
-            name = gguf.GGMLQuantizationType(t.tensor_type).name
-            counts[name] = counts.get(name, 0) + 1
-    return counts
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, required=True)
@@ -105,7 +96,7 @@ def main() -> None:
         rows[label] = {"text_bytes": pair["text"].stat().st_size, "mmproj_bytes": pair["mmproj"].stat().st_size,
                        "answer_kld": report.mean_kld, "top1_agreement": report.top1_agreement,
                        **text_kld(args.llama_cpp_bin, pair["text"], f16_kld, eval_text),
-                       "text_types": text_types(pair["text"]), "mmproj_types": mmproj_matrix_types(pair["mmproj"])}
+                       "text_types": matrix_types(pair["text"]), "mmproj_types": matrix_types(pair["mmproj"])}
         print(label, json.dumps(rows[label]), flush=True)
     record = {"budget_bytes": budget, "limit": args.limit, "sensitivity_prompts": args.sensitivity_prompts,
               "rows": rows}

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 
-from llamacpp_baseline import llamacpp_quantize_mmproj, mmproj_matrix_types
+from llamacpp_baseline import llamacpp_quantize_mmproj, matrix_types
 
 from impq.calib import read_calibration
 from impq.defaults import default_calib_data, default_eval_data, default_model_dir
@@ -75,7 +75,7 @@ def measure(text: Path, mmproj: Path, items, reference, runs: int) -> dict:
     figures = bench_pair(text, mmproj, default_images()[0], runs=runs, warmup=1, decode_tokens=4, n_threads=2)
     return {"accuracy": report.accuracy, "answer_kld": report.mean_kld, "top1_agreement": report.top1_agreement,
             "mmproj_bytes": mmproj.stat().st_size, "image_encode_s": figures["image_encode_s"]["median"],
-            "tensor_types": mmproj_matrix_types(mmproj)}
+            "tensor_types": matrix_types(mmproj)}
 
 
 def write_results(record: dict) -> None:

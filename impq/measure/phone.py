@@ -127,13 +127,13 @@ class ModelCost:
         """Prefill FLOPs with each quantized type's matrices weighted by 1 / its kernel rate: FLOPs at the rate
         the prompt efficiency is stated in. The phone fit's prompt references are all quantized."""
         by_type = self.text_matmul_by_type or (("Q8_0", self.text_matmul_params),)   # untyped: at the stated rate
-        return sum(2 * p * n_tokens / rates.rate(t) for t, p in by_type) + self._text_attention_flops(n_tokens)
+        return _typed_matmul(by_type, n_tokens, rates.rate) + self._text_attention_flops(n_tokens)
 
     def prefill_s(self, n_tokens: int, peak_gflops: float, eff: "Efficiency",
                   rates: "KernelRates | None" = None) -> float:
         if rates is None or not self.text_matmul_by_type:
             return self.prefill_flops(n_tokens) / (peak_gflops * 1e9 * eff.prefill)
-        matmul = sum(2 * p * n_tokens / rates.efficiency(t, eff) for t, p in self.text_matmul_by_type)
+        matmul = _typed_matmul(self.text_matmul_by_type, n_tokens, lambda t: rates.efficiency(t, eff))
         return (matmul + self._text_attention_flops(n_tokens) / eff.prefill) / (peak_gflops * 1e9)
 
     def vision_s(self, peak_gflops: float, eff: "Efficiency", rates: "KernelRates | None" = None,
@@ -143,7 +143,7 @@ class ModelCost:
         if rates is None or not self.vision_matmul_by_type:
             compute = self.vision_flops() / (peak_gflops * 1e9 * eff.vision)
         else:
-            matmul = sum(2 * p * self.vision_tokens / rates.efficiency(t, eff) for t, p in self.vision_matmul_by_type)
+            matmul = _typed_matmul(self.vision_matmul_by_type, self.vision_tokens, lambda t: rates.efficiency(t, eff))
             compute = (matmul + self._vision_attention_flops() / eff.vision) / (peak_gflops * 1e9)
         if bandwidth_gbs is None:
             return compute
@@ -180,6 +180,11 @@ class ModelCost:
         pooled = mmproj.fields["clip.projector_type"].contents() == "ldpv2"
         return cls(bytes_per_token, sum(text_types.values()), layers, hidden, sum(vision_types.values()), v_layers,
                    v_hidden, (size // patch) ** 2, pooled, _by_type(text_types), _by_type(vision_types), vision_bytes)
+
+
+def _typed_matmul(by_type: tuple[tuple[str, float], ...], n_tokens: int, divisor) -> float:
+    """The matrices' FLOPs over `n_tokens`, each type's divided by `divisor(type name)`."""
+    return sum(2 * params * n_tokens / divisor(type_name) for type_name, params in by_type)
 
 
 def _add(by_type: dict, tensor) -> None:
@@ -237,6 +242,8 @@ def estimate(cost: ModelCost, bandwidth_gbs: float, peak_gflops: float, eff: Eff
              prompt_text_tokens: int, rates: KernelRates | None = None) -> Estimate:
     n_prompt = prompt_text_tokens + cost.llm_image_tokens
     prefill_s = cost.prefill_s(n_prompt, peak_gflops, eff, rates)
+    # the weight-read floor comes with the per-type kernels (the phone); a machine's own fit (no rates) was made
+    # without it, so its estimate keeps the compute figure alone
     encode_s = cost.vision_s(peak_gflops, eff, rates, bandwidth_gbs if rates is not None else None)
     return Estimate(1.0 / cost.decode_s(bandwidth_gbs, eff.decode), n_prompt / prefill_s, encode_s,
                     encode_s + prefill_s)

@@ -243,19 +243,19 @@ class PairRunner:
         """Seconds llama.cpp takes to encode `image` (vision tower and projector), without the LLM's prefill."""
         with self._chunks(image, "") as chunks:
             text_type = mtmd_cpp.MTMD_INPUT_CHUNK_TYPE_TEXT
-            chunk = next(c for c in chunks if mtmd_cpp.mtmd_input_chunk_get_type(c) != text_type)
-            start = time.perf_counter()
-            if mtmd_cpp.mtmd_encode_chunk(self.mtmd, chunk) != 0:
-                raise ImpqError(self.mmproj_path, "llama.cpp failed to encode the image")
-            return time.perf_counter() - start
+            return self._encode(next(c for c in chunks if mtmd_cpp.mtmd_input_chunk_get_type(c) != text_type))
+
+    def _encode(self, chunk) -> float:
+        """Encode an image chunk (its embeddings left in mtmd's output); the seconds it took."""
+        start = time.perf_counter()
+        if mtmd_cpp.mtmd_encode_chunk(self.mtmd, chunk) != 0:
+            raise ImpqError(self.mmproj_path, "llama.cpp failed to encode the image")
+        return time.perf_counter() - start
 
     def _eval_image_chunk(self, chunk, result: RunResult) -> None:
         """Vision encode (timed on its own), then the LLM's prefill of the image embeddings."""
         llama = self.llama
-        start = time.perf_counter()
-        if mtmd_cpp.mtmd_encode_chunk(self.mtmd, chunk) != 0:
-            raise ImpqError(self.mmproj_path, "llama.cpp failed to encode the image")
-        result.image_encode_s += time.perf_counter() - start
+        result.image_encode_s += self._encode(chunk)
         n_tokens = mtmd_cpp.mtmd_input_chunk_get_n_tokens(chunk)
         embd = mtmd_cpp.mtmd_get_output_embd(self.mtmd)
         result.image_embeddings = np.ctypeslib.as_array(embd, shape=(n_tokens * llama.n_embd(),)).reshape(
