@@ -508,7 +508,7 @@ def sensitivity_cmd(
     threads: Optional[int] = typer.Option(None, min=1, help="Threads (torch and OpenMP); on Ray, each task's, and "
                                           "the CPUs it holds (default: all cores in-process, 1 on Ray)."),
     executor: str = typer.Option("in-process", "--executor", help="in-process | ray (one task per tensor group and "
-                                 "candidate on a Ray cluster: pip install 'impq[ray]'; --vision's groups run here)."),
+                                 "candidate on a Ray cluster: pip install 'impq\\[ray]'; --vision's groups run here)."),
     ray_address: Optional[str] = _ray_address_option(),
     shared_dir: Optional[Path] = typer.Option(None, "--shared-dir", help="--executor ray: where tasks write their "
                                               "files (every node must read it); default: OUT/tasks."),
@@ -720,7 +720,7 @@ def sweep_resolution_cmd(
     gpu_layers: Optional[int] = _gpu_layers_option(),
     out: Path = typer.Option(Path("sweep"), help="Output folder (cache, CSV, JSON, plots, recommended pair)."),
     executor: str = typer.Option("in-process", "--executor", help="in-process (one task after another here) | ray "
-                                 "(the same tasks on a Ray cluster: pip install 'impq[ray]')."),
+                                 "(the same tasks on a Ray cluster: pip install 'impq\\[ray]')."),
     ray_address: Optional[str] = _ray_address_option(),
     shared_dir: Optional[Path] = typer.Option(None, "--shared-dir", help="Where tasks write their files (every node "
                                               "must read it); default: --out. Runs that share it resume each other."),

@@ -70,6 +70,9 @@ def test_dry_run_prints_the_task_graph_and_writes_nothing(run_cli, tmp_path):
     assert graph["points"] == 4 and {k: kinds.count(k) for k in set(kinds)} == {
         "quantize": 2, "mmproj": 2, "reference": 1, "evaluate": 8, "time": 4}
     assert not any(t["done"] for t in graph["tasks"]) and not out.exists()
+    # timings come last, each after every accuracy task: none shares its machine with an evaluation
+    accuracy = {t["key"] for t in graph["tasks"] if t["kind"] != "time"}
+    assert all(set(t["after"]) == accuracy for t in graph["tasks"] if t["kind"] == "time")
     # each task's estimate, and the graph's wall time: the sum in-process, less on more Ray workers
     seconds = [t["seconds"] for t in graph["tasks"]]
     assert all(s > 0 for s in seconds)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import csv
 import json
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -259,6 +259,10 @@ def run_sweep(model_dir: str | Path, out_dir: str | Path, settings: SweepSetting
                      after=(text.name, mmproj.name), cpus=cpus, timing=True),
                 type_name=point.type, reduction=point.reduction, runs=settings.runs,
                 decode_tokens=settings.decode_tokens)
+    # timings last: each then has its machine to itself (no evaluation beside it), and the accuracy tasks keep every
+    # worker busy meanwhile instead of waiting behind a timing
+    accuracy = tuple(key for key, t in tasks.items() if not t.timing)
+    tasks = {key: replace(t, after=accuracy) if t.timing else t for key, t in tasks.items()}
     if dry_run:
         graph = [{"kind": t.kind, "key": t.key, "done": t.done, "after": list(t.after),
                   "seconds": None if machine is None else task_seconds(spec, t.kind, machine, **work[t.key])}
