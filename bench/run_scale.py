@@ -1,8 +1,8 @@
 """The sweep at scale (issue 29): imp-tiny's default sweep (`impq sweep-resolution`'s defaults: native, 3/4 and 1/2
 resolution at F16 and Q4_K, 140 items a point, 3 timed runs) from an empty cache, in-process and on a local Ray
 cluster of 1 and of 2 worker CPUs, each in its own process. Reported: wall time, each task's time by kind, and the
-speed-up of the accuracy tasks (quantize, reference, evaluate: the ones that run in parallel; timings hold the
-machine) at 2 workers over 1.
+speed-up of the accuracy tasks (quantize, reference, evaluate: the ones that run in parallel; timings run after
+them and hold the machine) at 2 workers over 1.
 
     pip install 'impq[ray]'
     python bench/run_scale.py --work /tmp/impq-scale            # results: bench/results/scale.{json,md}
@@ -132,8 +132,8 @@ def main() -> None:
     same = len({json.dumps(r["accuracy"]) for r in results.values()}) == 1
     lines = ["# The sweep at scale: imp-tiny's default sweep in-process and on Ray", "",
              f"{results['in-process']['points']} points, {args.limit} items a point, from an empty cache; this "
-             f"machine: {os.cpu_count()} CPUs. Accuracy tasks: {', '.join(ACCURACY_TASKS)} (timings hold the "
-             "machine's impq_bench and run one at a time).", "",
+             f"machine: {os.cpu_count()} CPUs. Accuracy tasks: {', '.join(ACCURACY_TASKS)} (timings run after "
+             "them, one at a time, each holding its machine's impq_bench).", "",
              "| executor | wall s | accuracy tasks' span s | " + " | ".join(f"{k} s (tasks)" for k in
                                                                          ("quantize", "reference", "evaluate", "time"))
              + " |", "|---|---|---|---|---|---|---|"]
