@@ -7,12 +7,15 @@ them and hold the machine) at 2 workers over 1.
     pip install 'impq[ray]'
     python bench/run_scale.py --work /tmp/impq-scale            # results: bench/results/scale.{json,md}
     python bench/run_scale.py --work /tmp/x --limit 4 --resolutions 84 --no-write   # a quick check of the script
+    python bench/run_scale.py --work /tmp/impq-bench --reduced      # results: bench/results/scale_reduced.json
     python bench/run_scale.py --work /tmp/impq-bench --projection   # results: bench/results/scale_projection.md
 
---projection: the default sweep of a checkpoint with Imp-3B's dimensions (generated weights, bench/full_size_pair.py)
-through `--dry-run`'s estimate (impq/sweep/estimate.py) on the machine bench/results/speed.md measured: each task
-kind's estimated seconds and the wall time in-process and on 4 and 16 Ray workers like it; nothing is run. The
-README's scale table comes from it.
+--reduced: at Imp-3B's dimensions (generated weights, bench/full_size_pair.py), a sub-graph of the default sweep
+(its largest and smallest resolution, F16 and Q4_K, 20 items a point, RTN) in-process here from an empty cache, each
+task's seconds recorded beside `--dry-run`'s estimate for it (impq/sweep/estimate.py, on speed.md's machine).
+--projection: the default sweep's graph at the same dimensions, each task's estimate times its kind's measured /
+estimated ratio: the wall time in-process here and on 4 and 16 Ray workers like this machine, and the estimate on
+one GPU. The README's scale table comes from it.
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -29,6 +34,8 @@ RESULTS = Path(__file__).resolve().parent / "results"
 ACCURACY_TASKS = ("quantize", "mmproj", "reference", "evaluate")
 MODES = {"in-process": None, "ray, 1 worker": 1, "ray, 2 workers": 2}
 SHARD_ITEMS = 35
+REDUCED_ITEMS = 20
+REDUCED_METHOD = "rtn"
 
 
 def run_mode(work: str, workers: int | None, limit: int | None, resolutions: list[int] | None) -> dict:
@@ -61,40 +68,119 @@ def run_mode(work: str, workers: int | None, limit: int | None, resolutions: lis
             "accuracy": [r["accuracy"] for r in result.rows]}
 
 
-def projection(work: Path, write: bool) -> None:
-    """The default sweep's estimated cost at the Imp-3B dimensions on speed.md's machine (no task runs)."""
+def local_machine():
+    """speed.md's machine: the estimate's bandwidth and FP32 rate for this project's 2-core VM."""
+    from impq.sweep.estimate import Machine
+
+    measured = json.loads((RESULTS / "speed.json").read_text())["machine"]
+    return Machine(measured["bandwidth_gbs"], measured["peak_gflops"])
+
+
+def reduced_settings(spec):
+    """A sub-graph of the default sweep: its largest and smallest resolution, both types, 20 items a point. RTN, not
+    the default GPTQ: GPTQ's quantize task at these dimensions is measured on its own (quantize_full_size.md)."""
+    from impq.sweep.resolution import SweepSettings, default_resolutions
+
+    sizes = default_resolutions(spec)
+    return SweepSettings(resolutions=[sizes[0], sizes[-1]], limit=REDUCED_ITEMS, method=REDUCED_METHOD)
+
+
+def reduced(work: Path, write: bool) -> None:
+    """The reduced sweep at the Imp-3B dimensions, in-process here from an empty cache: each task's measured
+    seconds beside its estimate (scale_reduced.json, which --projection reads)."""
     from full_size_pair import full_size_spec
 
     from impq.defaults import default_eval_data
-    from impq.sweep.estimate import SLOWER_DAYS, Machine, wall_seconds
+    from impq.sweep.resolution import run_sweep
+
+    spec = full_size_spec(work)
+    settings = reduced_settings(spec)
+    out = work / "reduced-sweep"
+    shutil.rmtree(out, ignore_errors=True)
+    graph = {t["key"]: t for t in run_sweep(spec.folder, out, settings, default_eval_data(), dry_run=True,
+                                            machine=local_machine()).tasks}
+    start = time.perf_counter()
+    result = run_sweep(spec.folder, out, settings, default_eval_data())
+    wall = time.perf_counter() - start
+    tasks = [{"kind": t["kind"], "what": graph[t["key"]]["what"], "seconds": t["end"] - t["start"],
+              "estimated_s": graph[t["key"]]["seconds"]} for t in result.tasks]
+    record = {"resolutions": settings.resolutions, "types": settings.types, "items": settings.limit,
+              "method": settings.method, "cpus": os.cpu_count(), "cpu": platform.processor() or platform.machine(),
+              "wall_s": wall, "tasks": tasks}
+    print(json.dumps(record, indent=2))
+    if write:
+        (RESULTS / "scale_reduced.json").write_text(json.dumps(record, indent=2) + "\n")
+
+
+def projection(work: Path, write: bool) -> None:
+    """The default sweep's cost at the Imp-3B dimensions: the estimate on speed.md's machine, scaled by what the
+    reduced sweep measured here per task kind; on 4 and 16 Ray workers like it; on one GPU (published figures)."""
+    from full_size_pair import full_size_spec
+
+    from impq.defaults import default_eval_data
+    from impq.sweep.estimate import ONE_GPU, wall_seconds
     from impq.sweep.resolution import SweepSettings, run_sweep
 
-    measured = json.loads((RESULTS / "speed.json").read_text())["machine"]
-    machine = Machine(measured["bandwidth_gbs"], measured["peak_gflops"])
     spec = full_size_spec(work)
+    measured = json.loads((RESULTS / "scale_reduced.json").read_text())
 
-    def graph(shard_items: int | None) -> list[dict]:
+    def graph(machine, shard_items: int | None = None) -> list[dict]:
         return run_sweep(spec.folder, work / "projection-sweep", SweepSettings(shard_items=shard_items),
                          default_eval_data(), dry_run=True, machine=machine).tasks
 
-    # on workers, each point's 140 items in 4 shards of 35 (--shard-items 35): evaluation fans out too
-    tasks, sharded = graph(None), graph(SHARD_ITEMS)
-    walls = {"in-process": wall_seconds(tasks, 1),
-             **{f"ray, {n} workers, --shard-items {SHARD_ITEMS}": wall_seconds(sharded, n) for n in (4, 16)}}
-    kinds = {}
-    for t in tasks:
-        entry = kinds.setdefault(t["kind"], {"tasks": 0, "seconds": 0.0})
+    kinds: dict[str, dict] = {}
+    for t in measured["tasks"]:
+        entry = kinds.setdefault(t["kind"], {"tasks": 0, "seconds": 0.0, "estimated_s": 0.0})
         entry["tasks"] += 1
         entry["seconds"] += t["seconds"]
-    lines = ["# The default sweep at the Imp-3B dimensions: estimated cost", "",
-             f"`python bench/run_scale.py --work W --projection`: `impq sweep-resolution --dry-run`'s estimate for a "
-             f"checkpoint with Imp-3B's dimensions and the default settings, on the machine bench/results/speed.md "
-             f"measured ({machine.bandwidth_gbs:.1f} GB/s, {machine.peak_gflops:.0f} GFLOP/s FP32, 2 cores). Nothing "
-             f"runs; runs of the same kind of machine measured down to 1/{SLOWER_DAYS:.0f} of the fitted speed.", "",
-             "| task kind | tasks | estimated h |", "|---|---|---|"]
-    lines += [f"| {kind} | {e['tasks']} | {e['seconds'] / 3600:.2f} |" for kind, e in kinds.items()]
-    lines += ["", "| where | estimated wall time h | on a slow day h |", "|---|---|---|"]
-    lines += [f"| {name} | {s / 3600:.1f} | {s * SLOWER_DAYS / 3600:.1f} |" for name, s in walls.items()]
+        entry["estimated_s"] += t["estimated_s"]
+    # measured / estimated per kind; the quantize task ran RTN, so GPTQ's keeps the estimate (fitted on its run)
+    ratio = {k: e["seconds"] / e["estimated_s"] for k, e in kinds.items() if k != "quantize"}
+
+    def scaled(tasks: list[dict]) -> list[dict]:
+        return [{**t, "seconds": t["seconds"] * ratio.get(t["kind"], 1.0)} for t in tasks]
+
+    here = local_machine()
+    # on workers, each point's 140 items in 4 shards of 35 (--shard-items 35): evaluation fans out too
+    default, sharded = graph(here), graph(here, SHARD_ITEMS)
+    walls = {"in-process here": (wall_seconds(default, 1), wall_seconds(scaled(default), 1)),
+             **{f"ray, {n} workers like this machine, --shard-items {SHARD_ITEMS}":
+                (wall_seconds(sharded, n), wall_seconds(scaled(sharded), n)) for n in (4, 16)},
+             "one GPU (RTX 4090 figures), in-process": (wall_seconds(graph(ONE_GPU), 1), None)}
+    by_kind: dict[str, list] = {}
+    for estimated, projected in zip(default, scaled(default)):
+        entry = by_kind.setdefault(estimated["kind"], [0, 0.0, 0.0])
+        entry[0] += 1
+        entry[1] += estimated["seconds"]
+        entry[2] += projected["seconds"]
+    lines = ["# The default sweep at the Imp-3B dimensions: measured tasks and projected cost", "",
+             f"`python bench/run_scale.py --work W --reduced` then `--projection`. A checkpoint with Imp-3B's "
+             f"dimensions (generated weights, speed only). The reduced sweep ran here in-process from an empty cache "
+             f"({measured['cpus']} CPUs, {measured['cpu']}): {len(measured['types'])} types "
+             f"({', '.join(measured['types'])}) x {len(measured['resolutions'])} resolutions "
+             f"({', '.join(map(str, measured['resolutions']))} px), {measured['items']} items a point, quantized with "
+             f"{measured['method']}; wall {measured['wall_s'] / 60:.1f} min. Each task's time beside `--dry-run`'s "
+             f"estimate for it (speed.md's machine: {here.bandwidth_gbs:.1f} GB/s, {here.peak_gflops:.0f} GFLOP/s "
+             f"FP32):", "", "| task | works on | measured s | estimated s |", "|---|---|---|---|"]
+    lines += [f"| {t['kind']} | {t['what']} | {t['seconds']:.1f} | {t['estimated_s']:.1f} |"
+              for t in measured["tasks"]]
+    lines += ["", "| task kind | tasks | measured s | estimated s | measured / estimated |", "|---|---|---|---|---|"]
+    lines += [f"| {k} | {e['tasks']} | {e['seconds']:.1f} | {e['estimated_s']:.1f} | "
+              f"{ratio[k]:.2f} |" if k in ratio else
+              f"| {k} | {e['tasks']} | {e['seconds']:.1f} | {e['estimated_s']:.1f} | - ({measured['method']}: not "
+              f"the default's GPTQ) |" for k, e in kinds.items()]
+    lines += ["", "The default sweep (F16 and Q4_K at native, 3/4 and 1/2 resolution, 140 items a point, GPTQ on 64 "
+              "calibration sequences): each task's estimate, and projected = the estimate times its kind's measured "
+              "/ estimated ratio above. Quantize keeps the estimate, whose factor is fitted on GPTQ Q4_K at these "
+              "dimensions here (quantize_full_size.md: 2868 s measured for 8 sequences).", "",
+              "| task kind | tasks | estimated h | projected h |", "|---|---|---|---|"]
+    lines += [f"| {k} | {n} | {e / 3600:.2f} | {p / 3600:.2f} |" for k, (n, e, p) in by_kind.items()]
+    lines += ["", "| where | estimated wall time h | projected from the measured tasks h |", "|---|---|---|"]
+    lines += [f"| {name} | {e / 3600:.1f} | {'-' if p is None else f'{p / 3600:.1f}'} |"
+              for name, (e, p) in walls.items()]
+    lines += ["", "One GPU: `impq/sweep/estimate.py`'s `ONE_GPU`, an RTX 4090 costed from published llama.cpp CUDA "
+              "figures and impq's GPTQ measured on an H200 (its comment cites each); no llama.cpp GPU run was "
+              "timed in this project, so it has no projected column."]
     text = "\n".join(lines) + "\n"
     print(text)
     if write:
@@ -108,8 +194,13 @@ def main() -> None:
     parser.add_argument("--resolutions", default=None, help="comma-separated (default: the sweep's)")
     parser.add_argument("--no-write", action="store_true", help="print, and leave bench/results alone")
     parser.add_argument("--mode", help=argparse.SUPPRESS)           # one mode, in a child process
-    parser.add_argument("--projection", action="store_true", help="the Imp-3B default sweep's estimate only")
+    parser.add_argument("--reduced", action="store_true", help="the reduced sweep at the Imp-3B dimensions, timed")
+    parser.add_argument("--projection", action="store_true", help="the Imp-3B default sweep's cost, from the "
+                        "reduced sweep's measured tasks")
     args = parser.parse_args()
+    if args.reduced:
+        reduced(args.work, not args.no_write)
+        return
     if args.projection:
         projection(args.work, not args.no_write)
         return

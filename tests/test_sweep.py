@@ -73,6 +73,8 @@ def test_dry_run_prints_the_task_graph_and_writes_nothing(run_cli, tmp_path):
     # timings come last, each after every accuracy task: none shares its machine with an evaluation
     accuracy = {t["key"] for t in graph["tasks"] if t["kind"] != "time"}
     assert all(set(t["after"]) == accuracy for t in graph["tasks"] if t["kind"] == "time")
+    # each task says what it works on: the last shard of the Q4_0 point at 84 px holds items 4 and 5
+    assert "Q4_0 84px 2 items" in {t["what"] for t in graph["tasks"] if t["kind"] == "evaluate"}
     # each task's estimate, and the graph's wall time: the sum in-process, less on more Ray workers
     seconds = [t["seconds"] for t in graph["tasks"]]
     assert all(s > 0 for s in seconds)

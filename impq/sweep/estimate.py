@@ -37,8 +37,26 @@ PROMPT_TEXT_TOKENS = 40    # the question and template beside the image
 
 @dataclass(frozen=True)
 class Machine:
+    """A machine's measured (or published) memory bandwidth and FP32 matmul rate, and the fractions of them that
+    llama.cpp, the quantizer and the PyTorch reference reach on it."""
     bandwidth_gbs: float
     peak_gflops: float
+    llama_cpp: Efficiency = LLAMA_CPP
+    quantize: float = QUANTIZE
+    torch_forward: float = TORCH_FORWARD
+
+
+# One GPU: an RTX 4090 (1008 GB/s, 82.6 TFLOP/s FP32), llama.cpp's fractions of it from published CUDA runs (no
+# llama.cpp GPU run was measured here): prefill from pp512 of llama 8B Q4_0 on an RTX 4090, 10,359 tokens/s
+# (llama.cpp PR #7676, MMQ on tensor cores); decode from a batch of one of the same model on an RTX 3090, 156.6
+# tokens/s of a 4.66 GB file on 936 GB/s (PR #15802); the F16 tower from gemma 2B F16's pp16384 on an RTX 3090,
+# 11,163 tokens/s of its matrices' FLOPs against 35.6 TFLOP/s (PR #11583; the two cards' FP16-tensor to FP32
+# ratios are equal). The quantizer: impq's own GPTQ Q4_K at the Imp-3B dimensions on one H200, 216 s for what
+# quantize_seconds counts as 186 TFLOP (bench/results/quantize_full_size_cuda.md): 0.86 TFLOP/s, bound by its
+# per-matrix work rather than by the GPU's peak, so taken as the same rate on the 4090. The reference's FP32
+# forward: assumed at half the peak, as on a CPU.
+ONE_GPU = Machine(bandwidth_gbs=1008.0, peak_gflops=82_600.0,
+                  llama_cpp=Efficiency(decode=0.78, prefill=2.0, vision=1.57), quantize=0.0104)
 
 
 def _bytes_per_weight(type_name: str) -> float:
@@ -78,7 +96,7 @@ def quantize_seconds(spec: ModelSpec, nsamples: int, machine: Machine) -> float:
                 if n.startswith("llm.model.layers.") and len(spec.shape(n)) == 2]
     flops = 2 * 2 * cost.text_matmul_params * tokens + sum(2 * tokens * c * c + 2 * r * c * c + c ** 3
                                                            for r, c in matrices)
-    return flops / (machine.peak_gflops * 1e9 * QUANTIZE)
+    return flops / (machine.peak_gflops * 1e9 * machine.quantize)
 
 
 def vision_quantize_seconds(spec: ModelSpec, nsamples: int, machine: Machine) -> float:
@@ -90,12 +108,12 @@ def vision_quantize_seconds(spec: ModelSpec, nsamples: int, machine: Machine) ->
                 if (".encoder.layers." in n or n.startswith("projector.")) and len(spec.shape(n)) == 2]
     flops = 2 * cost.vision_flops() * nsamples + sum(2 * tokens * c * c + 2 * r * c * c + c ** 3
                                                      for r, c in matrices)
-    return flops / (machine.peak_gflops * 1e9 * QUANTIZE)
+    return flops / (machine.peak_gflops * 1e9 * machine.quantize)
 
 
 def item_seconds(cost: ModelCost, machine: Machine, decode_tokens: int) -> float:
     """One image + question through llama.cpp: encoding, prefill, then `decode_tokens` tokens."""
-    figures = estimate(cost, machine.bandwidth_gbs, machine.peak_gflops, LLAMA_CPP, PROMPT_TEXT_TOKENS)
+    figures = estimate(cost, machine.bandwidth_gbs, machine.peak_gflops, machine.llama_cpp, PROMPT_TEXT_TOKENS)
     return figures.ttft_s + decode_tokens / figures.decode_tokens_per_s
 
 
@@ -115,7 +133,7 @@ def task_seconds(spec: ModelSpec, kind: str, machine: Machine, type_name: str = 
     if kind == "reference":
         cost = model_cost(spec, "f16", native)
         per_item = (cost.vision_flops() + cost.prefill_flops(cost.llm_image_tokens + PROMPT_TEXT_TOKENS)) / (
-            machine.peak_gflops * 1e9 * TORCH_FORWARD)
+            machine.peak_gflops * 1e9 * machine.torch_forward)
         return TASK_OVERHEAD_S + load + items * per_item
     cost = model_cost(spec, type_name, reduction or native)
     file_load = cost.text_bytes_per_token / LOAD_BYTES_PER_S

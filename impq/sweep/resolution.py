@@ -125,6 +125,16 @@ def _dataset_digest(path: Path, items: list[VQAItem]) -> str:
     return sha256_files([path, *sorted({item.image for item in items})])
 
 
+def _what(work: dict) -> str:
+    """What a task works on, in words: its weight type, input size and items."""
+    parts = [work["type_name"].upper()] if "type_name" in work else []
+    if work.get("reduction") is not None:
+        parts.append(work["reduction"].label)
+    if work.get("items"):
+        parts.append(f"{work['items']} items")
+    return " ".join(parts)
+
+
 @dataclass
 class SweepResult:
     rows: list[dict]
@@ -223,7 +233,7 @@ def run_sweep(model_dir: str | Path, out_dir: str | Path, settings: SweepSetting
         if point.vision_type == "f16":
             add(Task(mmproj.name, "mmproj", str(mmproj), write_mmproj,
                      {"model_dir": model, "reduction": runnable(point.reduction), "document": documents["f16"],
-                      "output": str(mmproj)}))
+                      "output": str(mmproj)}), reduction=runnable(point.reduction))
         else:
             # the tower quantized once per type, at the native geometry; other reductions copy its bytes
             source = mmproj_gguf(Point(point.type, native, "off", point.vision_type))
@@ -264,7 +274,7 @@ def run_sweep(model_dir: str | Path, out_dir: str | Path, settings: SweepSetting
     accuracy = tuple(key for key, t in tasks.items() if not t.timing)
     tasks = {key: replace(t, after=accuracy) if t.timing else t for key, t in tasks.items()}
     if dry_run:
-        graph = [{"kind": t.kind, "key": t.key, "done": t.done, "after": list(t.after),
+        graph = [{"kind": t.kind, "key": t.key, "what": _what(work[t.key]), "done": t.done, "after": list(t.after),
                   "seconds": None if machine is None else task_seconds(spec, t.kind, machine, **work[t.key])}
                  for t in ordered(list(tasks.values())) + [t for t in tasks.values() if t.done]]
         measured = [{"kind": "point", "key": point_key(p), "done": True} for p in points
