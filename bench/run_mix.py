@@ -348,6 +348,8 @@ def write_results(record: dict) -> None:
                       f"{proxy['layers'] or 'all'} ({c['pairs']} group-type pairs, {proxy['seconds']:.0f} s): "
                       f"Spearman rank correlation with the measured KLD of the output error alone {c['output_error']:.3f}, "
                       f"of the KLD scaled from {c['reference_type'].upper()} (what the mixes use) {c['scaled_kld']:.3f}."]
+        if note := entry.get("note"):            # what the run's circumstances were, written by hand beside it
+            lines += ["", note]
         lines.append("")
     (RESULTS / "mix.md").write_text("\n".join(lines) + "\n")
 
