@@ -11,9 +11,9 @@ them and hold the machine) at 2 workers over 1.
     python bench/run_scale.py --work /tmp/impq-bench --projection   # results: bench/results/scale_projection.md
 
 --reduced: at Imp-3B's dimensions (generated weights, bench/full_size_pair.py), a sub-graph of the default sweep
-(its largest and smallest resolution, F16 and Q4_K, 20 items a point, RTN) in-process here from an empty cache, each
-task's seconds recorded beside `--dry-run`'s estimate for it (impq/sweep/estimate.py, on speed.md's machine).
---projection: the default sweep's graph at the same dimensions, each task's estimate times its kind's measured /
+(its largest and smallest resolution, F16 and Q4_K, 20 items a point, RTN on 8 sequences) in-process here from an
+empty cache, each task's seconds recorded beside `--dry-run`'s estimate for it (impq/sweep/estimate.py, on speed.md's machine).
+--projection: the default sweep's graph at the same dimensions, each task's estimate times its group's measured /
 estimated ratio: the wall time in-process here and on 4 and 16 Ray workers like this machine, and the estimate on
 one GPU. The README's scale table comes from it.
 """
@@ -36,6 +36,7 @@ MODES = {"in-process": None, "ray, 1 worker": 1, "ray, 2 workers": 2}
 SHARD_ITEMS = 35
 REDUCED_ITEMS = 20
 REDUCED_METHOD = "rtn"
+REDUCED_NSAMPLES = 8
 
 
 def run_mode(work: str, workers: int | None, limit: int | None, resolutions: list[int] | None) -> dict:
@@ -77,12 +78,21 @@ def local_machine():
 
 
 def reduced_settings(spec):
-    """A sub-graph of the default sweep: its largest and smallest resolution, both types, 20 items a point. RTN, not
-    the default GPTQ: GPTQ's quantize task at these dimensions is measured on its own (quantize_full_size.md)."""
+    """A sub-graph of the default sweep: its largest and smallest resolution, both types, 20 items a point. RTN on 8
+    calibration sequences, not the default GPTQ on 64: GPTQ's quantize task at these dimensions is measured on its
+    own (quantize_full_size.md, 8 sequences), and 64 sequences' forward passes alone take hours here."""
     from impq.sweep.resolution import SweepSettings, default_resolutions
 
     sizes = default_resolutions(spec)
-    return SweepSettings(resolutions=[sizes[0], sizes[-1]], limit=REDUCED_ITEMS, method=REDUCED_METHOD)
+    return SweepSettings(resolutions=[sizes[0], sizes[-1]], limit=REDUCED_ITEMS, method=REDUCED_METHOD,
+                         nsamples=REDUCED_NSAMPLES)
+
+
+def ratio_group(task: dict) -> str:
+    """What one measured / estimated ratio stands for: quantize, evaluate and time per weight type (an export
+    against a quantizer; llama.cpp's F16 and quantized kernels), the other kinds as a whole."""
+    return f"{task['kind']} {task['what'].split()[0]}" if task["kind"] in ("quantize", "evaluate", "time") \
+        else task["kind"]
 
 
 def reduced(work: Path, write: bool) -> None:
@@ -105,7 +115,8 @@ def reduced(work: Path, write: bool) -> None:
     tasks = [{"kind": t["kind"], "what": graph[t["key"]]["what"], "seconds": t["end"] - t["start"],
               "estimated_s": graph[t["key"]]["seconds"]} for t in result.tasks]
     record = {"resolutions": settings.resolutions, "types": settings.types, "items": settings.limit,
-              "method": settings.method, "cpus": os.cpu_count(), "cpu": platform.processor() or platform.machine(),
+              "method": settings.method, "nsamples": settings.nsamples, "cpus": os.cpu_count(),
+              "cpu": platform.processor() or platform.machine(),
               "wall_s": wall, "tasks": tasks}
     print(json.dumps(record, indent=2))
     if write:
@@ -128,17 +139,18 @@ def projection(work: Path, write: bool) -> None:
         return run_sweep(spec.folder, work / "projection-sweep", SweepSettings(shard_items=shard_items),
                          default_eval_data(), dry_run=True, machine=machine).tasks
 
-    kinds: dict[str, dict] = {}
+    groups: dict[str, dict] = {}
     for t in measured["tasks"]:
-        entry = kinds.setdefault(t["kind"], {"tasks": 0, "seconds": 0.0, "estimated_s": 0.0})
+        entry = groups.setdefault(ratio_group(t), {"tasks": 0, "seconds": 0.0, "estimated_s": 0.0})
         entry["tasks"] += 1
         entry["seconds"] += t["seconds"]
         entry["estimated_s"] += t["estimated_s"]
-    # measured / estimated per kind; the quantize task ran RTN, so GPTQ's keeps the estimate (fitted on its run)
-    ratio = {k: e["seconds"] / e["estimated_s"] for k, e in kinds.items() if k != "quantize"}
+    # measured / estimated per group; the quantized type ran RTN, so GPTQ's keeps the estimate (fitted on its run)
+    ratio = {g: e["seconds"] / e["estimated_s"] for g, e in groups.items()
+             if not g.startswith("quantize ") or g == "quantize F16"}
 
     def scaled(tasks: list[dict]) -> list[dict]:
-        return [{**t, "seconds": t["seconds"] * ratio.get(t["kind"], 1.0)} for t in tasks]
+        return [{**t, "seconds": t["seconds"] * ratio.get(ratio_group(t), 1.0)} for t in tasks]
 
     here = local_machine()
     # on workers, each point's 140 items in 4 shards of 35 (--shard-items 35): evaluation fans out too
@@ -159,18 +171,19 @@ def projection(work: Path, write: bool) -> None:
              f"({measured['cpus']} CPUs, {measured['cpu']}): {len(measured['types'])} types "
              f"({', '.join(measured['types'])}) x {len(measured['resolutions'])} resolutions "
              f"({', '.join(map(str, measured['resolutions']))} px), {measured['items']} items a point, quantized with "
-             f"{measured['method']}; wall {measured['wall_s'] / 60:.1f} min. Each task's time beside `--dry-run`'s "
+             f"{measured['method']} on {measured['nsamples']} calibration sequences; wall "
+             f"{measured['wall_s'] / 60:.1f} min. Each task's time beside `--dry-run`'s "
              f"estimate for it (speed.md's machine: {here.bandwidth_gbs:.1f} GB/s, {here.peak_gflops:.0f} GFLOP/s "
              f"FP32):", "", "| task | works on | measured s | estimated s |", "|---|---|---|---|"]
     lines += [f"| {t['kind']} | {t['what']} | {t['seconds']:.1f} | {t['estimated_s']:.1f} |"
               for t in measured["tasks"]]
-    lines += ["", "| task kind | tasks | measured s | estimated s | measured / estimated |", "|---|---|---|---|---|"]
-    lines += [f"| {k} | {e['tasks']} | {e['seconds']:.1f} | {e['estimated_s']:.1f} | "
-              f"{ratio[k]:.2f} |" if k in ratio else
-              f"| {k} | {e['tasks']} | {e['seconds']:.1f} | {e['estimated_s']:.1f} | - ({measured['method']}: not "
-              f"the default's GPTQ) |" for k, e in kinds.items()]
+    lines += ["", "| task group | tasks | measured s | estimated s | measured / estimated |", "|---|---|---|---|---|"]
+    lines += [f"| {g} | {e['tasks']} | {e['seconds']:.1f} | {e['estimated_s']:.1f} | "
+              f"{ratio[g]:.2f} |" if g in ratio else
+              f"| {g} | {e['tasks']} | {e['seconds']:.1f} | {e['estimated_s']:.1f} | - ({measured['method']}: not "
+              f"the default's GPTQ) |" for g, e in groups.items()]
     lines += ["", "The default sweep (F16 and Q4_K at native, 3/4 and 1/2 resolution, 140 items a point, GPTQ on 64 "
-              "calibration sequences): each task's estimate, and projected = the estimate times its kind's measured "
+              "calibration sequences): each task's estimate, and projected = the estimate times its group's measured "
               "/ estimated ratio above. Quantize keeps the estimate, whose factor is fitted on GPTQ Q4_K at these "
               "dimensions here (quantize_full_size.md: 2868 s measured for 8 sequences).", "",
               "| task kind | tasks | estimated h | projected h |", "|---|---|---|---|"]
