@@ -12,7 +12,8 @@ them and hold the machine) at 2 workers over 1.
 
 --reduced: at Imp-3B's dimensions (generated weights, bench/full_size_pair.py), a sub-graph of the default sweep
 (its largest and smallest resolution, F16 and Q4_K, 20 items a point, RTN on 8 sequences) in-process here from an
-empty cache, each task's seconds recorded beside `--dry-run`'s estimate for it (impq/sweep/estimate.py, on speed.md's machine).
+empty cache, each task's seconds recorded beside `--dry-run`'s estimate for it (impq/sweep/estimate.py, on
+speed.md's machine).
 --projection: the default sweep's graph at the same dimensions, each task's estimate times its group's measured /
 estimated ratio: the wall time in-process here and on 4 and 16 Ray workers like this machine, and the estimate on
 one GPU. The README's scale table comes from it.
@@ -140,7 +141,9 @@ def projection(work: Path, write: bool) -> None:
                          default_eval_data(), dry_run=True, machine=machine).tasks
 
     groups: dict[str, dict] = {}
-    for t in measured["tasks"]:
+    # a task that shared the cores with another process (`shared_s`, written by hand beside the run) times the
+    # sharing, not the task: it stays in the table and out of the ratios
+    for t in (t for t in measured["tasks"] if not t.get("shared_s")):
         entry = groups.setdefault(ratio_group(t), {"tasks": 0, "seconds": 0.0, "estimated_s": 0.0})
         entry["tasks"] += 1
         entry["seconds"] += t["seconds"]
@@ -175,8 +178,9 @@ def projection(work: Path, write: bool) -> None:
              f"{measured['wall_s'] / 60:.1f} min. Each task's time beside `--dry-run`'s "
              f"estimate for it (speed.md's machine: {here.bandwidth_gbs:.1f} GB/s, {here.peak_gflops:.0f} GFLOP/s "
              f"FP32):", "", "| task | works on | measured s | estimated s |", "|---|---|---|---|"]
-    lines += [f"| {t['kind']} | {t['what']} | {t['seconds']:.1f} | {t['estimated_s']:.1f} |"
-              for t in measured["tasks"]]
+    lines += [f"| {t['kind']} | {t['what']} | {t['seconds']:.1f}" + (
+              f" (shared the cores with another process for {t['shared_s']:.0f} s: not in the ratios)"
+              if t.get("shared_s") else "") + f" | {t['estimated_s']:.1f} |" for t in measured["tasks"]]
     lines += ["", "| task group | tasks | measured s | estimated s | measured / estimated |", "|---|---|---|---|---|"]
     lines += [f"| {g} | {e['tasks']} | {e['seconds']:.1f} | {e['estimated_s']:.1f} | "
               f"{ratio[g]:.2f} |" if g in ratio else

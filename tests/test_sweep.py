@@ -53,6 +53,10 @@ def test_two_point_sweep_and_a_rerun_that_recomputes_nothing(run_cli, tmp_path, 
     status, stdout, err = run_cli(*args)
     assert status == 0, err
     assert json.loads(stdout)["points"] == rows
+    # nor does another method or calibration size: an F16 point is an export, which uses neither
+    status, stdout, err = run_cli(*args, "--method", "rtn", "--nsamples", "4")
+    assert status == 0, err
+    assert json.loads(stdout)["points"] == rows
     status, stdout, err = run_cli(*args, "--dry-run")                # the graph of a finished sweep: nothing to run
     assert status == 0, err
     graph = json.loads(stdout)["tasks"]

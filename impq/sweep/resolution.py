@@ -178,9 +178,17 @@ def run_sweep(model_dir: str | Path, out_dir: str | Path, settings: SweepSetting
     device = DEVICES[settings.device_profile]
     model, cpus = str(model_dir), settings.threads or 1
 
+    def quantizer(*type_names: str) -> list:
+        """What files of these types depend on besides the model: nothing at F16 (an export, so that a sweep with
+        another method or calibration finds its F16 points done); a quantized type's method and calibration; a
+        budgeted mix's data too (its sensitivity is measured on the data's last items)."""
+        quantized = [t for t in type_names if t != "f16"]
+        return ([settings.method, calib_digest, settings.nsamples] if quantized else []) + (
+            [data_digest] if any(mix_bpw(t) is not None for t in quantized) else [])
+
     def text_gguf(type_name: str) -> Path:
         """The type's text GGUF, quantized once and reused at every resolution."""
-        key = task_key(model_digest, type_name, settings.method, calib_digest, settings.nsamples, __version__)
+        key = task_key(model_digest, type_name, *quantizer(type_name), __version__)
         return shared / "llm" / f"{spec.name}-{type_name.upper()}-{key}.gguf"
 
     def runnable(reduction: VisionReduction) -> VisionReduction:
@@ -197,15 +205,14 @@ def run_sweep(model_dir: str | Path, out_dir: str | Path, settings: SweepSetting
         return shared / "mmproj" / f"mmproj-{spec.name}-{point.vision_type.upper()}-{label}-{key}.gguf"
 
     def evaluation_key(point: Point) -> str:
-        return task_key(model_digest, data_digest, calib_digest, point.type, point.reduction.label, settings.method,
-                       settings.nsamples, len(items), __version__, *point.tower_key)
+        return task_key(model_digest, data_digest, point.type, point.reduction.label,
+                        *quantizer(point.type, point.vision_type), len(items), __version__, *point.tower_key)
 
     def point_key(point: Point) -> str:
-        return task_key(model_digest, data_digest, calib_digest, point.type, point.reduction.label, settings.method,
-                       settings.nsamples, settings.runs, settings.decode_tokens, settings.threads, settings.gpu_layers,
-                       point.flash_attn,
-                       settings.device_profile, asdict(PHONE_FIT.efficiency), PHONE_FIT.band, len(items), __version__,
-                       *point.tower_key)
+        return task_key(model_digest, data_digest, point.type, point.reduction.label,
+                        *quantizer(point.type, point.vision_type), settings.runs, settings.decode_tokens,
+                        settings.threads, settings.gpu_layers, point.flash_attn, settings.device_profile,
+                        asdict(PHONE_FIT.efficiency), PHONE_FIT.band, len(items), __version__, *point.tower_key)
 
     size = settings.shard_items or max(1, len(items))
     shards = [(start, min(start + size, len(items))) for start in range(0, len(items), size)]
