@@ -40,6 +40,17 @@ REDUCED_METHOD = "rtn"
 REDUCED_NSAMPLES = 8
 
 
+def totals(tasks: list[dict], group, fields: tuple[str, ...]) -> dict[str, dict]:
+    """Per `group(task)`: how many tasks, and the sum of each of their `fields`."""
+    sums: dict[str, dict] = {}
+    for t in tasks:
+        entry = sums.setdefault(group(t), {"tasks": 0, **{f: 0.0 for f in fields}})
+        entry["tasks"] += 1
+        for f in fields:
+            entry[f] += t[f]
+    return sums
+
+
 def run_mode(work: str, workers: int | None, limit: int | None, resolutions: list[int] | None) -> dict:
     """One sweep from an empty cache in this process (`workers`: a local Ray cluster of that many CPUs)."""
     from impq.defaults import default_eval_data, default_model_dir
@@ -59,11 +70,7 @@ def run_mode(work: str, workers: int | None, limit: int | None, resolutions: lis
     wall = time.perf_counter() - start
     tasks = result.tasks
     accuracy = [t for t in tasks if t["kind"] in ACCURACY_TASKS]
-    by_kind = {}
-    for t in tasks:
-        entry = by_kind.setdefault(t["kind"], {"tasks": 0, "seconds": 0.0})
-        entry["tasks"] += 1
-        entry["seconds"] += t["end"] - t["start"]
+    by_kind = totals([{**t, "seconds": t["end"] - t["start"]} for t in tasks], lambda t: t["kind"], ("seconds",))
     return {"wall_s": wall, "points": len(result.rows), "by_kind": by_kind,
             # from the first accuracy task's start to the last one's end: what parallel workers shorten
             "accuracy_span_s": max(t["end"] for t in accuracy) - min(t["start"] for t in accuracy),
@@ -140,14 +147,9 @@ def projection(work: Path, write: bool) -> None:
         return run_sweep(spec.folder, work / "projection-sweep", SweepSettings(shard_items=shard_items),
                          default_eval_data(), dry_run=True, machine=machine).tasks
 
-    groups: dict[str, dict] = {}
     # a task that shared the cores with another process (`shared_s`, written by hand beside the run) times the
     # sharing, not the task: it stays in the table and out of the ratios
-    for t in (t for t in measured["tasks"] if not t.get("shared_s")):
-        entry = groups.setdefault(ratio_group(t), {"tasks": 0, "seconds": 0.0, "estimated_s": 0.0})
-        entry["tasks"] += 1
-        entry["seconds"] += t["seconds"]
-        entry["estimated_s"] += t["estimated_s"]
+    groups = totals([t for t in measured["tasks"] if not t.get("shared_s")], ratio_group, ("seconds", "estimated_s"))
     # measured / estimated per group; the quantized type ran RTN, so GPTQ's keeps the estimate (fitted on its run)
     ratio = {g: e["seconds"] / e["estimated_s"] for g, e in groups.items()
              if not g.startswith("quantize ") or g == "quantize F16"}
@@ -158,16 +160,13 @@ def projection(work: Path, write: bool) -> None:
     here = local_machine()
     # on workers, each point's 140 items in 4 shards of 35 (--shard-items 35): evaluation fans out too
     default, sharded = graph(here), graph(here, SHARD_ITEMS)
-    walls = {"in-process here": (wall_seconds(default, 1), wall_seconds(scaled(default), 1)),
+    projected = scaled(default)
+    walls = {"in-process here": (wall_seconds(default, 1), wall_seconds(projected, 1)),
              **{f"ray, {n} workers like this machine, --shard-items {SHARD_ITEMS}":
                 (wall_seconds(sharded, n), wall_seconds(scaled(sharded), n)) for n in (4, 16)},
              "one GPU (RTX 4090 figures), in-process": (wall_seconds(graph(ONE_GPU), 1), None)}
-    by_kind: dict[str, list] = {}
-    for estimated, projected in zip(default, scaled(default)):
-        entry = by_kind.setdefault(estimated["kind"], [0, 0.0, 0.0])
-        entry[0] += 1
-        entry[1] += estimated["seconds"]
-        entry[2] += projected["seconds"]
+    by_kind = totals([{"kind": e["kind"], "estimated": e["seconds"], "projected": p["seconds"]}
+                      for e, p in zip(default, projected)], lambda t: t["kind"], ("estimated", "projected"))
     lines = ["# The default sweep at the Imp-3B dimensions: measured tasks and projected cost", "",
              f"`python bench/run_scale.py --work W --reduced` then `--projection`. A checkpoint with Imp-3B's "
              f"dimensions (generated weights, speed only). The reduced sweep ran here in-process from an empty cache "
@@ -191,7 +190,8 @@ def projection(work: Path, write: bool) -> None:
               "/ estimated ratio above. Quantize keeps the estimate, whose factor is fitted on GPTQ Q4_K at these "
               "dimensions here (quantize_full_size.md: 2868 s measured for 8 sequences).", "",
               "| task kind | tasks | estimated h | projected h |", "|---|---|---|---|"]
-    lines += [f"| {k} | {n} | {e / 3600:.2f} | {p / 3600:.2f} |" for k, (n, e, p) in by_kind.items()]
+    lines += [f"| {k} | {e['tasks']} | {e['estimated'] / 3600:.2f} | {e['projected'] / 3600:.2f} |"
+              for k, e in by_kind.items()]
     lines += ["", "| where | estimated wall time h | projected from the measured tasks h |", "|---|---|---|"]
     lines += [f"| {name} | {e / 3600:.1f} | {'-' if p is None else f'{p / 3600:.1f}'} |"
               for name, (e, p) in walls.items()]
