@@ -40,6 +40,16 @@ REDUCED_METHOD = "rtn"
 REDUCED_NSAMPLES = 8
 
 
+def cpu_model() -> str:
+    """This machine's CPU as results name it: /proc/cpuinfo's model, with AMX where the CPU reports it (on these VMs
+    the kind whose native llama.cpp build crashed), and the CPU count."""
+    info = Path("/proc/cpuinfo")
+    first = info.read_text().split("\n\n", 1)[0] if info.is_file() else ""
+    fields = {k.strip(): v.strip() for k, _, v in (line.partition(":") for line in first.splitlines())}
+    amx = ", AMX" if "amx_tile" in fields.get("flags", "").split() else ""
+    return f"{fields.get('model name', platform.machine())}{amx}, {os.cpu_count()} CPUs"
+
+
 def totals(tasks: list[dict], group, fields: tuple[str, ...]) -> dict[str, dict]:
     """Per `group(task)`: how many tasks, and the sum of each of their `fields`."""
     sums: dict[str, dict] = {}
@@ -123,8 +133,7 @@ def reduced(work: Path, write: bool) -> None:
     tasks = [{"kind": t["kind"], "what": graph[t["key"]]["what"], "seconds": t["end"] - t["start"],
               "estimated_s": graph[t["key"]]["seconds"]} for t in result.tasks]
     record = {"resolutions": settings.resolutions, "types": settings.types, "items": settings.limit,
-              "method": settings.method, "nsamples": settings.nsamples, "cpus": os.cpu_count(),
-              "cpu": platform.processor() or platform.machine(),
+              "method": settings.method, "nsamples": settings.nsamples, "machine": cpu_model(),
               "wall_s": wall, "tasks": tasks}
     print(json.dumps(record, indent=2))
     if write:
@@ -170,7 +179,7 @@ def projection(work: Path, write: bool) -> None:
     lines = ["# The default sweep at the Imp-3B dimensions: measured tasks and projected cost", "",
              f"`python bench/run_scale.py --work W --reduced` then `--projection`. A checkpoint with Imp-3B's "
              f"dimensions (generated weights, speed only). The reduced sweep ran here in-process from an empty cache "
-             f"({measured['cpus']} CPUs, {measured['cpu']}): {len(measured['types'])} types "
+             f"({measured['machine']}, no GPU): {len(measured['types'])} types "
              f"({', '.join(measured['types'])}) x {len(measured['resolutions'])} resolutions "
              f"({', '.join(map(str, measured['resolutions']))} px), {measured['items']} items a point, quantized with "
              f"{measured['method']} on {measured['nsamples']} calibration sequences; wall "
@@ -240,7 +249,7 @@ def main() -> None:
     same = len({json.dumps(r["accuracy"]) for r in results.values()}) == 1
     lines = ["# The sweep at scale: imp-tiny's default sweep in-process and on Ray", "",
              f"{results['in-process']['points']} points, {args.limit} items a point, from an empty cache; this "
-             f"machine: {os.cpu_count()} CPUs. Accuracy tasks: {', '.join(ACCURACY_TASKS)} (timings run after "
+             f"machine: {cpu_model()}, no GPU. Accuracy tasks: {', '.join(ACCURACY_TASKS)} (timings run after "
              "them, one at a time, each holding its machine's impq_bench).", "",
              "| executor | wall s | accuracy tasks' span s | " + " | ".join(f"{k} s (tasks)" for k in
                                                                          ("quantize", "reference", "evaluate", "time"))
